@@ -1,0 +1,95 @@
+"""One settings object for the whole server.
+
+Every knob lives here so that the CLI, environment variables (``LORAPLEX_*``) and tests all
+configure the same thing; components receive the validated object (or the slice they need)
+instead of reading the environment themselves.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Literal
+
+from pydantic import Field, field_validator, model_validator
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+REPO_ROOT = Path(__file__).resolve().parent.parent
+DEFAULT_MODEL_DIR = REPO_ROOT / "models" / "demo"
+DEFAULT_STORE_DIR = REPO_ROOT / "adapters_store"
+
+ADAPTER_NAME_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$"
+
+
+class Settings(BaseSettings):
+    """Server configuration; env vars use the ``LORAPLEX_`` prefix (lists as JSON)."""
+
+    model_config = SettingsConfigDict(env_prefix="LORAPLEX_", extra="ignore")
+
+    # --- base model -------------------------------------------------------------------------
+    model: Path = Field(DEFAULT_MODEL_DIR, description="Local Hugging Face model directory.")
+    served_model_name: str | None = Field(None, description="Name clients use for the base model.")
+    device: str = Field("auto", description="'auto', 'cpu', 'cuda' or 'cuda:N'.")
+    dtype: Literal["auto", "float32", "float16", "bfloat16"] = "auto"
+    seed: int = 0
+
+    # --- engine -----------------------------------------------------------------------------
+    max_num_seqs: int = Field(64, ge=1, description="Cap on sequences in the running batch.")
+    max_num_batched_tokens: int = Field(2048, ge=16, description="Token budget of one step.")
+    max_model_len: int | None = Field(None, ge=16, description="Context cap; default: the model's.")
+    block_size: int = Field(16, ge=1, description="Tokens per KV-cache block.")
+    num_kv_blocks: int | None = Field(None, ge=2, description="KV blocks; default from kv_cache_memory_gb.")
+    kv_cache_memory_gb: float = Field(1.0, gt=0, description="KV cache budget when num_kv_blocks unset.")
+    max_queue_len: int = Field(1024, ge=1, description="Waiting requests before 429.")
+
+    # --- LoRA -------------------------------------------------------------------------------
+    adapter_store: Path = Field(DEFAULT_STORE_DIR, description="Directory of PEFT adapters.")
+    max_loras: int = Field(8, ge=1, description="Adapter slots on the device.")
+    max_lora_rank: int = Field(64, ge=1, description="Largest adapter rank accepted.")
+    max_cpu_loras: int = Field(64, ge=1, description="Adapters kept parsed in host memory.")
+    lora_backend: Literal["auto", "torch", "triton"] = "auto"
+    merged_adapter: str | None = Field(None, description="Serve this adapter merged into the base.")
+    export_dir: Path = Field(REPO_ROOT / "exports", description="Where merged models are written.")
+    allowed_lora_roots: list[Path] = Field(
+        default_factory=list, description="Roots that /v1/load_lora_adapter may read lora_path from."
+    )
+    max_adapter_bytes: int = Field(512 * 1024 * 1024, ge=1024, description="Upload size cap.")
+
+    # --- HTTP -------------------------------------------------------------------------------
+    host: str = "127.0.0.1"
+    port: int = Field(8000, ge=0, le=65535)
+    api_keys: list[str] = Field(default_factory=list, description="Bearer keys; empty = no auth.")
+    admin_keys: list[str] = Field(default_factory=list, description="Keys allowed to mutate adapters.")
+    key_adapter_allowlists: dict[str, list[str]] = Field(
+        default_factory=dict, description="Per-key glob patterns of usable adapters."
+    )
+    max_body_bytes: int = Field(8 * 1024 * 1024, ge=1024)
+
+    @field_validator("device")
+    @classmethod
+    def _check_device(cls, value: str) -> str:
+        if value not in ("auto", "cpu") and not value.startswith("cuda"):
+            raise ValueError("device must be 'auto', 'cpu' or 'cuda[:N]'")
+        return value
+
+    @model_validator(mode="after")
+    def _check_budget(self) -> Settings:
+        if self.max_num_batched_tokens < self.max_num_seqs:
+            raise ValueError("max_num_batched_tokens must be >= max_num_seqs (one token per sequence)")
+        return self
+
+    def resolved_device(self) -> str:
+        import torch
+
+        if self.device == "auto":
+            return "cuda" if torch.cuda.is_available() else "cpu"
+        return self.device
+
+    def resolved_dtype(self):
+        """bf16 (or fp16 where bf16 is missing) on CUDA, fp32 on CPU, unless set explicitly."""
+        import torch
+
+        if self.dtype != "auto":
+            return getattr(torch, self.dtype)
+        if self.resolved_device().startswith("cuda"):
+            return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+        return torch.float32

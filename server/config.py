@@ -42,6 +42,7 @@ class Settings(BaseSettings):
     max_queue_len: int = Field(1024, ge=1, description="Waiting requests before 429.")
 
     # --- LoRA -------------------------------------------------------------------------------
+    enable_lora: bool = Field(True, description="Wrap the base model's linears for LoRA serving.")
     adapter_store: Path = Field(DEFAULT_STORE_DIR, description="Directory of PEFT adapters.")
     max_loras: int = Field(8, ge=1, description="Adapter slots on the device.")
     max_lora_rank: int = Field(64, ge=1, description="Largest adapter rank accepted.")

@@ -1,0 +1,60 @@
+"""Incremental detokenization that only ever emits complete UTF-8 text, and stop-string handling.
+
+Decoding token by token breaks multi-byte characters and byte-level BPE spacing, so we decode a
+small sliding window (``prefix_offset:read_offset`` is text already emitted) and emit the
+difference only when it does not end in a replacement character. Text that could still turn out
+to be the start of a stop string is held back until it is known not to be one.
+"""
+
+from __future__ import annotations
+
+from transformers import PreTrainedTokenizerBase
+
+_CONTEXT_TOKENS = 6  # prompt tokens kept so the first output token decodes with correct spacing
+
+
+class IncrementalDetokenizer:
+    def __init__(self, tokenizer: PreTrainedTokenizerBase, prompt_ids: list[int], stop: list[str]) -> None:
+        self.tokenizer = tokenizer
+        self.tokens: list[int] = list(prompt_ids[-_CONTEXT_TOKENS:])
+        self.prefix_offset = 0
+        self.read_offset = len(self.tokens)
+        self.stop = [s for s in stop if s]
+        self.holdback = max((len(s) for s in self.stop), default=1) - 1
+        self.text = ""  # all output text decoded so far
+        self.sent = 0  # characters of ``text`` already streamed
+
+    def _decode(self, ids: list[int]) -> str:
+        return self.tokenizer.decode(ids, skip_special_tokens=True, clean_up_tokenization_spaces=False)
+
+    def add_tokens(self, new_ids: list[int]) -> str | None:
+        """Appends tokens; returns the matched stop string if generation must stop here."""
+        self.tokens.extend(new_ids)
+        prefix_text = self._decode(self.tokens[self.prefix_offset : self.read_offset])
+        new_text = self._decode(self.tokens[self.prefix_offset :])
+        if len(new_text) > len(prefix_text) and not new_text.endswith("\ufffd"):
+            search_from = max(0, len(self.text) - self.holdback)
+            self.text += new_text[len(prefix_text) :]
+            self.prefix_offset = self.read_offset
+            self.read_offset = len(self.tokens)
+            for stop in self.stop:
+                at = self.text.find(stop, search_from)
+                if at != -1:
+                    self.text = self.text[:at]
+                    return stop
+        return None
+
+    def flush(self, finished: bool) -> str:
+        """Text that is safe to stream now; everything that is left once ``finished``."""
+        if finished:
+            if self.read_offset < len(self.tokens):  # trailing bytes of an unfinished character
+                tail = self._decode(self.tokens[self.prefix_offset :])
+                head = self._decode(self.tokens[self.prefix_offset : self.read_offset])
+                self.text += tail[len(head) :]
+                self.read_offset = len(self.tokens)
+            end = len(self.text)
+        else:
+            end = max(self.sent, len(self.text) - self.holdback)
+        delta = self.text[self.sent : end]
+        self.sent = end
+        return delta

@@ -1,0 +1,165 @@
+"""The synchronous engine core: schedule -> activate adapters -> run model -> sample -> postprocess.
+
+Only the engine thread calls ``step``; everything here is single-threaded by design, so no locks.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+
+from server.engine.block_manager import BlockManager
+from server.engine.detokenizer import IncrementalDetokenizer
+from server.engine.model_runner import ModelRunner
+from server.engine.sampler import Sampler
+from server.engine.scheduler import Scheduler, SchedulerOutput
+from server.engine.sequence import Sequence
+from server.engine.types import EngineStats, FinishReason, RequestOutput
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class EngineLimits:
+    max_model_len: int
+    eos_token_ids: frozenset[int]
+
+
+class LLMEngine:
+    def __init__(
+        self,
+        runner: ModelRunner,
+        scheduler: Scheduler,
+        sampler: Sampler,
+        tokenizer,
+        limits: EngineLimits,
+        adapters=None,  # server.lora.manager.AdapterManager, or None for base-only serving
+    ) -> None:
+        self.runner = runner
+        self.scheduler = scheduler
+        self.sampler = sampler
+        self.tokenizer = tokenizer
+        self.limits = limits
+        self.adapters = adapters
+        self.num_steps = 0
+
+    @property
+    def block_manager(self) -> BlockManager:
+        return self.scheduler.block_manager
+
+    # --- requests ---------------------------------------------------------------------------
+    def add(self, seq: Sequence) -> None:
+        seq.detokenizer = IncrementalDetokenizer(self.tokenizer, seq.token_ids, seq.params.stop)
+        self.scheduler.add(seq)
+
+    def abort(self, request_id: str) -> RequestOutput | None:
+        seq = self.scheduler.find(request_id)
+        if seq is None:
+            return None
+        self.scheduler.finish(seq, FinishReason.ABORT)
+        return self._output(seq, [])
+
+    def has_work(self) -> bool:
+        return self.scheduler.has_work()
+
+    # --- one iteration ----------------------------------------------------------------------
+    def step(self) -> list[tuple[Sequence, RequestOutput]]:
+        out = self.scheduler.schedule()
+        results = [(seq, self._fail(seq, self._adapter_error(seq), 400)) for seq in out.failed]
+        if not out.scheduled:
+            return results
+        try:
+            seqs = self._assign_slots(out)
+            logits = self.runner.run(seqs)
+            sampling = [s for s in seqs if s.will_sample]
+            tokens, logprobs = self.sampler(logits, sampling) if sampling else ([], None)
+        except Exception as exc:  # one bad step fails its own requests, the engine keeps serving
+            log.exception("engine step failed; failing the %d requests in it", len(out.scheduled))
+            return results + [
+                (s, self._fail(s, f"internal error in engine step: {exc}", 500)) for s in out.scheduled
+            ]
+        self.num_steps += 1
+        self.scheduler.postprocess(out, {id(s): t for s, t in zip(sampling, tokens)})
+        for i, seq in enumerate(sampling):
+            if logprobs is not None and seq.params.logprobs:
+                seq.logprobs.append(logprobs[i])
+            results.append((seq, self._process_token(seq, tokens[i])))
+        return results
+
+    def _assign_slots(self, out: SchedulerOutput) -> list[Sequence]:
+        """Activates the step's adapters and orders sequences by slot so LoRA segments are long."""
+        seqs = out.scheduled
+        if self.adapters is None:
+            return seqs
+        keys = {s.adapter_key for s in seqs if s.adapter_key}
+        slots = self.adapters.activate(keys) if keys else {}
+        for seq in seqs:
+            seq.lora_slot = slots.get(seq.adapter_key, -1) if seq.adapter_key else -1
+        return sorted(seqs, key=lambda s: s.lora_slot)
+
+    def _adapter_error(self, seq: Sequence) -> str:
+        detail = self.adapters.error(seq.adapter) if self.adapters is not None else None
+        return f"adapter '{seq.adapter_key}' could not be loaded: {detail or 'unknown error'}"
+
+    def _process_token(self, seq: Sequence, token: int) -> RequestOutput:
+        params = seq.params
+        reason = None
+        stop_hit = seq.detokenizer.add_tokens([token])
+        if (
+            (not params.ignore_eos and token in self.limits.eos_token_ids)
+            or token in params.stop_token_ids
+            or stop_hit is not None
+        ):
+            reason = FinishReason.STOP
+        elif seq.num_output_tokens >= params.max_tokens or len(seq) >= self.limits.max_model_len:
+            reason = FinishReason.LENGTH
+        if reason is not None:
+            self.scheduler.finish(seq, reason)
+        return self._output(seq, [token])
+
+    def _fail(self, seq: Sequence, message: str, status: int) -> RequestOutput:
+        seq.error, seq.error_status = message, status
+        self.scheduler.finish(seq, FinishReason.ERROR)
+        return self._output(seq, [])
+
+    def _output(self, seq: Sequence, new_ids: list[int]) -> RequestOutput:
+        finished = seq.is_finished
+        text = seq.detokenizer.flush(finished) if seq.detokenizer is not None else ""
+        return RequestOutput(
+            request_id=seq.request_id,
+            new_token_ids=new_ids,
+            new_text=text,
+            finished=finished,
+            finish_reason=seq.finish_reason,
+            num_prompt_tokens=seq.num_prompt_tokens,
+            num_output_tokens=seq.num_output_tokens,
+            error=seq.error,
+            error_status=seq.error_status,
+            logprobs=seq.logprobs[-len(new_ids) :] if seq.params.logprobs and new_ids else None,
+        )
+
+    def stats(self) -> EngineStats:
+        running = self.scheduler.running
+        waiting = self.scheduler.waiting
+        return EngineStats(
+            num_waiting=len(waiting),
+            num_running=len(running),
+            kv_cache_usage=self.block_manager.usage,
+            running_adapters=sorted({s.adapter_key for s in running if s.adapter_key}),
+            waiting_adapters=sorted({s.adapter_key for s in waiting if s.adapter_key}),
+            resident_adapters=self.adapters.resident() if self.adapters is not None else [],
+            max_loras=getattr(self.adapters, "max_loras", 0),
+        )
+
+
+def eos_ids_of(model, tokenizer) -> frozenset[int]:
+    ids: set[int] = set()
+    gen = getattr(model, "generation_config", None)
+    eos = getattr(gen, "eos_token_id", None) if gen is not None else None
+    if isinstance(eos, int):
+        ids.add(eos)
+    elif isinstance(eos, (list, tuple)):
+        ids.update(int(e) for e in eos)
+    if tokenizer.eos_token_id is not None:
+        ids.add(int(tokenizer.eos_token_id))
+    return frozenset(ids)

@@ -1,0 +1,173 @@
+"""Continuous (iteration-level) batching.
+
+Every step, running sequences go first (so decodes are never starved by long prompts), then
+waiting ones are admitted in arrival order while the token budget, the sequence cap, free KV
+blocks and the adapter slots allow. Prompts are chunked to fit the budget, so prefill and decode
+share steps. When KV blocks run out, the most recently arrived running sequence is preempted and
+later recomputed: memory pressure slows requests down instead of failing them.
+"""
+
+from __future__ import annotations
+
+from collections import deque
+from dataclasses import dataclass, field
+from typing import Protocol
+
+from server.engine.block_manager import BlockManager
+from server.engine.sequence import Sequence, SequenceStatus
+from server.engine.types import FinishReason
+
+
+class AdapterGate(Protocol):
+    """What the scheduler needs to know about adapters (implemented over the AdapterManager)."""
+
+    def status(self, seq: Sequence) -> str:  # "ready" | "loading" | "error"
+        ...
+
+    def error(self, seq: Sequence) -> str: ...
+
+    def fits(self, keys: set[str]) -> bool: ...
+
+    def pin(self, key: str) -> None: ...
+
+    def unpin(self, key: str) -> None: ...
+
+
+@dataclass
+class SchedulerOutput:
+    scheduled: list[Sequence] = field(default_factory=list)
+    failed: list[Sequence] = field(default_factory=list)  # adapters that could not be loaded
+    num_preempted: int = 0
+
+    @property
+    def num_tokens(self) -> int:
+        return sum(s.num_new_tokens for s in self.scheduled)
+
+
+class Scheduler:
+    def __init__(
+        self,
+        block_manager: BlockManager,
+        max_num_seqs: int,
+        max_num_batched_tokens: int,
+        adapter_gate: AdapterGate | None = None,
+    ) -> None:
+        self.block_manager = block_manager
+        self.max_num_seqs = max_num_seqs
+        self.max_num_batched_tokens = max_num_batched_tokens
+        self.adapters = adapter_gate
+        self.waiting: deque[Sequence] = deque()
+        self.running: list[Sequence] = []
+        self.num_preemptions = 0  # lifetime count, for metrics and tests
+
+    # --- queue ------------------------------------------------------------------------------
+    def add(self, seq: Sequence) -> None:
+        self.waiting.append(seq)
+
+    def has_work(self) -> bool:
+        return bool(self.waiting or self.running)
+
+    def find(self, request_id: str) -> Sequence | None:
+        for seq in (*self.running, *self.waiting):
+            if seq.request_id == request_id:
+                return seq
+        return None
+
+    # --- one step ---------------------------------------------------------------------------
+    def schedule(self) -> SchedulerOutput:
+        out = SchedulerOutput()
+        budget = self.max_num_batched_tokens
+        for seq in self.running:
+            seq.num_new_tokens = 0
+        budget = self._schedule_running(out, budget)
+        if out.num_preempted == 0:
+            self._admit_waiting(out, budget)
+        return out
+
+    def _schedule_running(self, out: SchedulerOutput, budget: int) -> int:
+        queue = list(self.running)
+        self.running = []
+        while queue:
+            seq = queue.pop(0)
+            num_new = min(len(seq) - seq.num_computed_tokens, budget)
+            if num_new <= 0:
+                self.running.append(seq)
+                continue
+            target = seq.num_computed_tokens + num_new
+            while not self.block_manager.can_allocate(seq, target) and queue:
+                self._preempt(queue.pop())
+                out.num_preempted += 1
+            if not self.block_manager.can_allocate(seq, target):
+                self._preempt(seq)
+                out.num_preempted += 1
+                continue
+            self.block_manager.allocate(seq, target)
+            seq.num_new_tokens = num_new
+            budget -= num_new
+            out.scheduled.append(seq)
+            self.running.append(seq)
+        return budget
+
+    def _admit_waiting(self, out: SchedulerOutput, budget: int) -> None:
+        active = {s.adapter_key for s in self.running if s.adapter_key}
+        for seq in list(self.waiting):
+            if budget <= 0 or len(self.running) >= self.max_num_seqs:
+                break
+            key = seq.adapter_key
+            if key and self.adapters is not None:
+                state = self.adapters.status(seq)
+                if state == "error":
+                    self.waiting.remove(seq)
+                    out.failed.append(seq)
+                    continue
+                if state != "ready":
+                    continue  # still loading off the critical path; others go ahead
+                if key not in active and not self.adapters.fits(active | {key}):
+                    break  # first-come first-served on slots, so no adapter starves
+            num_new = min(len(seq) - seq.num_computed_tokens, budget)
+            if not self.block_manager.can_allocate(seq, num_new):
+                break
+            self.block_manager.allocate(seq, num_new)
+            self.waiting.remove(seq)
+            seq.status = SequenceStatus.RUNNING
+            seq.num_new_tokens = num_new
+            budget -= num_new
+            if key and self.adapters is not None:
+                self.adapters.pin(key)
+                active.add(key)
+            self.running.append(seq)
+            out.scheduled.append(seq)
+
+    def _preempt(self, seq: Sequence) -> None:
+        self.num_preemptions += 1
+        self.block_manager.free(seq)
+        seq.reset_for_recompute()
+        seq.num_new_tokens = 0
+        if seq.adapter_key and self.adapters is not None:
+            self.adapters.unpin(seq.adapter_key)
+        self.waiting.appendleft(seq)
+
+    # --- after the step ---------------------------------------------------------------------
+    def postprocess(self, out: SchedulerOutput, sampled: dict[int, int]) -> None:
+        """Advance computed counts and append sampled tokens (keyed by ``id(seq)``)."""
+        for seq in out.scheduled:
+            seq.num_computed_tokens += seq.num_new_tokens
+            token = sampled.get(id(seq))
+            if token is not None:
+                seq.token_ids.append(token)
+            seq.num_new_tokens = 0
+
+    def finish(self, seq: Sequence, reason: FinishReason) -> None:
+        """Ends ``seq`` wherever it is and frees its blocks at once."""
+        if seq.is_finished:
+            return
+        was_running = seq.status == SequenceStatus.RUNNING
+        if seq in self.running:
+            self.running.remove(seq)
+        elif seq in self.waiting:
+            self.waiting.remove(seq)
+        self.block_manager.free(seq)
+        if was_running and seq.adapter_key and self.adapters is not None:
+            self.adapters.unpin(seq.adapter_key)
+        seq.status = SequenceStatus.FINISHED
+        seq.finish_reason = reason

@@ -1,0 +1,58 @@
+"""Helpers to drive the engine synchronously and to get transformers' reference outputs."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+from transformers import AutoModelForCausalLM
+
+from server.config import Settings
+from server.engine.async_engine import AsyncEngine
+from server.engine.sequence import Sequence
+from server.engine.types import SamplingParams
+
+
+def build_engine(model_dir: Path, **overrides) -> AsyncEngine:
+    """An AsyncEngine whose core (``.engine``) tests may step by hand, without the thread."""
+    settings = Settings(model=model_dir, **overrides)
+    return AsyncEngine(settings)
+
+
+def random_prompts(lengths: list[int], vocab: int = 512, seed: int = 1) -> list[list[int]]:
+    g = torch.Generator().manual_seed(seed)
+    return [torch.randint(3, vocab, (n,), generator=g).tolist() for n in lengths]
+
+
+def reference_greedy(model_dir: Path, prompts: list[list[int]], max_new_tokens: int) -> list[list[int]]:
+    """transformers' own greedy generate, one prompt at a time (the oracle)."""
+    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
+    outs = []
+    with torch.inference_mode():
+        for p in prompts:
+            ids = model.generate(
+                torch.tensor([p]),
+                max_new_tokens=max_new_tokens,
+                min_new_tokens=max_new_tokens,
+                do_sample=False,
+            )
+            outs.append(ids[0, len(p) :].tolist())
+    return outs
+
+
+def run_staggered(engine, seqs: list[Sequence], join_every: int = 1) -> dict[str, list[int]]:
+    """Adds one sequence every ``join_every`` steps while others decode; returns token ids per request."""
+    outputs: dict[str, list[int]] = {s.request_id: [] for s in seqs}
+    pending = list(seqs)
+    step = 0
+    while pending or engine.has_work():
+        if pending and step % join_every == 0:
+            engine.add(pending.pop(0))
+        for seq, out in engine.step():
+            outputs[seq.request_id].extend(out.new_token_ids)
+        step += 1
+    return outputs
+
+
+def greedy(max_tokens: int, **kw) -> SamplingParams:
+    return SamplingParams(max_tokens=max_tokens, temperature=0.0, ignore_eos=True, **kw)

@@ -79,7 +79,7 @@ class LLMEngine:
                 (s, self._fail(s, f"internal error in engine step: {exc}", 500)) for s in out.scheduled
             ]
         self.num_steps += 1
-        self.scheduler.postprocess(out, {id(s): t for s, t in zip(sampling, tokens)})
+        self.scheduler.postprocess(out, {id(s): t for s, t in zip(sampling, tokens, strict=True)})
         for i, seq in enumerate(sampling):
             if logprobs is not None and seq.params.logprobs:
                 seq.logprobs.append(logprobs[i])

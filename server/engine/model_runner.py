@@ -75,7 +75,7 @@ class ModelRunner:
             slot_mapping=torch.tensor(slots, dtype=torch.long, device=self.device),
             prefills=prefills,
             decode_token_idx=None,
-            decode_slots=None,
+            decode_block_tables=None,
             decode_mask=None,
         )
         if decode_rows:
@@ -85,17 +85,13 @@ class ModelRunner:
         return input_ids, pos, meta, sample_rows
 
     def _prepare_decode(self, meta: AttentionMetadata, rows, ctx_lens, tables) -> None:
-        bs = self.block_size
         max_blocks = max(len(t) for t in tables)
         padded = [t + [0] * (max_blocks - len(t)) for t in tables]
-        table = torch.tensor(padded, dtype=torch.long, device=self.device)
         ctx = torch.tensor(ctx_lens, dtype=torch.long, device=self.device)
-        max_len = max(ctx_lens)
-        key_pos = torch.arange(max_len, device=self.device)
+        key_pos = torch.arange(max_blocks * self.block_size, device=self.device)
         meta.decode_token_idx = torch.tensor(rows, dtype=torch.long, device=self.device)
-        meta.decode_slots = table[:, key_pos // bs] * bs + key_pos % bs
+        meta.decode_block_tables = torch.tensor(padded, dtype=torch.long, device=self.device)
         meta.decode_mask = (key_pos[None, :] < ctx[:, None])[:, None, None, :]
-        meta.decode_key_positions = key_pos[None, :].expand(len(rows), -1)
         meta.decode_positions = ctx - 1
 
     @torch.inference_mode()
@@ -104,20 +100,9 @@ class ModelRunner:
         input_ids, positions, meta, sample_rows = self.prepare(seqs)
         if self.lora_hook is not None:
             self.lora_hook([s.lora_slot for s in seqs], [s.num_new_tokens for s in seqs])
-        if not sample_rows:
-            # Only partial prefill chunks: K/V must be written, no logits needed.
-            sample_rows = [input_ids.shape[1] - 1]
-            keep = torch.tensor(sample_rows, device=self.device)
-            self.model(
-                input_ids=input_ids,
-                position_ids=positions,
-                attn_meta=meta,
-                use_cache=False,
-                logits_to_keep=keep,
-            )
-            return torch.empty(0, 0)
-        keep = torch.tensor(sample_rows, dtype=torch.long, device=self.device)
+        # With only partial prefill chunks nothing is sampled, but K/V must still be written.
+        keep = torch.tensor(sample_rows or [input_ids.shape[1] - 1], dtype=torch.long, device=self.device)
         out = self.model(
             input_ids=input_ids, position_ids=positions, attn_meta=meta, use_cache=False, logits_to_keep=keep
         )
-        return out.logits[0].float()
+        return out.logits[0, : len(sample_rows)].float()

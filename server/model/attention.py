@@ -38,20 +38,21 @@ class AttentionMetadata:
     slot_mapping: torch.Tensor  # [T] flat cache slot of every new token
     prefills: list[PrefillChunk]
     decode_token_idx: torch.Tensor | None  # [Bd] packed positions of decode rows
-    decode_slots: torch.Tensor | None  # [Bd, L] flat cache slots of each decode row's context
-    decode_mask: torch.Tensor | None  # [Bd, 1, 1, L] bool, True where the key is valid
-    decode_key_positions: torch.Tensor | None = None  # [Bd, L] positions, for sliding windows
-    decode_positions: torch.Tensor | None = None  # [Bd] query positions
+    decode_block_tables: torch.Tensor | None  # [Bd, max_blocks] (padded with block 0)
+    decode_mask: torch.Tensor | None  # [Bd, 1, 1, max_blocks * block_size] bool, True where valid
+    decode_positions: torch.Tensor | None = None  # [Bd] query positions, for sliding windows
 
 
 def _sdpa(q, k, v, mask, scaling, is_causal, softcap):
-    """q [B, H, Q, D], k/v [B, KVH, L, D]; GQA by repeating K/V (portable to every backend)."""
+    """q [B, H, Q, D], k/v [B, KVH, L, D]; grouped-query heads share K/V without copies."""
     groups = q.shape[1] // k.shape[1]
+    if softcap is None:
+        return F.scaled_dot_product_attention(
+            q, k, v, attn_mask=mask, is_causal=is_causal, scale=scaling, enable_gqa=groups > 1
+        )
     if groups > 1:
         k = k.repeat_interleave(groups, dim=1)
         v = v.repeat_interleave(groups, dim=1)
-    if softcap is None:
-        return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=is_causal, scale=scaling)
     scores = (q @ k.transpose(-1, -2)) * scaling
     scores = torch.tanh(scores / softcap) * softcap
     if is_causal:
@@ -112,11 +113,15 @@ def paged_attention_forward(
     if attn_meta.decode_token_idx is not None:
         idx = attn_meta.decode_token_idx
         q = q_all[:, idx].transpose(0, 1).unsqueeze(2)  # [Bd, H, 1, D]
-        k = k_flat[attn_meta.decode_slots].transpose(1, 2)  # [Bd, KVH, L, D]
-        v = v_flat[attn_meta.decode_slots].transpose(1, 2)
+        tables = attn_meta.decode_block_tables
+        rows, width = tables.shape[0], tables.shape[1] * cache.shape[2]
+        # Whole blocks are gathered (contiguous copies), then padding keys are masked out.
+        k = cache[0][tables].view(rows, width, num_kv_heads, head_dim).transpose(1, 2)  # [Bd, KVH, L, D]
+        v = cache[1][tables].view(rows, width, num_kv_heads, head_dim).transpose(1, 2)
         mask = attn_meta.decode_mask
         if sliding_window is not None:
-            window = attn_meta.decode_key_positions > (attn_meta.decode_positions[:, None] - sliding_window)
+            key_pos = torch.arange(width, device=q.device)
+            window = key_pos[None, :] > (attn_meta.decode_positions[:, None] - sliding_window)
             mask = mask & window[:, None, None, :]
         o = _sdpa(q, k, v, mask, scaling, False, softcap)  # [Bd, H, 1, D]
         out[idx] = o.squeeze(2)

@@ -1,0 +1,38 @@
+"""Streaming detokenization emits only complete UTF-8 text and holds back possible stop strings."""
+
+from __future__ import annotations
+
+from transformers import AutoTokenizer
+
+from server.engine.detokenizer import IncrementalDetokenizer
+
+TEXT = "naïve café — 日本語 ✓ done, déjà vu"
+
+
+def _stream(tok, ids, stop=()):
+    detok = IncrementalDetokenizer(tok, tok.encode("Say:"), list(stop))
+    deltas, hit = [], None
+    for token in ids:
+        hit = detok.add_tokens([token])
+        deltas.append(detok.flush(finished=hit is not None))
+        if hit:
+            break
+    if not hit:
+        deltas.append(detok.flush(finished=True))
+    return deltas, hit
+
+
+def test_multibyte_characters_stream_whole(tiny_llama_dir):
+    tok = AutoTokenizer.from_pretrained(tiny_llama_dir)
+    ids = tok.encode(TEXT)
+    assert len(ids) > len(TEXT.split())  # multi-byte characters are split across tokens
+    deltas, _ = _stream(tok, ids)
+    assert "".join(deltas) == tok.decode(ids) == TEXT
+    assert all("\ufffd" not in d for d in deltas)
+
+
+def test_stop_string_is_never_streamed(tiny_llama_dir):
+    tok = AutoTokenizer.from_pretrained(tiny_llama_dir)
+    deltas, hit = _stream(tok, tok.encode(TEXT), stop=["日本"])
+    assert hit == "日本"
+    assert "".join(deltas) == "naïve café — "

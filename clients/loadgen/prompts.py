@@ -1,0 +1,57 @@
+"""Synthetic prompts of a requested token length.
+
+Prompts are random English words seeded per request index, so two servers (or a re-run) see the same
+text. With a tokenizer (any HF tokenizer directory, loaded locally) the prompt is cut to exactly the
+requested number of tokens; without one, one word stands in for one token and the server's reported
+``prompt_tokens`` gives the true count.
+"""
+
+from __future__ import annotations
+
+import random
+from pathlib import Path
+from typing import Any
+
+_WORD_TEXT = (
+    "the of and to in is that for it as was with be by on not he this are or his from at which but "
+    "have an they you were her she there been one all we their has would when if so no will can more "
+    "other some what about into than time only could new these two may first then do any like my now "
+    "over such our man me even most made after also did many before must through back years where much "
+    "your way well down should because each just those people how too little state good very make world "
+    "still own see men work long get here between both life being under never day same another know while "
+    "last might us great old year off come since against go came right used take three model server "
+    "adapter token batch kernel request queue latency memory python module function value return class"
+)
+WORDS = tuple(_WORD_TEXT.split())
+
+
+class PromptFactory:
+    """``prompt(index, n_tokens)`` -> text; deterministic in (seed, index, n_tokens)."""
+
+    def __init__(self, seed: int = 0, tokenizer: Any = None) -> None:
+        self.seed = seed
+        self.tokenizer = tokenizer
+
+    @classmethod
+    def from_tokenizer_dir(cls, path: str | Path | None, seed: int = 0) -> PromptFactory:
+        if path is None:
+            return cls(seed)
+        from transformers import AutoTokenizer  # optional: only when exact lengths are asked for
+
+        return cls(seed, AutoTokenizer.from_pretrained(str(path)))
+
+    def _words(self, index: int, count: int) -> list[str]:
+        rng = random.Random(f"{self.seed}:prompt:{index}")
+        return [rng.choice(WORDS) for _ in range(count)]
+
+    def prompt(self, index: int, n_tokens: int) -> str:
+        if self.tokenizer is None:
+            return " ".join(self._words(index, n_tokens))
+        words = self._words(index, n_tokens + 8)  # every word is at least one token
+        ids = self.tokenizer.encode(" ".join(words), add_special_tokens=False)[:n_tokens]
+        text = self.tokenizer.decode(ids)
+        # Decoding then re-encoding can merge differently at the cut; trim until it fits.
+        while ids and len(self.tokenizer.encode(text, add_special_tokens=False)) > n_tokens:
+            ids = ids[:-1]
+            text = self.tokenizer.decode(ids)
+        return text

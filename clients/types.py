@@ -1,0 +1,231 @@
+"""Typed views of the server's JSON answers.
+
+Each dataclass keeps the fields a caller uses plus ``raw`` (the whole JSON object), so a field the server
+adds later is reachable without a client release, and parsing never fails on an unknown key.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+
+def _opt_int(value: Any) -> int | None:
+    return int(value) if isinstance(value, (int, float)) else None
+
+
+@dataclass
+class Usage:
+    prompt_tokens: int = 0
+    completion_tokens: int = 0
+    total_tokens: int = 0
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any] | None) -> Usage | None:
+        if not data:
+            return None
+        prompt = int(data.get("prompt_tokens") or 0)
+        completion = int(data.get("completion_tokens") or 0)
+        return cls(prompt, completion, int(data.get("total_tokens") or prompt + completion))
+
+
+@dataclass
+class CompletionChoice:
+    index: int
+    text: str
+    finish_reason: str | None
+    logprobs: Any = None
+
+
+@dataclass
+class Completion:
+    """``POST /v1/completions`` without streaming."""
+
+    id: str
+    model: str
+    choices: list[CompletionChoice]
+    usage: Usage | None
+    created: int | None = None
+    raw: dict[str, Any] = field(default_factory=dict, repr=False)
+
+    @property
+    def text(self) -> str:
+        """Text of the first choice, the common single-prompt case."""
+        return self.choices[0].text if self.choices else ""
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> Completion:
+        choices = [
+            CompletionChoice(
+                index=int(c.get("index", i)),
+                text=c.get("text") or "",
+                finish_reason=c.get("finish_reason"),
+                logprobs=c.get("logprobs"),
+            )
+            for i, c in enumerate(data.get("choices") or [])
+        ]
+        return cls(
+            id=str(data.get("id", "")),
+            model=str(data.get("model", "")),
+            choices=choices,
+            usage=Usage.from_dict(data.get("usage")),
+            created=_opt_int(data.get("created")),
+            raw=data,
+        )
+
+
+@dataclass
+class ChatMessage:
+    role: str
+    content: str
+
+    def to_dict(self) -> dict[str, str]:
+        return {"role": self.role, "content": self.content}
+
+
+@dataclass
+class ChatChoice:
+    index: int
+    message: ChatMessage
+    finish_reason: str | None
+
+
+@dataclass
+class ChatCompletion:
+    """``POST /v1/chat/completions`` without streaming."""
+
+    id: str
+    model: str
+    choices: list[ChatChoice]
+    usage: Usage | None
+    created: int | None = None
+    raw: dict[str, Any] = field(default_factory=dict, repr=False)
+
+    @property
+    def text(self) -> str:
+        return self.choices[0].message.content if self.choices else ""
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> ChatCompletion:
+        choices = []
+        for i, c in enumerate(data.get("choices") or []):
+            msg = c.get("message") or {}
+            choices.append(
+                ChatChoice(
+                    index=int(c.get("index", i)),
+                    message=ChatMessage(msg.get("role") or "assistant", msg.get("content") or ""),
+                    finish_reason=c.get("finish_reason"),
+                )
+            )
+        return cls(
+            id=str(data.get("id", "")),
+            model=str(data.get("model", "")),
+            choices=choices,
+            usage=Usage.from_dict(data.get("usage")),
+            created=_opt_int(data.get("created")),
+            raw=data,
+        )
+
+
+@dataclass
+class StreamChunk:
+    """One SSE event of a streamed completion or chat completion, flattened to what callers need.
+
+    ``text`` is the new text of choice ``index`` (``choices[i].text`` for completions,
+    ``choices[i].delta.content`` for chat). The final usage-only chunk (``stream_options.include_usage``)
+    has ``usage`` set and ``index`` None.
+    """
+
+    id: str
+    model: str
+    text: str
+    index: int | None
+    finish_reason: str | None
+    usage: Usage | None
+    raw: dict[str, Any] = field(default_factory=dict, repr=False)
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> StreamChunk:
+        choices = data.get("choices") or []
+        text, index, finish = "", None, None
+        if choices:
+            c = choices[0]
+            index = int(c.get("index", 0))
+            finish = c.get("finish_reason")
+            delta = c.get("delta")
+            text = (delta.get("content") if isinstance(delta, dict) else c.get("text")) or ""
+        return cls(
+            id=str(data.get("id", "")),
+            model=str(data.get("model", "")),
+            text=text,
+            index=index,
+            finish_reason=finish,
+            usage=Usage.from_dict(data.get("usage")),
+            raw=data,
+        )
+
+
+@dataclass
+class ModelInfo:
+    """An entry of ``GET /v1/models``: the base model or a servable adapter (``parent`` = base)."""
+
+    id: str
+    owned_by: str | None = None
+    parent: str | None = None
+    root: str | None = None
+    raw: dict[str, Any] = field(default_factory=dict, repr=False)
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> ModelInfo:
+        return cls(
+            id=str(data.get("id", "")),
+            owned_by=data.get("owned_by"),
+            parent=data.get("parent"),
+            root=data.get("root"),
+            raw=data,
+        )
+
+
+@dataclass
+class AdapterInfo:
+    """An adapter as ``/v1/adapters`` describes it; fields the server leaves out stay None."""
+
+    name: str
+    rank: int | None = None
+    alpha: float | None = None
+    target_modules: list[str] | None = None
+    base_model: str | None = None
+    state: str | None = None
+    size_bytes: int | None = None
+    digest: str | None = None
+    raw: dict[str, Any] = field(default_factory=dict, repr=False)
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> AdapterInfo:
+        alpha = data.get("alpha", data.get("lora_alpha"))
+        targets = data.get("target_modules")
+        return cls(
+            name=str(data.get("name") or data.get("id") or ""),
+            rank=_opt_int(data.get("rank", data.get("r"))),
+            alpha=float(alpha) if isinstance(alpha, (int, float)) else None,
+            target_modules=list(targets) if isinstance(targets, (list, tuple)) else None,
+            base_model=data.get("base_model") or data.get("base_model_name_or_path"),
+            state=data.get("state") or data.get("status"),
+            size_bytes=_opt_int(data.get("size_bytes")),
+            digest=data.get("digest") or data.get("sha256"),
+            raw=data,
+        )
+
+
+@dataclass
+class MergeResult:
+    """Answer of ``POST /v1/adapters/{name}/merge``: where the standalone merged checkpoint was written."""
+
+    name: str
+    path: str | None
+    raw: dict[str, Any] = field(default_factory=dict, repr=False)
+
+    @classmethod
+    def from_dict(cls, name: str, data: dict[str, Any]) -> MergeResult:
+        path = data.get("path") or data.get("out_dir") or data.get("output_dir")
+        return cls(name=str(data.get("name") or name), path=str(path) if path else None, raw=data)

@@ -1,0 +1,216 @@
+"""PEFT LoRA adapters: read from ``adapter_config.json`` + ``adapter_model.safetensors``, validated.
+
+Only safetensors are read (a pickle can execute code; ``torch.load`` is never called). Every check
+raises :class:`AdapterError` naming the file, tensor key or module and the expected vs actual value,
+so a bad upload is refused at load time instead of failing a request later. The result holds fp32
+CPU tensors in PEFT's own layout (A: [r, in], B: [out, r]) plus the precomputed DoRA rescale.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from safetensors import SafetensorError, safe_open
+
+from server.lora.errors import AdapterError
+from server.lora.peft_config import LoraConfigView, parse_lora_config
+from server.lora.spec import BaseModelSpec, LinearSpec
+
+CONFIG_FILE = "adapter_config.json"
+WEIGHTS_FILE = "adapter_model.safetensors"
+_PREFIX = "base_model.model."
+_SUFFIXES = {  # tensor key suffix -> role
+    ".lora_A.weight": "a",
+    ".lora_B.weight": "b",
+    ".lora_B.bias": "bias",
+    ".lora_magnitude_vector": "magnitude",
+    ".lora_magnitude_vector.weight": "magnitude",  # older PEFT naming
+}
+
+__all__ = [
+    "AdapterError",
+    "BaseModelSpec",
+    "LinearSpec",
+    "LoRAAdapter",
+    "LoRAModuleWeights",
+    "dora_rescale",
+    "load_peft_adapter",
+]
+
+
+@dataclass
+class LoRAModuleWeights:
+    """One module's delta: ``y += scale * (B @ A @ x + bias)``; with DoRA ``y = g * (W x + that) + b0``.
+
+    ``dora_g`` is DoRA's fixed per-output rescale ``magnitude / ||W + scale * B A||_row``, computed at
+    load against the base weights so a DoRA adapter runs through the same batched op as a plain one.
+    """
+
+    a: torch.Tensor  # [r, in]
+    b: torch.Tensor  # [out, r]
+    scale: float
+    bias: torch.Tensor | None = None  # [out], PEFT's lora_B.bias (scaled like B)
+    dora_g: torch.Tensor | None = None  # [out]
+
+    @property
+    def rank(self) -> int:
+        return self.a.shape[0]
+
+
+@dataclass
+class LoRAAdapter:
+    """A parsed adapter (or a virtual composition), ready to be copied into device slots."""
+
+    name: str
+    modules: dict[str, LoRAModuleWeights]
+    source: Path | None = None
+    config: LoraConfigView | None = None
+    parts: list[tuple[str, float]] = field(default_factory=list)  # set for compositions
+
+    @property
+    def rank(self) -> int:
+        return max((m.rank for m in self.modules.values()), default=0)
+
+    @property
+    def is_dora(self) -> bool:
+        return any(m.dora_g is not None for m in self.modules.values())
+
+    @property
+    def nbytes(self) -> int:
+        tensors = [t for m in self.modules.values() for t in (m.a, m.b, m.bias, m.dora_g) if t is not None]
+        return sum(t.numel() * t.element_size() for t in tensors)
+
+
+def load_peft_adapter(path: Path, name: str, base: BaseModelSpec, max_rank: int) -> LoRAAdapter:
+    """Reads and validates the PEFT LoRA adapter in directory ``path`` against ``base``."""
+    path = Path(path)
+    if not path.is_dir():
+        raise AdapterError(f"adapter '{name}': directory {path} does not exist")
+    config_path, weights_path = path / CONFIG_FILE, path / WEIGHTS_FILE
+    if not config_path.is_file():
+        raise AdapterError(f"adapter '{name}': missing {CONFIG_FILE} in {path}")
+    if not weights_path.is_file():
+        pickles = sorted(p.name for p in path.glob("*.bin")) + sorted(p.name for p in path.glob("*.pt"))
+        if pickles:
+            raise AdapterError(
+                f"adapter '{name}': refusing pickle weights {pickles[0]} (arbitrary code on load); "
+                f"save the adapter with safetensors ({WEIGHTS_FILE})"
+            )
+        raise AdapterError(f"adapter '{name}': missing {WEIGHTS_FILE} in {path}")
+    try:
+        raw = json.loads(config_path.read_text())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise AdapterError(f"adapter '{name}': {CONFIG_FILE} is not valid JSON ({exc})") from None
+    try:
+        config = parse_lora_config(raw)
+    except AdapterError as exc:
+        raise AdapterError(f"adapter '{name}': {exc}") from None
+    tensors = _read_safetensors(weights_path, name)
+    modules = _group_by_module(tensors, name)
+    _check_targets(config, modules, base, name)
+    built = {
+        module: _build_module(module, roles, config, base, max_rank, name)
+        for module, roles in modules.items()
+    }
+    return LoRAAdapter(name=name, modules=built, source=path, config=config)
+
+
+def _read_safetensors(path: Path, name: str) -> dict[str, torch.Tensor]:
+    try:
+        with safe_open(str(path), framework="pt", device="cpu") as f:
+            return {key: f.get_tensor(key) for key in f.keys()}  # noqa: SIM118 - safe_open has no __iter__
+    except (SafetensorError, OSError, RuntimeError, ValueError) as exc:
+        raise AdapterError(f"adapter '{name}': {WEIGHTS_FILE} is corrupt or truncated ({exc})") from None
+
+
+def _group_by_module(
+    tensors: dict[str, torch.Tensor], name: str
+) -> dict[str, dict[str, tuple[str, torch.Tensor]]]:
+    """{module path: {role: (key, tensor)}}; unknown keys (embedding LoRA, base biases...) are refused."""
+    if not tensors:
+        raise AdapterError(f"adapter '{name}': {WEIGHTS_FILE} holds no tensors")
+    modules: dict[str, dict[str, tuple[str, torch.Tensor]]] = {}
+    for key, tensor in tensors.items():
+        role = next((r for s, r in _SUFFIXES.items() if key.endswith(s) and key.startswith(_PREFIX)), None)
+        if role is None:
+            hint = " (embedding LoRA is not supported)" if "lora_embedding" in key else ""
+            raise AdapterError(f"adapter '{name}': unexpected tensor key {key!r}{hint}")
+        suffix = next(s for s, r in _SUFFIXES.items() if key.endswith(s) and r == role)
+        module = key[len(_PREFIX) : -len(suffix)]
+        if not tensor.is_floating_point():
+            raise AdapterError(f"adapter '{name}': tensor {key!r} has non-float dtype {tensor.dtype}")
+        if not torch.isfinite(tensor).all():
+            raise AdapterError(f"adapter '{name}': tensor {key!r} contains NaN or inf values")
+        modules.setdefault(module, {})[role] = (key, tensor.to(torch.float32))
+    return modules
+
+
+def _check_targets(config: LoraConfigView, modules: dict, base: BaseModelSpec, name: str) -> None:
+    """Tensors, config and base must agree on the set of adapted modules."""
+    for module in sorted(modules):
+        if module not in base.linears:
+            kind = base.other_modules.get(module)
+            why = f"is a {kind}, which LoRA is not served on" if kind else "is absent from the base model"
+            raise AdapterError(f"adapter '{name}': target module '{module}' {why}")
+        if not config.targets(module):
+            raise AdapterError(
+                f"adapter '{name}': tensors for module '{module}' which adapter_config.json does not target"
+            )
+    all_names = list(base.linears) + list(base.other_modules)
+    missing_targets = config.unmatched_targets(all_names)
+    if missing_targets:
+        raise AdapterError(
+            f"adapter '{name}': target modules {missing_targets} are absent from the base model"
+        )
+    for module in base.linears:
+        if config.targets(module) and module not in modules:
+            raise AdapterError(f"adapter '{name}': no tensors for targeted module '{module}'")
+    for module in base.other_modules:
+        if config.targets(module):
+            kind = base.other_modules[module]
+            raise AdapterError(
+                f"adapter '{name}': target module '{module}' is a {kind}, which LoRA is not served on"
+            )
+
+
+def _build_module(
+    module: str, roles: dict, config: LoraConfigView, base: BaseModelSpec, max_rank: int, name: str
+) -> LoRAModuleWeights:
+    spec = base.linears[module]
+    where = f"adapter '{name}', module '{module}'"
+    expected_roles = (
+        {"a", "b"} | ({"bias"} if config.lora_bias else set()) | ({"magnitude"} if config.use_dora else set())
+    )
+    for role in sorted(expected_roles - roles.keys()):
+        suffix = next(s for s, r in _SUFFIXES.items() if r == role)
+        raise AdapterError(f"{where}: missing tensor key '{_PREFIX}{module}{suffix}'")
+    for role in sorted(roles.keys() - expected_roles):
+        raise AdapterError(f"{where}: unexpected tensor key '{roles[role][0]}' (config does not enable it)")
+    r, _ = config.rank_and_alpha(module)
+    a_key, a = roles["a"]
+    b_key, b = roles["b"]
+    if a.dim() != 2 or a.shape[0] != r or a.shape[1] != spec.in_features:
+        raise AdapterError(f"{where}: {a_key} has shape {list(a.shape)}, expected [{r}, {spec.in_features}]")
+    if b.dim() != 2 or b.shape != (spec.out_features, r):
+        raise AdapterError(f"{where}: {b_key} has shape {list(b.shape)}, expected [{spec.out_features}, {r}]")
+    if r > max_rank:
+        raise AdapterError(f"{where}: rank {r} exceeds max_lora_rank={max_rank}")
+    for role in ("bias", "magnitude"):
+        if role in roles and tuple(roles[role][1].shape) != (spec.out_features,):
+            key, t = roles[role]
+            raise AdapterError(f"{where}: {key} has shape {list(t.shape)}, expected [{spec.out_features}]")
+    weights = LoRAModuleWeights(a=a.contiguous(), b=b.contiguous(), scale=config.scale(module))
+    if "bias" in roles:  # served as an added vector, so the base layer needs no bias (merging does)
+        weights.bias = roles["bias"][1]
+    if "magnitude" in roles:
+        weights.dora_g = dora_rescale(base.weight(module), weights, roles["magnitude"][1])
+    return weights
+
+
+def dora_rescale(weight: torch.Tensor, lora: LoRAModuleWeights, magnitude: torch.Tensor) -> torch.Tensor:
+    """DoRA's ``g = magnitude / ||W + scale * B A||`` with the norm over each output row (PEFT's dim=1)."""
+    combined = weight.to(torch.float32) + lora.scale * (lora.b @ lora.a)
+    return magnitude.to(torch.float32) / torch.linalg.norm(combined, dim=1)

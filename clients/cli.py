@@ -68,7 +68,9 @@ def _adapters(args: argparse.Namespace) -> int:
             else:
                 for a in adapters:
                     extra = " ".join(
-                        f"{k}={v}" for k, v in (("rank", a.rank), ("state", a.state)) if v is not None
+                        f"{k}={v}"
+                        for k, v in (("rank", a.rank), ("source", a.source), ("resident", a.resident))
+                        if v is not None
                     )
                     print(f"{a.name}\t{extra}".rstrip())
         elif args.action == "get":

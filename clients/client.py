@@ -153,8 +153,11 @@ class LoraplexClient:
         adapters: dict[str, float] | None = None,
         **sampling: Any,
     ) -> Completion:
-        """One completion; ``sampling`` takes :class:`Sampling` fields (max_tokens, temperature, ...)."""
-        body = protocol.completion_body(self._model(model), prompt, Sampling(**sampling), adapters=adapters)
+        """One completion; ``sampling``: :class:`Sampling` fields (max_tokens, temperature, ignore_eos, ...),
+        any other keyword is sent in the body as given."""
+        body = protocol.completion_body(
+            self._model(model), prompt, Sampling.of(**sampling), adapters=adapters
+        )
         return Completion.from_dict(_json(self._request("POST", "/v1/completions", json=body)))
 
     def stream_complete(
@@ -169,7 +172,7 @@ class LoraplexClient:
         body = protocol.completion_body(
             self._model(model),
             prompt,
-            Sampling(**sampling),
+            Sampling.of(**sampling),
             stream=True,
             adapters=adapters,
             include_usage=include_usage,
@@ -184,7 +187,7 @@ class LoraplexClient:
         adapters: dict[str, float] | None = None,
         **sampling: Any,
     ) -> ChatCompletion:
-        body = protocol.chat_body(self._model(model), messages, Sampling(**sampling), adapters=adapters)
+        body = protocol.chat_body(self._model(model), messages, Sampling.of(**sampling), adapters=adapters)
         return ChatCompletion.from_dict(_json(self._request("POST", "/v1/chat/completions", json=body)))
 
     def stream_chat(
@@ -199,7 +202,7 @@ class LoraplexClient:
         body = protocol.chat_body(
             self._model(model),
             messages,
-            Sampling(**sampling),
+            Sampling.of(**sampling),
             stream=True,
             adapters=adapters,
             include_usage=include_usage,
@@ -340,7 +343,7 @@ class AsyncLoraplexClient:
         **sampling: Any,
     ) -> Completion:
         body = protocol.completion_body(
-            await self._model(model), prompt, Sampling(**sampling), adapters=adapters
+            await self._model(model), prompt, Sampling.of(**sampling), adapters=adapters
         )
         return Completion.from_dict(_json(await self._request("POST", "/v1/completions", json=body)))
 
@@ -357,7 +360,7 @@ class AsyncLoraplexClient:
         body = protocol.completion_body(
             await self._model(model),
             prompt,
-            Sampling(**sampling),
+            Sampling.of(**sampling),
             stream=True,
             adapters=adapters,
             include_usage=include_usage,
@@ -373,7 +376,9 @@ class AsyncLoraplexClient:
         adapters: dict[str, float] | None = None,
         **sampling: Any,
     ) -> ChatCompletion:
-        body = protocol.chat_body(await self._model(model), messages, Sampling(**sampling), adapters=adapters)
+        body = protocol.chat_body(
+            await self._model(model), messages, Sampling.of(**sampling), adapters=adapters
+        )
         return ChatCompletion.from_dict(_json(await self._request("POST", "/v1/chat/completions", json=body)))
 
     async def stream_chat(
@@ -388,7 +393,7 @@ class AsyncLoraplexClient:
         body = protocol.chat_body(
             await self._model(model),
             messages,
-            Sampling(**sampling),
+            Sampling.of(**sampling),
             stream=True,
             adapters=adapters,
             include_usage=include_usage,

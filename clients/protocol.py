@@ -6,7 +6,7 @@ never drift apart, and the request bodies can be checked without a server.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any
 from urllib.parse import quote
@@ -16,7 +16,10 @@ UPLOAD_FILES = ("adapter_config.json", "adapter_model.safetensors")
 
 @dataclass
 class Sampling:
-    """Generation knobs shared by completions and chat; None means "server default"."""
+    """Generation knobs shared by completions and chat; None means "server default".
+
+    ``extra`` is sent as-is, for server extensions this client does not name (vLLM's ``min_tokens``, ...).
+    """
 
     max_tokens: int | None = 16
     temperature: float | None = None
@@ -24,20 +27,22 @@ class Sampling:
     top_k: int | None = None
     seed: int | None = None
     stop: str | list[str] | None = None
-    logprobs: int | None = None
+    stop_token_ids: list[int] | None = None
+    ignore_eos: bool | None = None  # loraplex/vLLM extension: generate exactly max_tokens
+    logprobs: int | bool | None = None
     extra: dict[str, Any] = field(default_factory=dict)
 
+    @classmethod
+    def of(cls, **kwargs: Any) -> Sampling:
+        """Named knobs from keyword arguments; unknown keywords go to ``extra`` (sent verbatim)."""
+        known = {f.name for f in fields(cls)} - {"extra"}
+        extra = dict(kwargs.pop("extra", None) or {})
+        extra.update({k: kwargs.pop(k) for k in list(kwargs) if k not in known})
+        return cls(**kwargs, extra=extra)
+
     def to_body(self) -> dict[str, Any]:
-        body = {
-            "max_tokens": self.max_tokens,
-            "temperature": self.temperature,
-            "top_p": self.top_p,
-            "top_k": self.top_k,
-            "seed": self.seed,
-            "stop": self.stop,
-            "logprobs": self.logprobs,
-        }
-        out = {k: v for k, v in body.items() if v is not None}
+        out = {f.name: getattr(self, f.name) for f in fields(self) if f.name != "extra"}
+        out = {k: v for k, v in out.items() if v is not None}
         out.update(self.extra)
         return out
 

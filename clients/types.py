@@ -194,25 +194,29 @@ class AdapterInfo:
     rank: int | None = None
     alpha: float | None = None
     target_modules: list[str] | None = None
-    base_model: str | None = None
-    state: str | None = None
+    base_model: str | None = None  # the served base model it applies to
+    source: str | None = None  # "store" (uploaded) or "path" (vLLM-style load_lora_adapter)
+    resident: bool | None = None  # currently in a device slot
     size_bytes: int | None = None
     digest: str | None = None
     raw: dict[str, Any] = field(default_factory=dict, repr=False)
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> AdapterInfo:
-        alpha = data.get("alpha", data.get("lora_alpha"))
+        config = data.get("config") if isinstance(data.get("config"), dict) else {}
+        alpha = data.get("alpha", config.get("lora_alpha"))
         targets = data.get("target_modules")
+        resident = data.get("resident")
         return cls(
             name=str(data.get("name") or data.get("id") or ""),
-            rank=_opt_int(data.get("rank", data.get("r"))),
+            rank=_opt_int(data.get("rank", config.get("r"))),
             alpha=float(alpha) if isinstance(alpha, (int, float)) else None,
             target_modules=list(targets) if isinstance(targets, (list, tuple)) else None,
-            base_model=data.get("base_model") or data.get("base_model_name_or_path"),
-            state=data.get("state") or data.get("status"),
+            base_model=data.get("parent") or data.get("base_model"),
+            source=data.get("source"),
+            resident=resident if isinstance(resident, bool) else None,
             size_bytes=_opt_int(data.get("size_bytes")),
-            digest=data.get("digest") or data.get("sha256"),
+            digest=data.get("digest"),
             raw=data,
         )
 
@@ -223,9 +227,10 @@ class MergeResult:
 
     name: str
     path: str | None
+    digest: str | None = None
     raw: dict[str, Any] = field(default_factory=dict, repr=False)
 
     @classmethod
     def from_dict(cls, name: str, data: dict[str, Any]) -> MergeResult:
-        path = data.get("path") or data.get("out_dir") or data.get("output_dir")
-        return cls(name=str(data.get("name") or name), path=str(path) if path else None, raw=data)
+        path = data.get("path")
+        return cls(str(data.get("id") or name), str(path) if path else None, data.get("digest"), raw=data)

@@ -64,6 +64,9 @@ class Settings(BaseSettings):
         default_factory=dict, description="Per-key glob patterns of usable adapters."
     )
     max_body_bytes: int = Field(8 * 1024 * 1024, ge=1024)
+    drain_timeout_s: float = Field(
+        30.0, ge=0, description="On shutdown, how long running requests may take to finish before abort."
+    )
 
     @field_validator("device")
     @classmethod

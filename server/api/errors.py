@@ -1,0 +1,129 @@
+"""OpenAI-shaped errors for every 4xx/5xx the server returns.
+
+Clients written for OpenAI (and vLLM) parse ``{"error": {"message", "type", "param", "code"}}``;
+FastAPI's own shapes (``{"detail": ...}``, 422 for validation) would break them, so every path that
+can produce an error response - our routes, the engine, request validation, unknown routes,
+unhandled exceptions - is funnelled through :func:`error_response`.
+"""
+
+from __future__ import annotations
+
+import logging
+from http import HTTPStatus
+
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse
+from starlette.exceptions import HTTPException as StarletteHTTPException
+
+from server.engine.types import EngineError
+
+log = logging.getLogger(__name__)
+
+# Default OpenAI-style ``type`` per status, used when the raiser does not name one.
+_TYPES = {
+    400: "invalid_request_error",
+    401: "authentication_error",
+    403: "permission_error",
+    404: "not_found_error",
+    405: "invalid_request_error",
+    409: "conflict_error",
+    413: "request_too_large",
+    415: "invalid_request_error",
+    429: "rate_limit_exceeded",
+    503: "service_unavailable",
+}
+
+
+def error_type_for(status: int) -> str:
+    return _TYPES.get(status, "invalid_request_error" if status < 500 else "internal_error")
+
+
+class APIError(Exception):
+    """Raised by routes and helpers; rendered by the app's handler in OpenAI's error shape."""
+
+    def __init__(
+        self,
+        status: int,
+        message: str,
+        *,
+        type: str | None = None,
+        param: str | None = None,
+        headers: dict[str, str] | None = None,
+    ) -> None:
+        super().__init__(message)
+        self.status = status
+        self.message = message
+        self.type = type or error_type_for(status)
+        self.param = param
+        self.headers = headers
+
+
+def error_body(status: int, message: str, type: str | None = None, param: str | None = None) -> dict:
+    """The error object; ``code`` carries the HTTP status, as vLLM's server does."""
+    return {
+        "error": {"message": message, "type": type or error_type_for(status), "param": param, "code": status}
+    }
+
+
+def error_response(
+    status: int,
+    message: str,
+    type: str | None = None,
+    param: str | None = None,
+    headers: dict[str, str] | None = None,
+) -> JSONResponse:
+    return JSONResponse(error_body(status, message, type, param), status_code=status, headers=headers)
+
+
+def api_error_from_engine(exc: EngineError) -> APIError:
+    headers = {"Retry-After": "1"} if exc.status == 429 else None
+    return APIError(exc.status, str(exc), type=exc.type, headers=headers)
+
+
+def _validation_message(exc: RequestValidationError) -> tuple[str, str | None]:
+    """First problem as ``field: message`` (plus a count of the rest), and the field as ``param``."""
+    errors = exc.errors()
+    if not errors:
+        return "invalid request", None
+    first = errors[0]
+    loc = [str(part) for part in first.get("loc", ()) if part not in ("body", "query", "path", "header")]
+    param = ".".join(loc) or None
+    message = f"{param}: {first.get('msg', 'invalid value')}" if param else str(first.get("msg", "invalid"))
+    if len(errors) > 1:
+        message += f" (and {len(errors) - 1} more problem{'s' if len(errors) > 2 else ''})"
+    return message, param
+
+
+def install_error_handlers(app: FastAPI) -> None:
+    """Routes every error FastAPI/Starlette can raise through the OpenAI shape."""
+
+    @app.exception_handler(APIError)
+    async def _api_error(_: Request, exc: APIError) -> JSONResponse:
+        return error_response(exc.status, exc.message, exc.type, exc.param, exc.headers)
+
+    @app.exception_handler(EngineError)
+    async def _engine_error(_: Request, exc: EngineError) -> JSONResponse:
+        err = api_error_from_engine(exc)
+        return error_response(err.status, err.message, err.type, err.param, err.headers)
+
+    @app.exception_handler(RequestValidationError)
+    async def _validation_error(_: Request, exc: RequestValidationError) -> JSONResponse:
+        message, param = _validation_message(exc)
+        return error_response(400, message, "invalid_request_error", param)
+
+    @app.exception_handler(StarletteHTTPException)
+    async def _http_error(request: Request, exc: StarletteHTTPException) -> JSONResponse:
+        status = exc.status_code
+        if status == 404 and exc.detail == "Not Found":
+            message = f"no route {request.method} {request.url.path}"
+        elif isinstance(exc.detail, str):
+            message = exc.detail
+        else:
+            message = HTTPStatus(status).phrase
+        return error_response(status, message, headers=getattr(exc, "headers", None))
+
+    @app.exception_handler(Exception)
+    async def _unhandled(request: Request, exc: Exception) -> JSONResponse:
+        log.exception("unhandled error on %s %s", request.method, request.url.path)
+        return error_response(500, "internal server error", "internal_error")

@@ -1,0 +1,55 @@
+"""Per-app state shared by the routes: settings, auth, store, metrics, the engine once it is up.
+
+One :class:`AppState` lives on ``app.state.loraplex``; nothing here is module-global, so several
+apps (tests, replicas in one process) never share anything.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from typing import Any, TypeVar
+
+from fastapi import Request
+
+from server.api.auth import Authenticator
+from server.api.errors import APIError
+from server.config import Settings
+from server.metrics import ServerMetrics
+from server.store import AdapterStore
+
+T = TypeVar("T")
+
+
+@dataclass
+class AppState:
+    settings: Settings
+    auth: Authenticator
+    store: AdapterStore
+    metrics: ServerMetrics
+    engine: Any = None  # server.engine.async_engine.AsyncEngine, set once built
+    boot_error: str | None = None
+    # Fast tokenizers are not safe to call from several threads at once ("Already borrowed"),
+    # so all tokenization runs on one worker thread, off the event loop.
+    tokenizer_pool: ThreadPoolExecutor = field(
+        default_factory=lambda: ThreadPoolExecutor(max_workers=1, thread_name_prefix="loraplex-tokenize")
+    )
+
+    def ready_engine(self):
+        """The engine if it is loaded and warm; 503 (retryable) otherwise."""
+        engine = self.engine
+        if engine is None or not engine.ready:
+            detail = (
+                f"engine failed to start: {self.boot_error}" if self.boot_error else "engine is not ready"
+            )
+            raise APIError(503, detail, headers={"Retry-After": "1"})
+        return engine
+
+    async def on_tokenizer_thread(self, fn: Callable[..., T], *args: Any) -> T:
+        return await asyncio.get_running_loop().run_in_executor(self.tokenizer_pool, fn, *args)
+
+
+def app_state(request: Request) -> AppState:
+    return request.app.state.loraplex

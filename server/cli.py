@@ -1,0 +1,141 @@
+"""Command line: ``loraplex serve`` and ``loraplex merge``.
+
+``serve`` flags are generated from :class:`server.config.Settings`, one per field (``max_loras`` ->
+``--max-loras``), so the CLI can never drift from the settings; an unset flag falls back to the
+``LORAPLEX_*`` environment and then to the default. Lists take several values, dicts take JSON.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+import types
+import typing
+from pathlib import Path
+
+from pydantic import ValidationError
+
+from server.config import Settings
+
+
+def _field_kind(annotation) -> tuple[str, tuple]:
+    """('scalar' | 'list' | 'dict' | 'bool' | 'choice', args) for a Settings field annotation."""
+    origin = typing.get_origin(annotation)
+    args = typing.get_args(annotation)
+    if origin in (typing.Union, types.UnionType):  # Optional[X] -> X
+        non_none = [a for a in args if a is not type(None)]
+        return _field_kind(non_none[0]) if len(non_none) == 1 else ("scalar", (str,))
+    if annotation is bool:
+        return "bool", ()
+    if origin is typing.Literal:
+        return "choice", args
+    if origin is list:
+        return "list", args
+    if origin is dict:
+        return "dict", args
+    return "scalar", (annotation,)
+
+
+def _scalar_type(tp):
+    return tp if tp in (int, float, Path) else str
+
+
+def add_settings_flags(parser: argparse.ArgumentParser) -> None:
+    for name, info in Settings.model_fields.items():
+        flag = "--" + name.replace("_", "-")
+        kind, args = _field_kind(info.annotation)
+        help_text = (info.description or "") + f" [env LORAPLEX_{name.upper()}]"
+        if "key" in name:
+            help_text += " (prefer the env var: flags show in the process list)"
+        common = dict(dest=name, default=None, help=help_text)
+        if kind == "bool":
+            parser.add_argument(flag, action=argparse.BooleanOptionalAction, **common)
+        elif kind == "choice":
+            parser.add_argument(flag, choices=list(args), **common)
+        elif kind == "list":
+            parser.add_argument(flag, nargs="*", type=_scalar_type(args[0] if args else str), **common)
+        elif kind == "dict":
+            parser.add_argument(flag, type=json.loads, metavar="JSON", **common)
+        else:
+            parser.add_argument(flag, type=_scalar_type(args[0]), **common)
+
+
+def settings_from_args(ns: argparse.Namespace) -> Settings:
+    overrides = {
+        name: getattr(ns, name) for name in Settings.model_fields if getattr(ns, name, None) is not None
+    }
+    return Settings(**overrides)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="loraplex", description="Multi-LoRA inference server.")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    serve = sub.add_parser("serve", help="Run the OpenAI-compatible HTTP server.")
+    add_settings_flags(serve)
+    serve.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
+
+    merge = sub.add_parser("merge", help="Export base + adapter as one standalone HF checkpoint.")
+    merge.add_argument("--base", type=Path, required=True, help="Base model directory.")
+    merge.add_argument("--adapter", required=True, help="Adapter directory, or a name in --adapter-store.")
+    merge.add_argument("--out", type=Path, required=True, help="Output directory for the merged model.")
+    merge.add_argument("--adapter-store", type=Path, default=None, help="Store to look adapter names up in.")
+    return parser
+
+
+def cmd_serve(ns: argparse.Namespace) -> int:
+    import uvicorn
+
+    from server.api.app import create_app
+
+    settings = settings_from_args(ns)
+    logging.basicConfig(level=ns.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    uvicorn.run(
+        create_app(settings),
+        host=settings.host,
+        port=settings.port,
+        log_level=ns.log_level,
+        timeout_graceful_shutdown=int(settings.drain_timeout_s) + 1,
+    )
+    return 0
+
+
+def resolve_adapter_dir(adapter: str, store_root: Path | None) -> Path:
+    """A directory as given, else ``<store>/<name>`` (name checked, so no traversal)."""
+    from server.store import AdapterStore
+
+    path = Path(adapter)
+    if path.is_dir():
+        return path
+    store = AdapterStore(store_root or Settings.model_fields["adapter_store"].default)
+    if not store.exists(adapter):
+        raise FileNotFoundError(f"adapter '{adapter}' is neither a directory nor in the store {store.root}")
+    return store.path_of(adapter)
+
+
+def cmd_merge(ns: argparse.Namespace) -> int:
+    from server.lora.merge import export_merged
+    from server.store import tree_digest
+
+    adapter_dir = resolve_adapter_dir(ns.adapter, ns.adapter_store)
+    out = export_merged(ns.base, adapter_dir, ns.out)
+    out = Path(out or ns.out)
+    print(json.dumps({"path": str(out.resolve()), "digest": f"sha256:{tree_digest(out)}"}))
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    ns = parser.parse_args(argv)
+    try:
+        if ns.command == "serve":
+            return cmd_serve(ns)
+        return cmd_merge(ns)
+    except ValidationError as exc:
+        print(f"loraplex: invalid settings:\n{exc}", file=sys.stderr)
+        return 2
+    except (FileNotFoundError, ValueError) as exc:
+        print(f"loraplex: {exc}", file=sys.stderr)
+        return 2

@@ -1,0 +1,152 @@
+"""Every Prometheus collector of the server, in one place.
+
+Each app builds its own :class:`ServerMetrics` with its own ``CollectorRegistry`` (no module-global
+registry), so several apps - e.g. in tests - never share or double-register series.
+
+Request-path metrics (latencies, token counts, per-adapter requests) are pushed by the HTTP layer.
+Engine state (queue depth, running requests, KV usage, adapters) is *pulled* at scrape time by
+:class:`EngineCollector` from ``engine.stats()`` and the adapter manager, so the engine thread
+never touches Prometheus objects. The ``vllm:*`` names are exactly those the Kubernetes Gateway API
+Inference Extension reads for load- and LoRA-affinity routing.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable, Iterator
+
+from prometheus_client import CollectorRegistry, Counter, Histogram, generate_latest
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
+from prometheus_client.registry import Collector
+
+CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
+
+_LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0)
+_TOKEN_LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.02, 0.04, 0.08, 0.16, 0.32, 0.64, 1.28, 2.56)
+
+
+class EngineCollector(Collector):
+    """Reads the engine at scrape time; emits nothing engine-related while it is still booting."""
+
+    def __init__(self, engine_source: Callable[[], object | None]) -> None:
+        self._engine_source = engine_source
+
+    def describe(self) -> list[Metric]:
+        return []  # dynamic: do not let the registry call collect() at registration time
+
+    def collect(self) -> Iterator[Metric]:
+        engine = self._engine_source()
+        if engine is None:
+            return
+        stats = engine.stats()
+        yield _gauge("vllm:num_requests_waiting", "Requests waiting to be scheduled.", stats.num_waiting)
+        yield _gauge("vllm:num_requests_running", "Requests in the running batch.", stats.num_running)
+        yield _gauge("vllm:kv_cache_usage_perc", "KV-cache usage, 1 = full.", stats.kv_cache_usage)
+        info = GaugeMetricFamily(
+            "vllm:lora_requests_info",
+            "Adapters of running and waiting requests; the value is the update timestamp.",
+            labels=["max_lora", "running_lora_adapters", "waiting_lora_adapters"],
+        )
+        info.add_metric(
+            [str(stats.max_loras), ",".join(stats.running_adapters), ",".join(stats.waiting_adapters)],
+            time.time(),
+        )
+        yield info
+        yield _gauge(
+            "loraplex_resident_adapters", "Adapters resident in device slots.", len(stats.resident_adapters)
+        )
+        yield _gauge("loraplex_engine_ready", "1 once the model is loaded and warm.", float(engine.ready))
+        core = getattr(engine, "engine", None)
+        if core is not None:
+            steps = CounterMetricFamily("loraplex_engine_steps", "Engine iterations run.")
+            steps.add_metric([], core.num_steps)
+            yield steps
+            preempt = CounterMetricFamily("loraplex_preemptions", "Sequences preempted for KV space.")
+            preempt.add_metric([], core.scheduler.num_preemptions)
+            yield preempt
+        manager = getattr(engine, "adapters", None)
+        if manager is not None:
+            yield from _adapter_metrics(manager)
+
+
+def _gauge(name: str, doc: str, value: float) -> GaugeMetricFamily:
+    g = GaugeMetricFamily(name, doc)
+    g.add_metric([], value)
+    return g
+
+
+def _adapter_metrics(manager) -> Iterator[Metric]:
+    """Adapter loads / evictions / load time from a snapshot of the manager's cumulative counters."""
+    c = manager.counters_snapshot()
+    for name, doc, value in (
+        ("loraplex_adapter_loads", "Adapters parsed from disk into host memory.", c.loads),
+        (
+            "loraplex_adapter_load_failures",
+            "Adapter loads that failed validation or reading.",
+            c.load_failures,
+        ),
+        ("loraplex_adapter_load_seconds", "Time spent loading adapters from disk.", c.load_seconds),
+        ("loraplex_adapter_activations", "Adapter weights copied into device slots.", c.activations),
+        ("loraplex_adapter_evictions", "Adapters evicted from device slots.", c.evictions),
+        ("loraplex_adapter_host_evictions", "Adapters dropped from the host-memory cache.", c.cpu_evictions),
+    ):
+        family = CounterMetricFamily(name, doc)
+        family.add_metric([], value)
+        yield family
+
+
+class ServerMetrics:
+    """The request-path collectors plus the engine collector, in a registry owned by one app."""
+
+    def __init__(self, engine_source: Callable[[], object | None]) -> None:
+        self.registry = CollectorRegistry()
+        r = self.registry
+        self.requests = Counter(
+            "loraplex_http_requests", "HTTP requests by route and status.", ["route", "status"], registry=r
+        )
+        self.request_seconds = Histogram(
+            "loraplex_request_duration_seconds",
+            "Time from receiving a generation request to its last byte.",
+            ["route"],
+            buckets=_LATENCY_BUCKETS,
+            registry=r,
+        )
+        self.ttft_seconds = Histogram(
+            "loraplex_time_to_first_token_seconds",
+            "Time from receiving a generation request to its first output token.",
+            buckets=_LATENCY_BUCKETS,
+            registry=r,
+        )
+        self.itl_seconds = Histogram(
+            "loraplex_inter_token_latency_seconds",
+            "Time between consecutive output increments of one sequence.",
+            buckets=_TOKEN_LATENCY_BUCKETS,
+            registry=r,
+        )
+        self.prompt_tokens = Counter("loraplex_prompt_tokens", "Prompt tokens processed.", registry=r)
+        self.generation_tokens = Counter("loraplex_generation_tokens", "Tokens generated.", registry=r)
+        self.adapter_requests = Counter(
+            "loraplex_adapter_requests",
+            "Generation requests per adapter ('' = the base model).",
+            ["adapter"],
+            registry=r,
+        )
+        self.finished = Counter(
+            "loraplex_request_finished",
+            "Finished sequences by finish reason.",
+            ["finish_reason"],
+            registry=r,
+        )
+        self.engine = EngineCollector(engine_source)
+        r.register(self.engine)
+        self._adapter_counts: dict[str, int] = {}  # same numbers, readable without Prometheus internals
+
+    def count_adapter_request(self, adapter: str) -> None:
+        self.adapter_requests.labels(adapter=adapter).inc()
+        self._adapter_counts[adapter] = self._adapter_counts.get(adapter, 0) + 1
+
+    def adapter_request_count(self, adapter: str) -> int:
+        return self._adapter_counts.get(adapter, 0)
+
+    def render(self) -> bytes:
+        return generate_latest(self.registry)

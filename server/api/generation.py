@@ -92,6 +92,7 @@ class RequestGroup:
         self.choices: list[Choice] = []
         self._queue: asyncio.Queue[tuple[Choice, RequestOutput]] = asyncio.Queue()
         self._pumps: list[asyncio.Task] = []
+        self._checked_at = self.started_at  # last disconnect check
 
     async def open(self, job: GenerationJob) -> None:
         """Queues every choice; if one is refused (queue full, unknown adapter) the others are aborted."""
@@ -137,11 +138,14 @@ class RequestGroup:
             if request is None:
                 choice, out = await self._queue.get()
             else:
+                now = time.monotonic()
+                if now - self._checked_at >= _DISCONNECT_POLL_S:  # also while outputs keep coming
+                    self._checked_at = now
+                    if await request.is_disconnected():
+                        raise ClientDisconnected
                 try:
                     choice, out = await asyncio.wait_for(self._queue.get(), _DISCONNECT_POLL_S)
                 except asyncio.TimeoutError:
-                    if await request.is_disconnected():
-                        raise ClientDisconnected from None
                     continue
             if choice.finished:  # aborted by close(); drop late increments
                 continue

@@ -180,6 +180,9 @@ async def respond(
         return JSONResponse(builder.final(choices, group.usage(), tokenizer, want_logprobs))
     try:
         primed = await group.prime(request)
+    except ClientDisconnected:
+        group.close()
+        return Response(status_code=_CLIENT_CLOSED)
     except BaseException:
         group.close()
         raise

@@ -12,11 +12,6 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-try:  # GPT-2 style models store linear weights transposed ([in, out]); PEFT calls it fan_in_fan_out.
-    from transformers.pytorch_utils import Conv1D
-except ImportError:  # pragma: no cover - transformers always ships it
-    Conv1D = ()  # type: ignore[assignment,misc]
-
 
 @dataclass(frozen=True)
 class LinearSpec:
@@ -33,10 +28,17 @@ def linear_spec(name: str, module: nn.Module) -> LinearSpec | None:
     """The spec of ``module`` if it is a LoRA-targetable linear (nn.Linear or transformers' Conv1D)."""
     if isinstance(module, nn.Linear):
         return LinearSpec(name, module.in_features, module.out_features, False, module.bias is not None)
-    if Conv1D and isinstance(module, Conv1D):
+    if _is_conv1d(module):
         in_features, out_features = module.weight.shape
         return LinearSpec(name, in_features, out_features, True, module.bias is not None)
     return None
+
+
+def _is_conv1d(module: nn.Module) -> bool:
+    """transformers' Conv1D (GPT-2 style, weight stored [in, out]: PEFT's fan_in_fan_out), matched by
+    name so this module does not import transformers (1.5 s) just for an isinstance check."""
+    cls = type(module)
+    return cls.__name__ == "Conv1D" and cls.__module__.startswith("transformers.")
 
 
 class BaseModelSpec:

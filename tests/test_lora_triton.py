@@ -1,0 +1,132 @@
+"""Triton SGMV kernels, run on CPU by Triton's interpreter, against the torch reference.
+
+The interpreter must be on before triton is first imported (triton.language's own helpers are
+decorated at import), so ``test_triton_kernels_under_interpreter`` starts a child pytest on this file
+with ``TRITON_INTERPRET=1`` and ``--noconftest``; this module therefore imports only torch and
+server.lora (no transformers) to keep that child quick. In the parent the kernel tests report
+"skipped: runs in the child".
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from server.lora.adapter import LoRAModuleWeights
+from server.lora.batch import LoRABatch
+from server.lora.layers import LoRALinear
+from server.lora.ops import add_lora, resolve_backend
+from server.lora.spec import linear_spec
+
+IN_CHILD = os.environ.get("TRITON_INTERPRET") == "1"
+HAS_TRITON = importlib.util.find_spec("triton") is not None
+
+
+def test_triton_kernels_under_interpreter():
+    if IN_CHILD:
+        pytest.skip("this is the child run")
+    if not HAS_TRITON:
+        pytest.skip("triton is not installed")
+    env = {**os.environ, "TRITON_INTERPRET": "1", "OMP_NUM_THREADS": "1"}
+    cmd = [
+        sys.executable,
+        "-m",
+        "pytest",
+        "-q",
+        "--noconftest",
+        "-p",
+        "no:cacheprovider",
+        "-W",
+        "ignore",
+        __file__,
+    ]
+    run = subprocess.run(
+        cmd, env=env, cwd=Path(__file__).parent.parent, capture_output=True, text=True, timeout=500
+    )
+    out = (run.stdout + run.stderr)[-4000:]
+    assert run.returncode == 0, out
+    assert " passed" in out and "failed" not in out, out
+
+
+@pytest.fixture
+def interpreted():
+    if not IN_CHILD:
+        pytest.skip("runs in the TRITON_INTERPRET=1 child of test_triton_kernels_under_interpreter")
+    assert resolve_backend("triton", "cpu") == "triton"
+
+
+def _stacked(num_slots, ranks, d_in, d_out, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    a = torch.zeros(num_slots, max(ranks), d_in)
+    b = torch.zeros(num_slots, d_out, max(ranks))
+    for slot, r in enumerate(ranks):
+        a[slot, :r] = torch.randn(r, d_in, generator=g)
+        b[slot, :, :r] = torch.randn(d_out, r, generator=g)
+    return a, b
+
+
+CASES = [  # (seq slots, seq lengths): prefill-like, decode-like, unsorted with gaps, base only, long
+    ([0, 1, 2, 3], [5, 3, 8, 1]),
+    ([2, 2, 0, -1, 1, 1, 3], [1] * 7),
+    ([3, -1, 0, 3, -1, 1], [4, 2, 7, 1, 3, 17]),
+    ([-1, -1], [3, 4]),
+    ([1], [70]),
+]
+
+
+@pytest.mark.parametrize("seq_slots,seq_lens", CASES)
+@pytest.mark.parametrize("ranks", [[4, 8, 16, 64], [16, 16, 16, 16]])
+def test_triton_sgmv_matches_torch(interpreted, seq_slots, seq_lens, ranks):
+    a, b = _stacked(4, ranks, 72, 80, seed=len(seq_lens))  # in/out not multiples of the blocks
+    n = sum(seq_lens)
+    x, y = torch.randn(n, 72), torch.randn(n, 80)
+    batch = LoRABatch(4)
+    batch.set(seq_slots, seq_lens)
+    want, got = y.clone(), y.clone()
+    add_lora(want, x, a, b, batch, backend="torch")
+    add_lora(got, x, a, b, batch, backend="triton")
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-4)
+
+
+def test_triton_sgmv_on_non_contiguous_views(interpreted):
+    """Strides are honoured, not assumed."""
+    a, b = _stacked(2, [8, 4], 32, 24)
+    x = torch.randn(10, 64)[:, ::2]
+    y = torch.randn(24, 10).t()
+    batch = LoRABatch(2)
+    batch.set([1, 0], [4, 6])
+    want, got = y.clone(), y.clone()
+    add_lora(want, x, a, b, batch, backend="torch")
+    add_lora(got, x, a, b, batch, backend="triton")
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-4)
+
+
+@torch.inference_mode()
+def test_triton_layer_with_dora_and_bias_matches_torch(interpreted):
+    """A LoRALinear on each backend, slots holding plain, DoRA and lora_bias weights, base rows between."""
+    torch.manual_seed(0)
+    base = torch.nn.Linear(48, 40, bias=True)
+    slots = [
+        LoRAModuleWeights(a=torch.randn(4, 48), b=torch.randn(40, 4), scale=2.0),
+        LoRAModuleWeights(
+            a=torch.randn(16, 48), b=torch.randn(40, 16), scale=0.5, dora_g=torch.rand(40) + 0.5
+        ),
+        LoRAModuleWeights(a=torch.randn(8, 48), b=torch.randn(40, 8), scale=1.0, bias=torch.randn(40)),
+    ]
+    x = torch.randn(1, 19, 48)
+    outputs = {}
+    for backend in ("torch", "triton"):
+        layer = LoRALinear(
+            base, linear_spec("l", base), LoRABatch(3), max_loras=3, max_rank=16, backend=backend
+        )
+        for slot, weights in enumerate(slots):
+            layer.set_slot(slot, weights)
+        layer.batch.set([2, -1, 1, 0, -1, 1], [3, 2, 5, 4, 1, 4])
+        outputs[backend] = layer(x)
+    torch.testing.assert_close(outputs["triton"], outputs["torch"], rtol=1e-5, atol=1e-4)

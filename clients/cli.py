@@ -191,6 +191,9 @@ def _add_loadtest(subparsers, parent: argparse.ArgumentParser) -> None:
     p.add_argument("--temperature", type=float, default=0.0)
     p.add_argument("--no-ignore-eos", action="store_true", help="let EOS end requests early")
     p.add_argument("--tokenizer", type=Path, help="local tokenizer dir for exact prompt lengths")
+    p.add_argument(
+        "--prompt-source", choices=["words", "vocab"], default="words", help="vocab: random tokenizer tokens"
+    )
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--sweep", type=_rates, metavar="R1,R2,...", help="run these rates")
     p.add_argument("--sweep-search", action="store_true", help="search the max rate under the SLO")
@@ -237,7 +240,7 @@ async def _loadtest_async(args: argparse.Namespace) -> int:
         config = RunConfig(
             base, args.concurrency, args.drain_timeout, args.temperature, not args.no_ignore_eos
         )
-        prompts = PromptFactory.from_tokenizer_dir(args.tokenizer, args.seed)
+        prompts = PromptFactory.from_tokenizer_dir(args.tokenizer, args.seed, args.prompt_source)
         progress = not args.no_progress
         if args.sweep or args.sweep_search:
             result, runs = await run_sweep(

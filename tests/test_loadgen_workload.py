@@ -170,3 +170,20 @@ def test_invalid_specs():
         PopularitySpec((), base_fraction=0.5)
     assert generate_schedule(WorkloadSpec(ArrivalSpec(5.0), PopularitySpec((), base_fraction=1.0),
                                           num_requests=5))[0].adapter is None  # fmt: skip
+
+
+def test_prompts_are_seeded_and_have_the_requested_token_count(tiny_llama_dir):
+    from transformers import AutoTokenizer
+
+    from clients.loadgen.prompts import PromptFactory
+
+    tok = AutoTokenizer.from_pretrained(tiny_llama_dir)
+    words = PromptFactory(3, tok)
+    for n in (1, 7, 40, 200):
+        assert len(tok.encode(words.prompt(5, n), add_special_tokens=False)) == n
+    assert words.prompt(5, 40) == PromptFactory(3, tok).prompt(5, 40) != words.prompt(6, 40)
+    vocab = PromptFactory(3, tok, "vocab")
+    assert all(1 <= len(tok.encode(vocab.prompt(i, 30), add_special_tokens=False)) <= 30 for i in range(10))
+    assert len(PromptFactory(0).prompt(0, 12).split()) == 12  # no tokenizer: one word per token
+    with pytest.raises(ValueError):
+        PromptFactory(0, None, "vocab")

@@ -1,9 +1,10 @@
 """Synthetic prompts of a requested token length.
 
-Prompts are random English words seeded per request index, so two servers (or a re-run) see the same
-text. With a tokenizer (any HF tokenizer directory, loaded locally) the prompt is cut to exactly the
-requested number of tokens; without one, one word stands in for one token and the server's reported
-``prompt_tokens`` gives the true count.
+Prompts are seeded per request index, so two servers (or a re-run) see the same text. By default they
+are random English words; with a tokenizer (any HF tokenizer directory, loaded locally) the prompt is
+cut to exactly the requested number of tokens, and ``source="vocab"`` draws random tokens from the
+tokenizer's own vocabulary instead (for synthetic tokenizers that know no English). Without a
+tokenizer one word stands in for one token and the server's reported ``prompt_tokens`` is the truth.
 """
 
 from __future__ import annotations
@@ -28,17 +29,24 @@ WORDS = tuple(_WORD_TEXT.split())
 class PromptFactory:
     """``prompt(index, n_tokens)`` -> text; deterministic in (seed, index, n_tokens)."""
 
-    def __init__(self, seed: int = 0, tokenizer: Any = None) -> None:
+    def __init__(self, seed: int = 0, tokenizer: Any = None, source: str = "words") -> None:
+        if source not in ("words", "vocab"):
+            raise ValueError("prompt source must be 'words' or 'vocab'")
+        if source == "vocab" and tokenizer is None:
+            raise ValueError("prompt source 'vocab' needs a tokenizer")
         self.seed = seed
         self.tokenizer = tokenizer
+        self.source = source
 
     @classmethod
-    def from_tokenizer_dir(cls, path: str | Path | None, seed: int = 0) -> PromptFactory:
+    def from_tokenizer_dir(
+        cls, path: str | Path | None, seed: int = 0, source: str = "words"
+    ) -> PromptFactory:
         if path is None:
-            return cls(seed)
+            return cls(seed, source=source)
         from transformers import AutoTokenizer  # optional: only when exact lengths are asked for
 
-        return cls(seed, AutoTokenizer.from_pretrained(str(path)))
+        return cls(seed, AutoTokenizer.from_pretrained(str(path)), source)
 
     def _words(self, index: int, count: int) -> list[str]:
         rng = random.Random(f"{self.seed}:prompt:{index}")
@@ -47,8 +55,18 @@ class PromptFactory:
     def prompt(self, index: int, n_tokens: int) -> str:
         if self.tokenizer is None:
             return " ".join(self._words(index, n_tokens))
-        words = self._words(index, n_tokens + 8)  # every word is at least one token
-        ids = self.tokenizer.encode(" ".join(words), add_special_tokens=False)[:n_tokens]
+        if self.source == "vocab":
+            rng = random.Random(f"{self.seed}:prompt:{index}")
+            special = set(getattr(self.tokenizer, "all_special_ids", []) or [])
+            pool = len(self.tokenizer)
+            ids = []
+            while len(ids) < n_tokens:
+                t = rng.randrange(pool)
+                if t not in special:
+                    ids.append(t)
+        else:
+            words = self._words(index, n_tokens + 8)  # every word is at least one token
+            ids = self.tokenizer.encode(" ".join(words), add_special_tokens=False)[:n_tokens]
         text = self.tokenizer.decode(ids)
         # Decoding then re-encoding can merge differently at the cut; trim until it fits.
         while ids and len(self.tokenizer.encode(text, add_special_tokens=False)) > n_tokens:

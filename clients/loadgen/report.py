@@ -138,7 +138,8 @@ def _ms(x: float) -> str:
     return "-" if math.isnan(x) else f"{x * 1000:.1f}"
 
 
-def _grid(header: list[str], rows: list[list[str]]) -> str:
+def format_grid(header: list[str], rows: list[list[str]]) -> str:
+    """Aligned plain-text table: first column left, the rest right-aligned."""
     widths = [max(len(str(c)) for c in col) for col in zip(header, *rows, strict=True)]
     line = "  ".join(
         h.ljust(w) if i == 0 else h.rjust(w) for i, (h, w) in enumerate(zip(header, widths, strict=True))
@@ -161,7 +162,7 @@ def format_report(report: Report, top_adapters: int = 10) -> str:
         f"{report.error_count} errors",
         f"throughput: {report.request_throughput:.2f} req/s, {report.output_token_throughput:.1f} output tok/s",
         "",
-        _grid(
+        format_grid(
             ["latency (ms)", "mean", "p50", "p90", "p99", "max"],
             [
                 [name, _ms(s.mean), _ms(s.p50), _ms(s.p90), _ms(s.p99), _ms(s.max)]
@@ -174,7 +175,7 @@ def format_report(report: Report, top_adapters: int = 10) -> str:
         ),
     ]
     if report.errors:
-        lines += ["", _grid(["error", "count"], [[k, str(v)] for k, v in report.errors.items()])]
+        lines += ["", format_grid(["error", "count"], [[k, str(v)] for k, v in report.errors.items()])]
     shown = report.per_adapter[:top_adapters]
     if shown:
         rows = [
@@ -189,7 +190,7 @@ def format_report(report: Report, top_adapters: int = 10) -> str:
         lines += [
             "",
             title,
-            _grid(
+            format_grid(
                 ["adapter", "reqs", "errors", "out tok", "TTFT p50", "TTFT p99", "e2e p50", "e2e p99"], rows
             ),
         ]

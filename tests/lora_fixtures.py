@@ -47,6 +47,7 @@ def make_peft_adapter(
     lora_bias: bool = False,
     layers_to_transform: list[int] | None = None,
     seed: int = 0,
+    safe_serialization: bool = True,
     **extra: Any,
 ) -> Path:
     """Creates and saves a random (non-identity) PEFT LoRA adapter for the model in ``base_dir``.
@@ -77,7 +78,7 @@ def make_peft_adapter(
                 param.mul_(torch.empty_like(param).uniform_(0.6, 1.4))
             elif "lora_B" in name and name.endswith("bias"):
                 param.normal_(0.0, 0.5)
-    model.save_pretrained(out_dir)
+    model.save_pretrained(out_dir, safe_serialization=safe_serialization)
     return Path(out_dir)
 
 

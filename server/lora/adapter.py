@@ -108,9 +108,10 @@ def load_peft_adapter(path: Path, name: str, base: BaseModelSpec, max_rank: int)
         config = parse_lora_config(raw)
     except AdapterError as exc:
         raise AdapterError(f"adapter '{name}': {exc}") from None
+    _check_config_targets(config, base, name)
     tensors = _read_safetensors(weights_path, name)
     modules = _group_by_module(tensors, name)
-    _check_targets(config, modules, base, name)
+    _check_modules(config, modules, base, name)
     built = {
         module: _build_module(module, roles, config, base, max_rank, name)
         for module, roles in modules.items()
@@ -148,7 +149,21 @@ def _group_by_module(
     return modules
 
 
-def _check_targets(config: LoraConfigView, modules: dict, base: BaseModelSpec, name: str) -> None:
+def _check_config_targets(config: LoraConfigView, base: BaseModelSpec, name: str) -> None:
+    """What the config targets must exist in the base and be a served linear (checked before tensors)."""
+    missing_targets = config.unmatched_targets(list(base.linears) + list(base.other_modules))
+    if missing_targets:
+        raise AdapterError(
+            f"adapter '{name}': target modules {missing_targets} are absent from the base model"
+        )
+    for module, kind in base.other_modules.items():
+        if config.targets(module):
+            raise AdapterError(
+                f"adapter '{name}': target module '{module}' is a {kind}, which LoRA is not served on"
+            )
+
+
+def _check_modules(config: LoraConfigView, modules: dict, base: BaseModelSpec, name: str) -> None:
     """Tensors, config and base must agree on the set of adapted modules."""
     for module in sorted(modules):
         if module not in base.linears:
@@ -159,21 +174,9 @@ def _check_targets(config: LoraConfigView, modules: dict, base: BaseModelSpec, n
             raise AdapterError(
                 f"adapter '{name}': tensors for module '{module}' which adapter_config.json does not target"
             )
-    all_names = list(base.linears) + list(base.other_modules)
-    missing_targets = config.unmatched_targets(all_names)
-    if missing_targets:
-        raise AdapterError(
-            f"adapter '{name}': target modules {missing_targets} are absent from the base model"
-        )
     for module in base.linears:
         if config.targets(module) and module not in modules:
             raise AdapterError(f"adapter '{name}': no tensors for targeted module '{module}'")
-    for module in base.other_modules:
-        if config.targets(module):
-            kind = base.other_modules[module]
-            raise AdapterError(
-                f"adapter '{name}': target module '{module}' is a {kind}, which LoRA is not served on"
-            )
 
 
 def _build_module(

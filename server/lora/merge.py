@@ -29,11 +29,16 @@ _NOT_COPIED_NAMES = {"config.json", "generation_config.json"}
 def merge_adapter_into_model(model: nn.Module, adapter: LoRAAdapter) -> None:
     """Adds ``adapter`` into ``model``'s weights in place (computed in fp32, stored in the model dtype)."""
     spec = BaseModelSpec.from_model(model)
-    for name, lora in adapter.modules.items():
+    for name, lora in adapter.modules.items():  # refuse before writing anything
         if name not in spec.linears:
             raise AdapterError(
                 f"adapter '{adapter.name}': module '{name}' is absent from the model being merged into"
             )
+        if lora.bias is not None and not spec.linears[name].has_bias:
+            raise AdapterError(
+                f"adapter '{adapter.name}': cannot merge lora_bias into '{name}', whose base layer has no bias"
+            )
+    for name, lora in adapter.modules.items():
         module = spec.module(name)
         weight = spec.weight(name)
         row_scale = torch.full((weight.shape[0],), lora.scale)
@@ -45,10 +50,6 @@ def merge_adapter_into_model(model: nn.Module, adapter: LoRAAdapter) -> None:
             merged = merged.t()
         module.weight.copy_(merged.to(module.weight.dtype))
         if lora.bias is not None:
-            if module.bias is None:
-                raise AdapterError(
-                    f"adapter '{adapter.name}': cannot merge lora_bias into '{name}', whose base layer has no bias"
-                )
             module.bias.add_((row_scale * lora.bias).to(module.bias.dtype))
 
 

@@ -171,6 +171,8 @@ class AsyncEngine:
     def _resolve_adapter(self, adapter: AdapterRef | None) -> AdapterRef | None:
         if adapter is None or adapter.key is None:
             return None
+        if adapter.name is not None and adapter.name == self.settings.merged_adapter:
+            return None  # already folded into the base weights: zero LoRA cost
         if self.adapters is None:
             raise AdapterNotFoundError(f"adapter '{adapter.key}' not found: LoRA is disabled")
         names = list(adapter.weights) if adapter.weights else [adapter.name]

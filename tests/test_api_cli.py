@@ -1,0 +1,139 @@
+"""The ``loraplex`` command line: flags map onto Settings, ``merge`` exports, ``serve`` runs and drains."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import httpx
+import pytest
+
+from server.cli import build_parser, main, settings_from_args
+from server.store import tree_digest
+from tests.api_harness import greedy_ids, peft_model
+from tests.lora_fixtures import make_peft_adapter
+
+REPO = Path(__file__).resolve().parent.parent
+
+
+def test_serve_flags_map_onto_settings(tmp_path):
+    ns = build_parser().parse_args(
+        [
+            "serve",
+            "--model", str(tmp_path),
+            "--port", "9123",
+            "--max-loras", "3",
+            "--adapter-store", str(tmp_path / "store"),
+            "--merged-adapter", "sql",
+            "--no-enable-lora",
+            "--api-keys", "k1", "k2",
+            "--key-adapter-allowlists", '{"k1": ["team-*"]}',
+            "--allowed-lora-roots", "/a", "/b",
+            "--dtype", "float32",
+            "--drain-timeout-s", "2.5",
+        ]
+    )  # fmt: skip
+    s = settings_from_args(ns)
+    assert s.model == tmp_path and s.port == 9123 and s.max_loras == 3
+    assert s.adapter_store == tmp_path / "store" and s.merged_adapter == "sql"
+    assert s.enable_lora is False and s.api_keys == ["k1", "k2"]
+    assert s.key_adapter_allowlists == {"k1": ["team-*"]}
+    assert s.allowed_lora_roots == [Path("/a"), Path("/b")]
+    assert s.dtype == "float32" and s.drain_timeout_s == 2.5
+
+
+def test_unset_flags_fall_back_to_the_environment(monkeypatch):
+    monkeypatch.setenv("LORAPLEX_MAX_LORAS", "5")
+    monkeypatch.setenv("LORAPLEX_PORT", "7000")
+    s = settings_from_args(build_parser().parse_args(["serve", "--port", "7001"]))
+    assert s.max_loras == 5 and s.port == 7001
+
+
+def test_invalid_settings_exit_2(capsys):
+    assert main(["serve", "--device", "tpu"]) == 2
+    assert "invalid settings" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        main(["serve", "--dtype", "float64"])
+
+
+def test_merge_by_store_name(tmp_path, tiny_llama_dir, capsys):
+    store = tmp_path / "store"
+    adapter = make_peft_adapter(tiny_llama_dir, store / "sql", r=8, seed=12)
+    out = tmp_path / "merged"
+    code = main(
+        [
+            "merge",
+            "--base",
+            str(tiny_llama_dir),
+            "--adapter",
+            "sql",
+            "--adapter-store",
+            str(store),
+            "--out",
+            str(out),
+        ]
+    )
+    assert code == 0
+    report = json.loads(capsys.readouterr().out)
+    assert Path(report["path"]) == out.resolve()
+    assert report["digest"] == f"sha256:{tree_digest(out)}"
+    prompt = [11, 22, 33, 44]
+    oracle = greedy_ids(peft_model(tiny_llama_dir, {"sql": adapter}), prompt, 6)
+    assert greedy_ids(peft_model(out), prompt, 6) == oracle
+    assert (
+        main(["merge", "--base", str(tiny_llama_dir), "--adapter", "../sql", "--out", str(tmp_path / "x")])
+        == 2
+    )
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def test_serve_runs_the_app_and_stops_cleanly_on_sigterm(tmp_path, tiny_llama_dir):
+    port = _free_port()
+    store = tmp_path / "store"
+    shutil.copytree(make_peft_adapter(tiny_llama_dir, tmp_path / "made", r=4, seed=3), store / "ad1")
+    cmd = [
+        sys.executable, "-m", "server", "serve",
+        "--model", str(tiny_llama_dir), "--served-model-name", "tiny",
+        "--adapter-store", str(store), "--port", str(port), "--device", "cpu",
+        "--num-kv-blocks", "64", "--log-level", "info",
+    ]  # fmt: skip
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1"}
+    proc = subprocess.Popen(
+        cmd, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True
+    )
+    try:
+        url = f"http://127.0.0.1:{port}"
+        deadline = time.monotonic() + 90
+        while time.monotonic() < deadline:
+            assert proc.poll() is None, proc.stdout.read()
+            try:
+                if httpx.get(f"{url}/ready", timeout=1).status_code == 200:
+                    break
+            except httpx.HTTPError:
+                pass
+            time.sleep(0.2)
+        r = httpx.post(
+            f"{url}/v1/completions", json={"model": "ad1", "prompt": "hello", "max_tokens": 3}, timeout=30
+        )
+        assert r.status_code == 200 and r.json()["usage"]["completion_tokens"] == 3
+        proc.send_signal(signal.SIGTERM)
+        # uvicorn shuts down gracefully, then re-raises the captured signal as its exit status.
+        assert proc.wait(timeout=30) in (0, -signal.SIGTERM)
+        log = proc.stdout.read()
+        assert "Application shutdown complete" in log, log
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()

@@ -77,7 +77,7 @@ def error_response(
 
 
 def api_error_from_engine(exc: EngineError) -> APIError:
-    headers = {"Retry-After": "1"} if exc.status == 429 else None
+    headers = {"Retry-After": "1"} if exc.status in (429, 503) else None
     return APIError(exc.status, str(exc), type=exc.type, headers=headers)
 
 

@@ -167,15 +167,11 @@ class RequestGroup:
         self.metrics.generation_tokens.inc(len(out.new_token_ids))
 
     async def prime(self, request: Request) -> list[tuple[Choice, RequestOutput]]:
-        """Waits for every choice's first increment, so errors before the first token get a real status."""
-        seen: set[int] = set()
-        events = []
-        while len(seen) < len(self.choices):
-            choice, out = await self.next_event(request)
-            seen.add(choice.index)
-            events.append((choice, out))
-            raise_if_failed(choice)
-        return events
+        """Waits for the first increment, so a failure before the first token (the adapter did not
+        load, the prefill step raised) is answered with a real HTTP status instead of an SSE error."""
+        choice, out = await self.next_event(request)
+        raise_if_failed(choice)
+        return [(choice, out)]
 
     async def run_to_completion(self, request: Request) -> list[Choice]:
         """Non-streaming: all choices to the end; the first failed choice decides the error status."""

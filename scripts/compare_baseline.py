@@ -6,7 +6,7 @@ uploads the adapters through the HTTP API, sweeps offered load with the same see
 arrivals, Zipf adapter popularity), and stops it. Prints one table with the highest rate each sustains
 under the SLO and the ratio; writes ``compare.json``, ``sweep.png`` and ``latency_cdf.png``.
 
-    python scripts/compare_baseline.py --adapters 32 --slo-ttft-p99 2.0 --out-dir results/compare
+    python scripts/compare_baseline.py --adapters 32 --slo-ttft-p99 2.0
 """
 
 from __future__ import annotations
@@ -18,6 +18,7 @@ import os
 import socket
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -168,7 +169,7 @@ async def sweep_server(
             r = point.report
             print(f"[{server.label}] {point.rate:7.2f} req/s offered -> {r.request_throughput:6.2f} req/s, "
                   f"{r.output_token_throughput:7.1f} tok/s, p99 TTFT {r.ttft.p99 * 1000:8.0f} ms, "
-                  f"errors {r.error_count}: {'ok' if point.ok else 'misses SLO'}", flush=True)  # fmt: skip
+                  f"{r.requests} reqs, errors {r.error_count}: {'ok' if point.ok else 'misses SLO'}", flush=True)  # fmt: skip
 
         return await run_sweep(
             c,
@@ -208,13 +209,16 @@ def parse_args(argv=None):
     p.add_argument(
         "--model", type=Path, help="HF model dir (default: models/demo, else the ~55M bench model)"
     )
-    p.add_argument("--work-dir", type=Path, default=REPO / ".cache" / "compare")
-    p.add_argument("--out-dir", type=Path, default=REPO / "results" / "compare")
+    p.add_argument("--work-dir", type=Path, default=Path(tempfile.gettempdir()) / "loraplex-compare")
+    p.add_argument("--out-dir", type=Path, default=REPO / "bench_results" / "compare")
     p.add_argument("--adapters", type=int, default=32, help="synthetic PEFT adapters (<= 1000)")
     p.add_argument("--rank", type=int, default=8)
     p.add_argument("--zipf-alpha", type=float, default=1.0)
     p.add_argument("--input-len", default="uniform:16:64")
-    p.add_argument("--output-len", default="uniform:16:48")
+    p.add_argument(
+        "--prompt-source", choices=["words", "vocab"], default="vocab", help="random words or tokens"
+    )
+    p.add_argument("--output-len", default="uniform:8:32")
     p.add_argument("--slo-ttft-p99", type=float, default=2.0, help="seconds")
     p.add_argument(
         "--rates", type=lambda s: [float(x) for x in s.split(",")], help="fixed rates instead of a search"
@@ -222,8 +226,8 @@ def parse_args(argv=None):
     p.add_argument("--start-rate", type=float, default=0.5)
     p.add_argument("--max-rate", type=float, default=256.0)
     p.add_argument("--refine-steps", type=int, default=2)
-    p.add_argument("--duration", type=float, default=20.0, help="seconds of arrivals per point")
-    p.add_argument("--num-requests", type=int, default=400, help="cap per point")
+    p.add_argument("--duration", type=float, default=60.0, help="seconds of arrivals per point")
+    p.add_argument("--num-requests", type=int, default=1000, help="cap per point")
     p.add_argument("--concurrency", type=int, default=128)
     p.add_argument("--drain-timeout", type=float, default=30.0)
     p.add_argument("--request-timeout", type=float, default=120.0)
@@ -244,7 +248,7 @@ def main(argv=None) -> int:
     adapters = make_adapters(model, args.work_dir / "adapters", args.adapters, args.rank)
     from transformers import AutoTokenizer
 
-    prompts = PromptFactory(args.seed, AutoTokenizer.from_pretrained(model), "words")
+    prompts = PromptFactory(args.seed, AutoTokenizer.from_pretrained(model), args.prompt_source)
     print(
         f"model {model}, {len(adapters)} adapters (rank {args.rank}), SLO p99 TTFT {args.slo_ttft_p99} s",
         flush=True,
@@ -261,15 +265,25 @@ def main(argv=None) -> int:
 
     print()
     print(table(results, args.slo_ttft_p99))
-    if len(results) == 2 and results["naive PEFT"].sustainable_throughput > 0:
-        ratio = results["loraplex"].sustainable_throughput / results["naive PEFT"].sustainable_throughput
-        print(f"ratio (loraplex / naive PEFT, achieved req/s at the SLO): {ratio:.1f}x")
+    ratios = {}
+    if len(results) == 2 and results["naive PEFT"].best is not None:
+        ours_r, base_r = results["loraplex"], results["naive PEFT"]
+        ratios = {
+            "offered_rate": ours_r.sustainable_rate / base_r.sustainable_rate,
+            "achieved_throughput": ours_r.sustainable_throughput / base_r.sustainable_throughput,
+            "output_tokens_per_s": ours_r.sustainable_token_throughput / base_r.sustainable_token_throughput,
+        }
+        print(
+            f"loraplex / naive PEFT at the same SLO: {ratios['offered_rate']:.1f}x the offered rate, "
+            f"{ratios['achieved_throughput']:.1f}x achieved req/s, {ratios['output_tokens_per_s']:.1f}x output tok/s"
+        )
     summary = {
         "model": str(model),
         "adapters": len(adapters),
         "rank": args.rank,
         "args": {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()},
         "results": {label: r.to_dict() for label, r in results.items()},
+        "ratios": ratios,
     }
     (args.out_dir / "compare.json").write_text(json.dumps(summary, indent=2))
     from clients.loadgen.plots import plot_latency_cdf, plot_sweep

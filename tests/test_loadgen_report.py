@@ -137,3 +137,25 @@ def test_plots_write_pngs(tmp_path):
     sw = plot_sweep({"ours": result, "baseline": result}, tmp_path / "sub" / "sweep.png")
     for path in (cdf, sw):
         assert path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and path.stat().st_size > 10_000
+
+
+@pytest.mark.parametrize("with_tqdm", [True, False])
+def test_progress_bar_counts_done_and_errors(with_tqdm, monkeypatch):
+    import io
+    import sys
+
+    from clients.loadgen.progress import Progress
+
+    if not with_tqdm:
+        monkeypatch.setitem(sys.modules, "tqdm", None)  # the plain fallback when tqdm is missing
+    out = io.StringIO()
+    bar = Progress(3, desc="run", stream=out)
+    for rec in (_rec(0, None, 0.1, 0.2), _rec(1, None, 0, 0, error="429"), _rec(2, "a", 0.1, 0.3)):
+        bar.update(rec)
+    bar.close()
+    assert (bar.done, bar.errors) == (3, 1)
+    text = out.getvalue()
+    assert "3/3" in text and ("errors=1" in text if with_tqdm else "1 errors" in text)
+    silent = io.StringIO()
+    Progress(1, enabled=False, stream=silent).update(_rec(0, None, 0.1, 0.2))
+    assert silent.getvalue() == ""

@@ -64,6 +64,14 @@ class EngineCollector(Collector):
             preempt = CounterMetricFamily("loraplex_preemptions", "Sequences preempted for KV space.")
             preempt.add_metric([], core.scheduler.num_preemptions)
             yield preempt
+            yield _gauge("loraplex_batch_size", "Sequences in the latest engine step.", core.last_batch_size)
+            for name, doc, value in (
+                ("loraplex_scheduled_sequences", "Sequence-steps scheduled.", core.num_scheduled_seqs_total),
+                ("loraplex_batched_tokens", "Tokens run through the model.", core.num_batched_tokens_total),
+            ):
+                family = CounterMetricFamily(name, doc)
+                family.add_metric([], value)
+                yield family
         manager = getattr(engine, "adapters", None)
         if manager is not None:
             yield from _adapter_metrics(manager)

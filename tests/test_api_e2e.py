@@ -403,4 +403,7 @@ def test_metrics_present_and_moving(http):
     assert grew("loraplex_inter_token_latency_seconds_count")
     assert grew('loraplex_http_requests_total{route="/v1/completions",status="200"}')
     assert grew("loraplex_engine_steps_total")
-    assert after["loraplex_adapter_loads_total"] >= len(CASES)
+    assert grew("loraplex_batched_tokens_total")
+    assert grew("loraplex_scheduled_sequences_total")
+    assert "loraplex_batch_size" in after
+    assert after["loraplex_adapter_loads_total"] >= 1  # at least dora-r8 (more if earlier tests ran)

@@ -42,6 +42,9 @@ class LLMEngine:
         self.limits = limits
         self.adapters = adapters
         self.num_steps = 0
+        self.last_batch_size = 0  # sequences in the latest step, for the batch-size gauge
+        self.num_scheduled_seqs_total = 0
+        self.num_batched_tokens_total = 0
 
     @property
     def block_manager(self) -> BlockManager:
@@ -79,6 +82,9 @@ class LLMEngine:
                 (s, self._fail(s, f"internal error in engine step: {exc}", 500)) for s in out.scheduled
             ]
         self.num_steps += 1
+        self.last_batch_size = len(out.scheduled)
+        self.num_scheduled_seqs_total += len(out.scheduled)
+        self.num_batched_tokens_total += out.num_tokens
         self.scheduler.postprocess(out, {id(s): t for s, t in zip(sampling, tokens, strict=True)})
         for i, seq in enumerate(sampling):
             if logprobs is not None and seq.params.logprobs:

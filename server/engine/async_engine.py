@@ -187,10 +187,18 @@ class AsyncEngine:
 
     # --- adapter operations -----------------------------------------------------------------
     async def load_adapter(self, name: str, path: Path | None = None, inplace: bool = False) -> None:
-        """Parses and validates an adapter into the host cache (vLLM's load_lora_adapter)."""
+        """Parses and validates an adapter into the host cache (vLLM's load_lora_adapter).
+
+        A new ``path`` is validated before it is registered, so a bad path never replaces the
+        adapter already served under ``name``.
+        """
+        from server.lora.adapter import load_peft_adapter
+
         if self.adapters is None:
             raise InvalidRequestError("LoRA is disabled on this server")
         if path is not None:
+            max_rank = self.settings.max_lora_rank
+            await asyncio.to_thread(load_peft_adapter, Path(path), name, self.base_spec, max_rank)
             self.adapters.register_path(name, Path(path))
         await asyncio.to_thread(self.adapters.load_now, name, inplace)
 

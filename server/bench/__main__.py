@@ -9,7 +9,7 @@ from pathlib import Path
 import torch
 
 from server.bench.engine_bench import bench_engine
-from server.bench.workload import Workload, make_bench_model
+from server.bench.workload import QUICK_CONFIG, Workload, make_bench_model
 
 
 def print_table(title: str, rows: list[tuple[str, float]], baseline: str) -> None:
@@ -27,12 +27,15 @@ def main() -> None:
     parser.add_argument("--lora", action="store_true", help="also run the multi-LoRA benchmark")
     parser.add_argument("--only-lora", action="store_true", help="run only the multi-LoRA benchmark")
     parser.add_argument("--model-dir", type=Path, default=None, help="reuse a built benchmark model")
+    parser.add_argument("--quick", action="store_true", help="tiny model and workload: a smoke run")
     args = parser.parse_args()
     torch.manual_seed(0)
     print(f"torch {torch.__version__}, threads {torch.get_num_threads()}, device cpu")
-    workload = Workload()
+    workload = Workload(num_requests=8, prompt_len=16, new_tokens=8) if args.quick else Workload()
     with tempfile.TemporaryDirectory() as tmp:
-        model_dir = make_bench_model(args.model_dir or Path(tmp) / "bench-llama")
+        model_dir = make_bench_model(
+            args.model_dir or Path(tmp) / "bench-llama", QUICK_CONFIG if args.quick else None
+        )
         print(
             f"workload: {workload.num_requests} requests, prompt {workload.prompt_len}, "
             f"{workload.new_tokens} new tokens, greedy, EOS ignored; model {model_dir}"
@@ -43,7 +46,7 @@ def main() -> None:
         if args.lora or args.only_lora:
             from server.bench.lora_bench import bench_lora
 
-            bench_lora(model_dir, workload, Path(tmp), print_table)
+            bench_lora(model_dir, workload, Path(tmp), print_table, many_adapters=8 if args.quick else 64)
 
 
 if __name__ == "__main__":

@@ -34,14 +34,19 @@ class Workload:
         return torch.randint(3, vocab, (self.num_requests, self.prompt_len), generator=g).tolist()
 
 
-def make_bench_model(out_dir: Path) -> Path:
+QUICK_CONFIG = dict(
+    BENCH_CONFIG, hidden_size=128, intermediate_size=256, num_hidden_layers=2, num_attention_heads=4
+)
+
+
+def make_bench_model(out_dir: Path, config: dict | None = None) -> Path:
     """~55M-parameter Llama (hidden 512, 8 layers, GQA 8/2, vocab 32000), random init, with a tokenizer."""
     if (out_dir / "model.safetensors").exists():
         return out_dir
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers
 
     torch.manual_seed(0)
-    model = AutoModelForCausalLM.from_config(LlamaConfig(**BENCH_CONFIG), dtype=torch.float32)
+    model = AutoModelForCausalLM.from_config(LlamaConfig(**(config or BENCH_CONFIG)), dtype=torch.float32)
     model.save_pretrained(out_dir)
     vocab = {f"t{i}": i for i in range(BENCH_CONFIG["vocab_size"])}
     tok = Tokenizer(models.WordLevel(vocab, unk_token="t0"))

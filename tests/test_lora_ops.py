@@ -34,12 +34,16 @@ def _stacked(num_slots, ranks, d_in, d_out, dtype=torch.float32, seed=0):
     return a, b
 
 
-CASES = [  # (seq slots, seq lengths): prefill-like, decode-like, unsorted, gaps, repeats, base only
-    ([0, 1, 2, 3], [5, 3, 8, 1]),
-    ([2, 2, 0, -1, 1, 1, 3], [1] * 7),
-    ([3, -1, 0, 3, -1, 1], [4, 2, 7, 1, 3, 17]),
-    ([-1, -1], [3, 4]),
-    ([1], [33]),
+CASES = [  # (seq slots, seq lengths) covering each strategy of the torch op (see sgmv_torch)
+    ([0, 1, 2, 3], [5, 3, 8, 1]),  # per-slot groups, padded
+    ([2, 2, 0, -1, 1, 1, 3], [1] * 7),  # unsorted decode, slot 2 twice: padded groups
+    ([3, -1, 0, 3, -1, 1], [4, 2, 7, 1, 3, 17]),  # gaps of base rows, slot 3 in two segments
+    ([-1, 0, 0, 1, 1, 2, 2, 3, 3], [2] + [1] * 8),  # sorted round-robin decode: dense, copy-free
+    ([0, 1, 2], [40, 40, 40]),  # equal prefills: dense with wide groups
+    ([0, 1], [40, 3]),  # long uneven segments: per-segment loop
+    ([0, 3], [2, 2]),  # sparse slot range: per-segment loop
+    ([-1, -1], [3, 4]),  # base rows only
+    ([1], [33]),  # one segment
 ]
 
 
@@ -56,6 +60,17 @@ def test_torch_reference_matches_naive(seq_slots, seq_lens):
     padded = y.clone()  # slicing to the live rank == using the zero-padded buffers
     add_lora(padded, x, a, b, batch)
     torch.testing.assert_close(got, padded, rtol=1e-5, atol=1e-4)
+
+
+def test_strategy_layouts():
+    batch = LoRABatch(4)
+    batch.set(*CASES[3])
+    groups = batch.slot_groups(torch.device("cpu"))
+    assert groups.dense and (groups.lo, groups.hi, groups.width, groups.first_row) == (0, 3, 2, 2)
+    batch.set(*CASES[1])
+    groups = batch.slot_groups(torch.device("cpu"))
+    assert not groups.dense and groups.width == 2 and groups.rows.tolist() == [0, 1, 2, 4, 5, 6]
+    assert groups.padded.tolist() == [4, 5, 0, 2, 3, 6]  # slot 2 rows -> group 2, slot 0 -> group 0, ...
 
 
 def test_base_rows_are_untouched_and_cost_nothing():

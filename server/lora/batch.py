@@ -9,8 +9,26 @@ get no segment at all, so they cost nothing in the LoRA op.
 from __future__ import annotations
 
 from collections.abc import Sequence
+from dataclasses import dataclass
 
 import torch
+
+
+@dataclass(frozen=True)
+class SlotGroups:
+    """The LoRA rows regrouped per slot, for batched matmuls over the slot range ``[lo, hi]``.
+
+    Group ``g`` holds the rows of slot ``lo + g`` (from however many segments) in a zero-padded block
+    of ``width`` rows: row ``rows[i]`` of the batch goes to padded row ``padded[i]``.
+    """
+
+    lo: int
+    hi: int
+    width: int
+    rows: torch.Tensor  # [M] int64, batch rows that use an adapter
+    padded: torch.Tensor  # [M] int64, their position in the [(hi - lo + 1) * width] padded layout
+    first_row: int  # with ``dense``: the layout is rows [first_row, first_row + M) as they are
+    dense: bool  # every slot in [lo, hi] has exactly ``width`` rows, in slot order, back to back
 
 
 class LoRABatch:
@@ -21,6 +39,7 @@ class LoRABatch:
         self.num_tokens: int | None = None  # None: no batch set, LoRA layers act as the base model
         self.segments: list[tuple[int, int, int]] = []
         self._device_cache: dict[torch.device, tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = {}
+        self._groups_cache: dict[torch.device, SlotGroups] = {}
 
     def set(self, seq_slots: Sequence[int], seq_num_tokens: Sequence[int]) -> None:
         """Sequence i occupies the next ``seq_num_tokens[i]`` rows and uses slot ``seq_slots[i]`` (-1 = none)."""
@@ -41,12 +60,14 @@ class LoRABatch:
         self.num_tokens = row
         self.segments = segments
         self._device_cache = {}
+        self._groups_cache = {}
 
     def clear(self) -> None:
         """Back to "no batch": every row runs the base model."""
         self.num_tokens = None
         self.segments = []
         self._device_cache = {}
+        self._groups_cache = {}
 
     @property
     def max_segment_len(self) -> int:
@@ -63,6 +84,34 @@ class LoRABatch:
             table = torch.tensor(rows, dtype=torch.int32).reshape(-1, 3)
             table = table.t().contiguous().to(device)
             cached = self._device_cache[device] = (table[0], table[1], table[2])
+        return cached
+
+    def slot_groups(self, device: torch.device) -> SlotGroups:
+        """Per-slot padded layout of the LoRA rows (see ``SlotGroups``), built once per step."""
+        cached = self._groups_cache.get(device)
+        if cached is None:
+            lo = min(slot for _, _, slot in self.segments)
+            hi = max(slot for _, _, slot in self.segments)
+            counts = [0] * (hi - lo + 1)
+            rows: list[int] = []
+            positions: list[tuple[int, int]] = []
+            for start, end, slot in self.segments:
+                for row in range(start, end):
+                    rows.append(row)
+                    positions.append((slot - lo, counts[slot - lo]))
+                    counts[slot - lo] += 1
+            width = max(counts)
+            padded = [g * width + pos for g, pos in positions]
+            dense = padded == list(range(len(rows))) and rows == list(range(rows[0], rows[0] + len(rows)))
+            cached = self._groups_cache[device] = SlotGroups(
+                lo,
+                hi,
+                width,
+                torch.tensor(rows, device=device),
+                torch.tensor(padded, device=device),
+                rows[0],
+                dense and len(padded) == len(counts) * width,
+            )
         return cached
 
     def check_rows(self, rows: int) -> None:

@@ -75,11 +75,8 @@ class AdapterHost:
         )
 
     def list_names(self) -> list[str]:
-        on_disk = (
-            {p.parent.name for p in self.store_dir.glob(f"*/{CONFIG_FILE}")}
-            if self.store_dir.is_dir()
-            else set()
-        )
+        found = self.store_dir.glob(f"*/{CONFIG_FILE}") if self.store_dir.is_dir() else []
+        on_disk = {p.parent.name for p in found if re.fullmatch(ADAPTER_NAME_PATTERN, p.parent.name)}
         with self.lock:
             return sorted(on_disk | set(self._paths))
 

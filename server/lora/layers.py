@@ -100,6 +100,8 @@ class LoRALinear(nn.Module):
         batch = self.batch
         if not batch.segments:
             return y
+        if not y.is_contiguous():  # the deltas are written in place through a flat view
+            y = y.contiguous()
         x2 = x.reshape(-1, self.spec.in_features)
         y2 = y.view(-1, self.spec.out_features)
         batch.check_rows(x2.shape[0])

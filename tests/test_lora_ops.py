@@ -11,13 +11,13 @@ from tests.lora_fixtures import single_torch_thread  # noqa: F401 - autouse fixt
 
 
 def _naive(y, x, a, b, seq_slots, seq_lens):
-    """Row by row: y[i] += B[slot] @ (A[slot] @ x[i]) for rows whose sequence has a slot."""
+    """Row by row: y[i] += (x[i] @ A[slot]) @ B[slot] for rows whose sequence has a slot."""
     out = y.clone()
     row = 0
     for slot, n in zip(seq_slots, seq_lens, strict=True):
         for i in range(row, row + n):
             if slot >= 0:
-                out[i] += b[slot] @ (a[slot] @ x[i])
+                out[i] += (x[i] @ a[slot]) @ b[slot]
         row += n
     return out
 
@@ -26,11 +26,11 @@ def _stacked(num_slots, ranks, d_in, d_out, dtype=torch.float32, seed=0):
     """Slot buffers padded to max(ranks) with zeros, like LoRALinear's."""
     g = torch.Generator().manual_seed(seed)
     max_rank = max(ranks)
-    a = torch.zeros(num_slots, max_rank, d_in, dtype=dtype)
-    b = torch.zeros(num_slots, d_out, max_rank, dtype=dtype)
+    a = torch.zeros(num_slots, d_in, max_rank, dtype=dtype)
+    b = torch.zeros(num_slots, max_rank, d_out, dtype=dtype)
     for slot, r in enumerate(ranks):
-        a[slot, :r] = torch.randn(r, d_in, generator=g, dtype=dtype)
-        b[slot, :, :r] = torch.randn(d_out, r, generator=g, dtype=dtype)
+        a[slot, :, :r] = torch.randn(d_in, r, generator=g, dtype=dtype)
+        b[slot, :r] = torch.randn(r, d_out, generator=g, dtype=dtype)
     return a, b
 
 

@@ -63,11 +63,11 @@ def interpreted():
 
 def _stacked(num_slots, ranks, d_in, d_out, seed=0):
     g = torch.Generator().manual_seed(seed)
-    a = torch.zeros(num_slots, max(ranks), d_in)
-    b = torch.zeros(num_slots, d_out, max(ranks))
+    a = torch.zeros(num_slots, d_in, max(ranks))
+    b = torch.zeros(num_slots, max(ranks), d_out)
     for slot, r in enumerate(ranks):
-        a[slot, :r] = torch.randn(r, d_in, generator=g)
-        b[slot, :, :r] = torch.randn(d_out, r, generator=g)
+        a[slot, :, :r] = torch.randn(d_in, r, generator=g)
+        b[slot, :r] = torch.randn(r, d_out, generator=g)
     return a, b
 
 

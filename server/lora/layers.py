@@ -1,8 +1,10 @@
 """LoRA-wrapped linears with static device slot buffers, and the injection into an HF model.
 
-Each ``LoRALinear`` keeps ``lora_a_stacked [max_loras, max_rank, in]`` and
-``lora_b_stacked [max_loras, out, max_rank]`` (vLLM's layout: one slot is a contiguous [r, in] /
-[out, r] block, so activation is a plain copy and kernels read without gathers). The adapter scale
+Each ``LoRALinear`` keeps ``lora_a_stacked [max_loras, in, max_rank]`` and
+``lora_b_stacked [max_loras, max_rank, out]``: PEFT's A and B stored pre-transposed, so the delta is
+``(x @ A[slot]) @ B[slot]`` with both operands row-major ("NN" GEMMs, measured ~30% faster than the
+transposed [r, in] / [out, r] layout for the small CPU matmuls of decode; kernels take any strides).
+Static shapes: activation is a copy into a slot, and the batched op reads slots without gathers. The adapter scale
 and DoRA's per-row rescale are folded into B at ``set_slot`` time; DoRA additionally rescales the base
 output of its rows (``y = g * (W x) + b0``) with two per-slot vectors.
 """
@@ -40,11 +42,12 @@ class LoRALinear(nn.Module):
         self.spec = spec
         self.batch = batch
         self.backend = backend
+        self.max_rank = max_rank
         weight = base_layer.weight
         kw = {"device": weight.device, "dtype": weight.dtype}
         out, inp = spec.out_features, spec.in_features
-        self.register_buffer("lora_a_stacked", torch.zeros(max_loras, max_rank, inp, **kw), persistent=False)
-        self.register_buffer("lora_b_stacked", torch.zeros(max_loras, out, max_rank, **kw), persistent=False)
+        self.register_buffer("lora_a_stacked", torch.zeros(max_loras, inp, max_rank, **kw), persistent=False)
+        self.register_buffer("lora_b_stacked", torch.zeros(max_loras, max_rank, out, **kw), persistent=False)
         self.register_buffer("lora_bias_stacked", torch.zeros(max_loras, out, **kw), persistent=False)
         self.register_buffer("dora_scale_stacked", torch.ones(max_loras, out, **kw), persistent=False)
         self.register_buffer("dora_shift_stacked", torch.zeros(max_loras, out, **kw), persistent=False)
@@ -60,10 +63,8 @@ class LoRALinear(nn.Module):
         if weights is None:
             return
         r = weights.rank
-        if r > self.lora_a_stacked.shape[1]:
-            raise AdapterError(
-                f"module '{self.spec.name}': rank {r} exceeds max_lora_rank={self.lora_a_stacked.shape[1]}"
-            )
+        if r > self.max_rank:
+            raise AdapterError(f"module '{self.spec.name}': rank {r} exceeds max_lora_rank={self.max_rank}")
         row_scale = torch.full((self.spec.out_features,), weights.scale, dtype=torch.float32)
         if weights.dora_g is not None:
             row_scale = row_scale * weights.dora_g
@@ -76,8 +77,8 @@ class LoRALinear(nn.Module):
             self.dora_scale_stacked[slot].copy_(weights.dora_g)
             self.dora_shift_stacked[slot].copy_(shift)
             self.slot_is_dora[slot] = True
-        self.lora_a_stacked[slot, :r].copy_(weights.a)
-        self.lora_b_stacked[slot, :, :r].copy_(weights.b * row_scale[:, None])
+        self.lora_a_stacked[slot, :, :r].copy_(weights.a.t())
+        self.lora_b_stacked[slot, :r].copy_((weights.b * row_scale[:, None]).t())
         if weights.bias is not None:
             self.lora_bias_stacked[slot].copy_(weights.bias * row_scale)
             self.slot_has_bias[slot] = True
@@ -105,9 +106,10 @@ class LoRALinear(nn.Module):
         x2 = x.reshape(-1, self.spec.in_features)
         y2 = y.view(-1, self.spec.out_features)
         batch.check_rows(x2.shape[0])
-        for start, end, slot in batch.segments:
-            if self.slot_is_dora[slot]:  # y = g * (W x) + b0  ==  g * y + (1 - g) * b0
-                y2[start:end].mul_(self.dora_scale_stacked[slot]).add_(self.dora_shift_stacked[slot])
+        if any(self.slot_is_dora):
+            for start, end, slot in batch.segments:
+                if self.slot_is_dora[slot]:  # y = g * (W x) + b0  ==  g * y + (1 - g) * b0
+                    y2[start:end].mul_(self.dora_scale_stacked[slot]).add_(self.dora_shift_stacked[slot])
         add_lora(
             y2,
             x2,
@@ -117,13 +119,14 @@ class LoRALinear(nn.Module):
             ranks=self.slot_rank,
             backend=self.backend,
         )
-        for start, end, slot in batch.segments:
-            if self.slot_has_bias[slot]:
-                y2[start:end].add_(self.lora_bias_stacked[slot])
+        if any(self.slot_has_bias):
+            for start, end, slot in batch.segments:
+                if self.slot_has_bias[slot]:
+                    y2[start:end].add_(self.lora_bias_stacked[slot])
         return y
 
     def extra_repr(self) -> str:
-        slots, rank = self.lora_a_stacked.shape[:2]
+        slots, rank = self.lora_a_stacked.shape[0], self.max_rank
         return f"max_loras={slots}, max_rank={rank}, backend={self.backend}"
 
 

@@ -33,10 +33,10 @@ def add_lora(
     Semantics::
 
         for (start, end, slot) in batch.segments:          # slot >= 0; base rows have no segment
-            y[start:end] += x[start:end] @ A[slot].T @ B[slot].T
+            y[start:end] += (x[start:end] @ A[slot]) @ B[slot]      # A[slot] = A_peft.T, B[slot] = B_peft.T
 
-    Shapes: ``y`` [N, out], ``x`` [N, in], ``A = lora_a_stacked`` [max_loras, max_rank, in],
-    ``B = lora_b_stacked`` [max_loras, out, max_rank]; a slot's unused rank rows/columns are zero, so
+    Shapes: ``y`` [N, out], ``x`` [N, in], ``A = lora_a_stacked`` [max_loras, in, max_rank],
+    ``B = lora_b_stacked`` [max_loras, max_rank, out]; a slot's unused rank columns/rows are zero, so
     adapters of different ranks share the buffers. Scales (and DoRA's rescale) are pre-folded into B.
     ``ranks[slot]`` (optional) is the live rank of each slot: the torch backend slices to it, 0 skips.
     """

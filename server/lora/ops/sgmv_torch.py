@@ -34,7 +34,7 @@ def sgmv_torch(
     batch: LoRABatch,
     ranks: Sequence[int] | None = None,
 ) -> None:
-    """``y[s:e] += x[s:e] @ A[slot, :r].T @ B[slot, :, :r].T`` per segment (see ``ops.add_lora``)."""
+    """``y[s:e] += (x[s:e] @ A[slot, :, :r]) @ B[slot, :r]`` per segment (see ``ops.add_lora``)."""
     segments = batch.segments
     if not segments:
         return
@@ -45,13 +45,13 @@ def sgmv_torch(
         if groups.dense or (padded_ok and groups.hi - groups.lo + 1 <= GROUPED_MAX_RANGE_FACTOR * num_slots):
             _grouped(y, x, lora_a_stacked, lora_b_stacked, groups, ranks)
             return
-    max_rank = lora_a_stacked.shape[1]
+    max_rank = lora_a_stacked.shape[2]
     for start, end, slot in segments:
         r = max_rank if ranks is None else ranks[slot]
         if r == 0:
             continue
-        shrunk = torch.mm(x[start:end], lora_a_stacked[slot, :r].t())
-        y[start:end].addmm_(shrunk, lora_b_stacked[slot, :, :r].t())
+        shrunk = torch.mm(x[start:end], lora_a_stacked[slot, :, :r])
+        y[start:end].addmm_(shrunk, lora_b_stacked[slot, :r])
 
 
 def _grouped(
@@ -63,12 +63,12 @@ def _grouped(
     ranks: Sequence[int] | None,
 ) -> None:
     lo, hi, width = groups.lo, groups.hi, groups.width
-    r = lora_a_stacked.shape[1] if ranks is None else max(ranks[lo : hi + 1])
+    r = lora_a_stacked.shape[2] if ranks is None else max(ranks[lo : hi + 1])
     if r == 0:
         return
     num_groups, d_in, d_out = hi - lo + 1, x.shape[1], y.shape[1]
-    a_t = lora_a_stacked[lo : hi + 1, :r].transpose(1, 2)  # [G, in, r] view
-    b_t = lora_b_stacked[lo : hi + 1, :, :r].transpose(1, 2)  # [G, r, out] view
+    a_t = lora_a_stacked[lo : hi + 1, :, :r]  # [G, in, r] view
+    b_t = lora_b_stacked[lo : hi + 1, :r]  # [G, r, out] view
     if groups.dense:
         rows = slice(groups.first_row, groups.first_row + num_groups * width)
         shrunk = torch.bmm(x[rows].view(num_groups, width, d_in), a_t)

@@ -24,7 +24,7 @@ def _shrink(
     stride_xm, stride_xk, stride_as, stride_ar, stride_ak, stride_tm, stride_tr,
     BLOCK_M: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_K: tl.constexpr, PRECISION: tl.constexpr,
 ):  # fmt: skip
-    """t[rows, :R] = x[rows] @ A[slot, :R].T for one block of one segment's rows."""
+    """t[rows, :R] = x[rows] @ A[slot, :, :R] for one block of one segment's rows (any A strides)."""
     pid_m = tl.program_id(0)
     seg = tl.program_id(1)
     length = tl.load(lens_ptr + seg)
@@ -64,7 +64,7 @@ def _expand(
     stride_tm, stride_tr, stride_bs, stride_bn, stride_br, stride_ym, stride_yn,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_R: tl.constexpr, PRECISION: tl.constexpr,
 ):  # fmt: skip
-    """y[rows, cols] += t[rows, :R] @ B[slot, cols, :R].T; each (row, col) tile has one owner."""
+    """y[rows, cols] += t[rows, :R] @ B[slot, :R, cols]; each (row, col) tile has one owner."""
     pid_m = tl.program_id(0)
     pid_n = tl.program_id(1)
     seg = tl.program_id(2)
@@ -120,7 +120,9 @@ def sgmv_triton(
     shrink, expand = _kernels(knobs.runtime.interpret)
     starts, lens, slots = batch.device_tensors(x.device)
     num_segments = len(batch.segments)
-    rank, k = lora_a_stacked.shape[1], x.shape[1]
+    rank, k = lora_a_stacked.shape[2], x.shape[1]
+    a_s, a_k, a_r = lora_a_stacked.stride()  # [slots, in, rank]
+    b_s, b_r, b_n = lora_b_stacked.stride()  # [slots, rank, out]
     n_out = y.shape[1]
     precision = "ieee" if x.dtype == torch.float32 else "tf32"
     block_m = _block(batch.max_segment_len, 16, 64)
@@ -132,12 +134,12 @@ def sgmv_triton(
     shrink[(rows_grid, num_segments)](
         x, lora_a_stacked, shrunk, starts, lens, slots,
         k, rank,
-        x.stride(0), x.stride(1), *lora_a_stacked.stride(), shrunk.stride(0), shrunk.stride(1),
+        x.stride(0), x.stride(1), a_s, a_r, a_k, shrunk.stride(0), shrunk.stride(1),
         BLOCK_M=block_m, BLOCK_R=block_r, BLOCK_K=block_k, PRECISION=precision,
     )  # fmt: skip
     expand[(rows_grid, triton.cdiv(n_out, block_n), num_segments)](
         shrunk, lora_b_stacked, y, starts, lens, slots,
         n_out, rank,
-        shrunk.stride(0), shrunk.stride(1), *lora_b_stacked.stride(), y.stride(0), y.stride(1),
+        shrunk.stride(0), shrunk.stride(1), b_s, b_n, b_r, y.stride(0), y.stride(1),
         BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_R=block_r, PRECISION=precision,
     )  # fmt: skip

@@ -26,6 +26,16 @@ def tiny_qwen2_dir(tmp_path_factory) -> Path:
     return make_tiny_model(tmp_path_factory.mktemp("tiny_qwen2"), "qwen2")
 
 
+@pytest.fixture(autouse=True, scope="session")
+def _single_thread_torch():
+    """Tiny test models gain nothing from intra-op threads, and when other processes share the cores
+    an OpenMP team spin-waiting on a descheduled peer turns a 10 ms forward into a second."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
 @pytest.fixture(autouse=True)
 def _deterministic_torch():
     torch.manual_seed(0)

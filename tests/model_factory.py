@@ -48,6 +48,7 @@ def make_tiny_model(out_dir: Path, kind: str = "llama", seed: int = 0, **overrid
 def make_tiny_tokenizer(out_dir: Path, vocab_size: int = VOCAB) -> None:
     """A byte-level BPE trained in-process on Python's bundled docs text, saved next to the model."""
     from pydoc_data.topics import topics
+
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
     from transformers import PreTrainedTokenizerFast
 

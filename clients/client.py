@@ -1,4 +1,5 @@
-"""Python clients for a loraplex server: ``LoraplexClient`` (sync) and ``AsyncLoraplexClient``.
+"""Python clients for a loraplex server: ``LoraplexClient`` (sync) here, ``AsyncLoraplexClient`` (asyncio)
+in :mod:`clients.async_client` and re-exported.
 
 Both send exactly what :mod:`clients.protocol` builds and raise :mod:`clients.errors` exceptions carrying
 the server's status and message. Generation calls come in pairs: ``complete``/``stream_complete`` and
@@ -11,70 +12,22 @@ what the load generator times for TTFT and inter-token latency.
 
 from __future__ import annotations
 
-import json
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import httpx
 
 from clients import protocol
+from clients.async_client import AsyncLoraplexClient
+from clients.common import DEFAULT_BASE_URL, ClientOptions, auth_headers, base_model_of, parse_json
 from clients.errors import APIConnectionError, APITimeoutError, error_from_response
 from clients.protocol import Sampling
 from clients.sse import SSEDecoder, decode_event
-from clients.types import (
-    AdapterInfo,
-    ChatCompletion,
-    Completion,
-    MergeResult,
-    ModelInfo,
-    StreamChunk,
-)
+from clients.types import AdapterInfo, ChatCompletion, Completion, MergeResult, ModelInfo, StreamChunk
 
-DEFAULT_BASE_URL = "http://127.0.0.1:8000"
+__all__ = ["DEFAULT_BASE_URL", "AsyncLoraplexClient", "LoraplexClient"]
 Messages = list[dict[str, str]]
-
-
-def _headers(key: str | None) -> dict[str, str]:
-    return {"Authorization": f"Bearer {key}"} if key else {}
-
-
-def _json(response: httpx.Response) -> Any:
-    if response.status_code >= 400:
-        raise error_from_response(response)
-    if not response.content:
-        return {}
-    try:
-        return response.json()
-    except json.JSONDecodeError:
-        return {"text": response.text}
-
-
-def _base_of(models: list[ModelInfo]) -> str:
-    for m in models:
-        if not m.parent:
-            return m.id
-    if models:
-        return models[0].id
-    raise APIConnectionError("server lists no models")
-
-
-class _Settings:
-    """Connection options both clients share."""
-
-    def __init__(
-        self,
-        base_url: str,
-        api_key: str | None,
-        admin_key: str | None,
-        timeout: float | httpx.Timeout,
-        model: str | None,
-    ) -> None:
-        self.base_url = base_url.rstrip("/")
-        self.api_key = api_key
-        self.admin_key = admin_key or api_key
-        self.timeout = timeout
-        self.model = model
 
 
 class LoraplexClient:
@@ -90,7 +43,7 @@ class LoraplexClient:
         model: str | None = None,
         transport: httpx.BaseTransport | None = None,
     ) -> None:
-        self.options = _Settings(base_url, api_key, admin_key, timeout, model)
+        self.options = ClientOptions(base_url, api_key, admin_key, timeout, model)
         self._http = httpx.Client(base_url=self.options.base_url, timeout=timeout, transport=transport)
 
     def __enter__(self) -> LoraplexClient:
@@ -106,7 +59,7 @@ class LoraplexClient:
     def _request(self, method: str, path: str, *, admin: bool = False, **kwargs: Any) -> httpx.Response:
         key = self.options.admin_key if admin else self.options.api_key
         try:
-            return self._http.request(method, path, headers=_headers(key), **kwargs)
+            return self._http.request(method, path, headers=auth_headers(key), **kwargs)
         except httpx.TimeoutException as exc:
             raise APITimeoutError(f"{method} {path} timed out: {exc}") from exc
         except httpx.TransportError as exc:
@@ -115,7 +68,9 @@ class LoraplexClient:
     def _stream(self, path: str, body: dict[str, Any]) -> Iterator[StreamChunk]:
         decoder = SSEDecoder()
         try:
-            with self._http.stream("POST", path, json=body, headers=_headers(self.options.api_key)) as resp:
+            with self._http.stream(
+                "POST", path, json=body, headers=auth_headers(self.options.api_key)
+            ) as resp:
                 if resp.status_code >= 400:
                     resp.read()
                     raise error_from_response(resp)
@@ -138,7 +93,7 @@ class LoraplexClient:
     def base_model(self) -> str:
         """Served name of the base model (the ``model`` given at construction, else asked once)."""
         if not self.options.model:
-            self.options.model = _base_of(self.models())
+            self.options.model = base_model_of(self.models())
         return self.options.model
 
     def _model(self, model: str | None) -> str:
@@ -158,7 +113,7 @@ class LoraplexClient:
         body = protocol.completion_body(
             self._model(model), prompt, Sampling.of(**sampling), adapters=adapters
         )
-        return Completion.from_dict(_json(self._request("POST", "/v1/completions", json=body)))
+        return Completion.from_dict(parse_json(self._request("POST", "/v1/completions", json=body)))
 
     def stream_complete(
         self,
@@ -188,7 +143,7 @@ class LoraplexClient:
         **sampling: Any,
     ) -> ChatCompletion:
         body = protocol.chat_body(self._model(model), messages, Sampling.of(**sampling), adapters=adapters)
-        return ChatCompletion.from_dict(_json(self._request("POST", "/v1/chat/completions", json=body)))
+        return ChatCompletion.from_dict(parse_json(self._request("POST", "/v1/chat/completions", json=body)))
 
     def stream_chat(
         self,
@@ -211,37 +166,39 @@ class LoraplexClient:
 
     # --- models and adapters ------------------------------------------------------------------
     def models(self) -> list[ModelInfo]:
-        return [ModelInfo.from_dict(m) for m in protocol.listing(_json(self._request("GET", "/v1/models")))]
+        return [
+            ModelInfo.from_dict(m) for m in protocol.listing(parse_json(self._request("GET", "/v1/models")))
+        ]
 
     def upload_adapter(self, directory: str | Path, name: str) -> AdapterInfo:
         """Upload a PEFT output directory (adapter_config.json + adapter_model.safetensors) as ``name``."""
         files = protocol.read_upload(directory)
         resp = self._request("POST", "/v1/adapters", admin=True, data={"name": name}, files=files)
-        return AdapterInfo.from_dict(protocol.unwrap_adapter(_json(resp), name))
+        return AdapterInfo.from_dict(protocol.unwrap_adapter(parse_json(resp), name))
 
     def list_adapters(self) -> list[AdapterInfo]:
-        data = _json(self._request("GET", "/v1/adapters"))
+        data = parse_json(self._request("GET", "/v1/adapters"))
         return [AdapterInfo.from_dict(a) for a in protocol.listing(data, "adapters")]
 
     def get_adapter(self, name: str) -> AdapterInfo:
-        data = _json(self._request("GET", protocol.adapter_path(name)))
+        data = parse_json(self._request("GET", protocol.adapter_path(name)))
         return AdapterInfo.from_dict(protocol.unwrap_adapter(data, name))
 
     def delete_adapter(self, name: str) -> None:
-        _json(self._request("DELETE", protocol.adapter_path(name), admin=True))
+        parse_json(self._request("DELETE", protocol.adapter_path(name), admin=True))
 
     def merge_adapter(self, name: str) -> MergeResult:
         """Ask the server to export ``name`` merged into the base as a standalone HF checkpoint."""
-        data = _json(self._request("POST", protocol.adapter_path(name, "merge"), admin=True))
+        data = parse_json(self._request("POST", protocol.adapter_path(name, "merge"), admin=True))
         return MergeResult.from_dict(name, data if isinstance(data, dict) else {})
 
     def load_lora_adapter(self, name: str, path: str | Path) -> None:
         """vLLM-compatible: register an adapter from a path the server may read (``allowed_lora_roots``)."""
         body = {"lora_name": name, "lora_path": str(path)}
-        _json(self._request("POST", "/v1/load_lora_adapter", admin=True, json=body))
+        parse_json(self._request("POST", "/v1/load_lora_adapter", admin=True, json=body))
 
     def unload_lora_adapter(self, name: str) -> None:
-        _json(self._request("POST", "/v1/unload_lora_adapter", admin=True, json={"lora_name": name}))
+        parse_json(self._request("POST", "/v1/unload_lora_adapter", admin=True, json={"lora_name": name}))
 
     # --- operations ---------------------------------------------------------------------------
     def health(self) -> bool:
@@ -258,194 +215,6 @@ class LoraplexClient:
 
     def metrics(self) -> str:
         resp = self._request("GET", "/metrics")
-        if resp.status_code >= 400:
-            raise error_from_response(resp)
-        return resp.text
-
-
-class AsyncLoraplexClient:
-    """asyncio client with the same methods as :class:`LoraplexClient`, awaited; streams are async iterators."""
-
-    def __init__(
-        self,
-        base_url: str = DEFAULT_BASE_URL,
-        *,
-        api_key: str | None = None,
-        admin_key: str | None = None,
-        timeout: float | httpx.Timeout = 120.0,
-        model: str | None = None,
-        max_connections: int = 256,
-        transport: httpx.AsyncBaseTransport | None = None,
-    ) -> None:
-        self.options = _Settings(base_url, api_key, admin_key, timeout, model)
-        limits = httpx.Limits(max_connections=max_connections, max_keepalive_connections=max_connections)
-        self._http = httpx.AsyncClient(
-            base_url=self.options.base_url, timeout=timeout, limits=limits, transport=transport
-        )
-
-    async def __aenter__(self) -> AsyncLoraplexClient:
-        return self
-
-    async def __aexit__(self, *exc: object) -> None:
-        await self.aclose()
-
-    async def aclose(self) -> None:
-        await self._http.aclose()
-
-    async def _request(self, method: str, path: str, *, admin: bool = False, **kwargs: Any) -> httpx.Response:
-        key = self.options.admin_key if admin else self.options.api_key
-        try:
-            return await self._http.request(method, path, headers=_headers(key), **kwargs)
-        except httpx.TimeoutException as exc:
-            raise APITimeoutError(f"{method} {path} timed out: {exc}") from exc
-        except httpx.TransportError as exc:
-            raise APIConnectionError(f"{method} {path} failed: {exc}") from exc
-
-    async def _stream(self, path: str, body: dict[str, Any]) -> AsyncIterator[StreamChunk]:
-        decoder = SSEDecoder()
-        try:
-            async with self._http.stream(
-                "POST", path, json=body, headers=_headers(self.options.api_key)
-            ) as resp:
-                if resp.status_code >= 400:
-                    await resp.aread()
-                    raise error_from_response(resp)
-                async for line in resp.aiter_lines():
-                    data = decoder.feed(line)
-                    if data is None:
-                        continue
-                    event = decode_event(data)
-                    if event is None:
-                        return
-                    yield StreamChunk.from_dict(event)
-                tail = decoder.flush()
-                if tail is not None and (event := decode_event(tail)) is not None:
-                    yield StreamChunk.from_dict(event)
-        except httpx.TimeoutException as exc:
-            raise APITimeoutError(f"stream {path} timed out: {exc}") from exc
-        except httpx.TransportError as exc:
-            raise APIConnectionError(f"stream {path} broke: {exc}") from exc
-
-    async def base_model(self) -> str:
-        if not self.options.model:
-            self.options.model = _base_of(await self.models())
-        return self.options.model
-
-    async def _model(self, model: str | None) -> str:
-        return model or await self.base_model()
-
-    async def complete(
-        self,
-        prompt: str | list[int],
-        model: str | None = None,
-        *,
-        adapters: dict[str, float] | None = None,
-        **sampling: Any,
-    ) -> Completion:
-        body = protocol.completion_body(
-            await self._model(model), prompt, Sampling.of(**sampling), adapters=adapters
-        )
-        return Completion.from_dict(_json(await self._request("POST", "/v1/completions", json=body)))
-
-    async def stream_complete(
-        self,
-        prompt: str | list[int],
-        model: str | None = None,
-        *,
-        adapters: dict[str, float] | None = None,
-        include_usage: bool = True,
-        **sampling: Any,
-    ) -> AsyncIterator[StreamChunk]:
-        """Async iterator of chunks; wrap in ``contextlib.aclosing`` when breaking out early."""
-        body = protocol.completion_body(
-            await self._model(model),
-            prompt,
-            Sampling.of(**sampling),
-            stream=True,
-            adapters=adapters,
-            include_usage=include_usage,
-        )
-        async for chunk in self._stream("/v1/completions", body):
-            yield chunk
-
-    async def chat(
-        self,
-        messages: Messages,
-        model: str | None = None,
-        *,
-        adapters: dict[str, float] | None = None,
-        **sampling: Any,
-    ) -> ChatCompletion:
-        body = protocol.chat_body(
-            await self._model(model), messages, Sampling.of(**sampling), adapters=adapters
-        )
-        return ChatCompletion.from_dict(_json(await self._request("POST", "/v1/chat/completions", json=body)))
-
-    async def stream_chat(
-        self,
-        messages: Messages,
-        model: str | None = None,
-        *,
-        adapters: dict[str, float] | None = None,
-        include_usage: bool = True,
-        **sampling: Any,
-    ) -> AsyncIterator[StreamChunk]:
-        body = protocol.chat_body(
-            await self._model(model),
-            messages,
-            Sampling.of(**sampling),
-            stream=True,
-            adapters=adapters,
-            include_usage=include_usage,
-        )
-        async for chunk in self._stream("/v1/chat/completions", body):
-            yield chunk
-
-    async def models(self) -> list[ModelInfo]:
-        data = _json(await self._request("GET", "/v1/models"))
-        return [ModelInfo.from_dict(m) for m in protocol.listing(data)]
-
-    async def upload_adapter(self, directory: str | Path, name: str) -> AdapterInfo:
-        files = protocol.read_upload(directory)
-        resp = await self._request("POST", "/v1/adapters", admin=True, data={"name": name}, files=files)
-        return AdapterInfo.from_dict(protocol.unwrap_adapter(_json(resp), name))
-
-    async def list_adapters(self) -> list[AdapterInfo]:
-        data = _json(await self._request("GET", "/v1/adapters"))
-        return [AdapterInfo.from_dict(a) for a in protocol.listing(data, "adapters")]
-
-    async def get_adapter(self, name: str) -> AdapterInfo:
-        data = _json(await self._request("GET", protocol.adapter_path(name)))
-        return AdapterInfo.from_dict(protocol.unwrap_adapter(data, name))
-
-    async def delete_adapter(self, name: str) -> None:
-        _json(await self._request("DELETE", protocol.adapter_path(name), admin=True))
-
-    async def merge_adapter(self, name: str) -> MergeResult:
-        data = _json(await self._request("POST", protocol.adapter_path(name, "merge"), admin=True))
-        return MergeResult.from_dict(name, data if isinstance(data, dict) else {})
-
-    async def load_lora_adapter(self, name: str, path: str | Path) -> None:
-        body = {"lora_name": name, "lora_path": str(path)}
-        _json(await self._request("POST", "/v1/load_lora_adapter", admin=True, json=body))
-
-    async def unload_lora_adapter(self, name: str) -> None:
-        _json(await self._request("POST", "/v1/unload_lora_adapter", admin=True, json={"lora_name": name}))
-
-    async def health(self) -> bool:
-        try:
-            return (await self._request("GET", "/health")).status_code == 200
-        except APIConnectionError:
-            return False
-
-    async def ready(self) -> bool:
-        try:
-            return (await self._request("GET", "/ready")).status_code == 200
-        except APIConnectionError:
-            return False
-
-    async def metrics(self) -> str:
-        resp = await self._request("GET", "/metrics")
         if resp.status_code >= 400:
             raise error_from_response(resp)
         return resp.text

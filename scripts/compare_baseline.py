@@ -82,9 +82,19 @@ def free_port() -> int:
 class ServerProcess:
     """A server subprocess on 127.0.0.1; waits for /ready, terminates on exit, keeps its log."""
 
-    def __init__(self, label: str, argv: list[str], port: int, log: Path, env: dict | None = None) -> None:
+    def __init__(
+        self,
+        label: str,
+        argv: list[str],
+        port: int,
+        log: Path,
+        env: dict | None = None,
+        threads: int | None = None,
+    ) -> None:
         self.label, self.argv, self.port, self.log_path = label, argv, port, log
         self.env = {**os.environ, **(env or {})}
+        if threads:
+            self.env["OMP_NUM_THREADS"] = str(threads)  # torch's intra-op threads in the server
         self.url = f"http://127.0.0.1:{port}"
         self.proc: subprocess.Popen | None = None
 
@@ -131,13 +141,13 @@ def ours(args, model: Path, work: Path, port: int) -> ServerProcess:
         "LORAPLEX_MAX_CPU_LORAS": str(max(args.adapters, 1)),
     }
     argv = [sys.executable, "-m", "server", "serve", "--log-level", "warning"]
-    return ServerProcess("loraplex", argv, port, work / "ours.log", env)
+    return ServerProcess("loraplex", argv, port, work / "ours.log", env, args.torch_threads)
 
 
 def baseline(args, model: Path, work: Path, port: int) -> ServerProcess:
     argv = [sys.executable, str(REPO / "scripts" / "baseline_server.py"), "--model", str(model),
             "--port", str(port), "--device", args.device]  # fmt: skip
-    return ServerProcess("naive PEFT", argv, port, work / "baseline.log")
+    return ServerProcess("naive PEFT", argv, port, work / "baseline.log", threads=args.torch_threads)
 
 
 async def sweep_server(
@@ -234,6 +244,9 @@ def parse_args(argv=None):
     p.add_argument("--max-loras", type=int, default=8, help="our server's device adapter slots")
     p.add_argument("--max-num-seqs", type=int, default=32)
     p.add_argument("--device", default="cpu")
+    p.add_argument(
+        "--torch-threads", type=int, help="OMP_NUM_THREADS for both servers (1 is steadier on a shared CPU)"
+    )
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--only", choices=["loraplex", "baseline"], help="run one side only")
     p.add_argument("--no-progress", action="store_true")

@@ -59,9 +59,6 @@ async def _send(
     config: RunConfig,
     clock: Callable[[], float],
 ) -> None:
-    extra = dict(config.extra)
-    if config.ignore_eos:
-        extra.setdefault("ignore_eos", True)
     rec.sent_at = clock()
     first_chunk: float | None = None
     try:
@@ -70,7 +67,8 @@ async def _send(
             planned.adapter or config.base_model,
             max_tokens=planned.output_len,
             temperature=config.temperature,
-            extra=extra,
+            ignore_eos=config.ignore_eos or None,
+            extra=config.extra,
         )
         async for chunk in stream:
             now = clock()

@@ -6,6 +6,7 @@ means exactly what ``loraplex loadtest`` prints.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 
 from clients.client import AsyncLoraplexClient
@@ -61,7 +62,7 @@ async def run_sweep(
     refine_steps: int = 3,
     prompts: PromptFactory | None = None,
     progress: bool = True,
-    on_point=None,
+    on_point: Callable[[SweepPoint], None] | None = None,
 ) -> tuple[SweepResult, dict[float, LoadResult]]:
     """Sweep offered load (see :func:`clients.loadgen.sweep.sweep`); also returns every run by rate."""
     runs: dict[float, LoadResult] = {}
@@ -73,10 +74,6 @@ async def run_sweep(
         runs[rate] = result
         return result.report
 
-    def report_point(point: SweepPoint) -> None:
-        if on_point is not None:
-            on_point(point)
-
     result = await sweep(
         run_at,
         slo_ttft_p99_s,
@@ -84,6 +81,6 @@ async def run_sweep(
         start_rate=start_rate,
         max_rate=max_rate,
         refine_steps=refine_steps,
-        on_point=report_point,
+        on_point=on_point,
     )
     return result, runs

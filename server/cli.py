@@ -82,6 +82,11 @@ def build_parser() -> argparse.ArgumentParser:
     merge.add_argument("--adapter", required=True, help="Adapter directory, or a name in --adapter-store.")
     merge.add_argument("--out", type=Path, required=True, help="Output directory for the merged model.")
     merge.add_argument("--adapter-store", type=Path, default=None, help="Store to look adapter names up in.")
+
+    # Client commands (adapters, complete, loadtest) talk to a running server over HTTP.
+    from clients.cli import register
+
+    register(sub)
     return parser
 
 
@@ -129,6 +134,10 @@ def cmd_merge(ns: argparse.Namespace) -> int:
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     ns = parser.parse_args(argv)
+    if hasattr(ns, "func"):
+        from clients.cli import run
+
+        return run(ns)
     try:
         if ns.command == "serve":
             return cmd_serve(ns)

@@ -362,3 +362,19 @@ def test_cli(server, adapters, capsys, tmp_path):
     report = json.loads(out_json.read_text())["report"]
     assert report["ok"] == 12 and report["errors"] == {}
     assert (plots / "latency_cdf.png").stat().st_size > 10_000
+
+
+def test_loraplex_entry_point_has_the_client_commands(server, adapters, capsys):
+    """`loraplex adapters ...` / `loraplex complete ...` reach the same client code as `python -m clients`."""
+    from server.cli import main as loraplex_main
+
+    conn = ["--url", server.url, "--api-key", ADMIN]
+    assert loraplex_main(["adapters", "upload", str(adapters["ad-two"]), "--name", "entry-two", *conn]) == 0
+    assert "uploaded entry-two" in capsys.readouterr().out
+    assert loraplex_main(["adapters", "ls", "--json", *conn]) == 0
+    assert "entry-two" in {a["id"] for a in json.loads(capsys.readouterr().out)}
+    assert loraplex_main(["complete", "--adapter", "entry-two", "--max-tokens", "4", "--no-stream", "hi", *conn]) == 0
+    assert capsys.readouterr().out.strip()
+    assert loraplex_main(["adapters", "rm", "entry-two", *conn]) == 0
+    assert loraplex_main(["adapters", "rm", "entry-two", *conn]) == 1
+    assert "404" in capsys.readouterr().err

@@ -27,13 +27,15 @@ def random_prompts(lengths: list[int], vocab: int = 512, seed: int = 1) -> list[
 def reference_greedy(model_dir: Path, prompts: list[list[int]], max_new_tokens: int) -> list[list[int]]:
     """transformers' own greedy generate, one prompt at a time (the oracle)."""
     model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
+    # No EOS at all (rather than min_new_tokens, which masks EOS's logit): the engine runs these
+    # with ignore_eos, which keeps going past an EOS but still emits it if it is the argmax.
+    model.generation_config.eos_token_id = None
     outs = []
     with torch.inference_mode():
         for p in prompts:
             ids = model.generate(
                 torch.tensor([p]),
                 max_new_tokens=max_new_tokens,
-                min_new_tokens=max_new_tokens,
                 do_sample=False,
             )
             outs.append(ids[0, len(p) :].tolist())

@@ -230,8 +230,9 @@ def test_vllm_load_unload_and_merge(client, adapters, tmp_path, model_dir):
     # The export is a plain HF checkpoint whose greedy output is the adapter's.
     tok = AutoTokenizer.from_pretrained(model_dir)
     model = AutoModelForCausalLM.from_pretrained(merged.path, dtype=torch.float32).eval()
+    model.generation_config.eos_token_id = None  # ignore_eos above: EOS may be emitted, never masked
     ids = tok.encode("merge me")
-    out = model.generate(torch.tensor([ids]), max_new_tokens=8, min_new_tokens=8, do_sample=False)
+    out = model.generate(torch.tensor([ids]), max_new_tokens=8, do_sample=False)
     assert tok.decode(out[0, len(ids) :]) == a
 
 
@@ -373,7 +374,10 @@ def test_loraplex_entry_point_has_the_client_commands(server, adapters, capsys):
     assert "uploaded entry-two" in capsys.readouterr().out
     assert loraplex_main(["adapters", "ls", "--json", *conn]) == 0
     assert "entry-two" in {a["id"] for a in json.loads(capsys.readouterr().out)}
-    assert loraplex_main(["complete", "--adapter", "entry-two", "--max-tokens", "4", "--no-stream", "hi", *conn]) == 0
+    assert (
+        loraplex_main(["complete", "--adapter", "entry-two", "--max-tokens", "4", "--no-stream", "hi", *conn])
+        == 0
+    )
     assert capsys.readouterr().out.strip()
     assert loraplex_main(["adapters", "rm", "entry-two", *conn]) == 0
     assert loraplex_main(["adapters", "rm", "entry-two", *conn]) == 1

@@ -39,11 +39,14 @@ def oracle(tiny_llama_dir, store):
         key = (adapter, tuple(prompt))
         if key not in cache:
             model = load_base(tiny_llama_dir)
+            model.generation_config.eos_token_id = (
+                None  # engine runs ignore_eos: EOS may be emitted, not masked
+            )
             if adapter is not None:
                 model = PeftModel.from_pretrained(model, store / adapter).eval()
             with torch.inference_mode():
                 ids = torch.tensor([prompt])
-                out = model.generate(ids, max_new_tokens=NEW, min_new_tokens=NEW, do_sample=False)
+                out = model.generate(ids, max_new_tokens=NEW, do_sample=False)
                 logits = model(input_ids=out[:, :-1]).logits[0, len(prompt) - 1 :]
             cache[key] = (out[0, len(prompt) :].tolist(), logits)
         return cache[key]

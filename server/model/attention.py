@@ -100,8 +100,8 @@ def paged_attention_forward(
             o = _sdpa(q, k, v, None, scaling, True, softcap)
         else:
             slots = _context_slots(chunk.block_table, chunk.context_len, cache.shape[2])
-            k = k_flat[slots].transpose(0, 1).unsqueeze(0)
-            v = v_flat[slots].transpose(0, 1).unsqueeze(0)
+            k = k_flat.index_select(0, slots).transpose(0, 1).unsqueeze(0)
+            v = v_flat.index_select(0, slots).transpose(0, 1).unsqueeze(0)
             q_pos = torch.arange(chunk.context_len - n, chunk.context_len, device=q.device)
             k_pos = torch.arange(chunk.context_len, device=q.device)
             mask = k_pos[None, :] <= q_pos[:, None]
@@ -112,19 +112,21 @@ def paged_attention_forward(
 
     if attn_meta.decode_token_idx is not None:
         idx = attn_meta.decode_token_idx
-        q = q_all[:, idx].transpose(0, 1).unsqueeze(2)  # [Bd, H, 1, D]
+        q = q_all.index_select(1, idx).transpose(0, 1).unsqueeze(2)  # [Bd, H, 1, D]
         tables = attn_meta.decode_block_tables
         rows, width = tables.shape[0], tables.shape[1] * cache.shape[2]
-        # Whole blocks are gathered (contiguous copies), then padding keys are masked out.
-        k = cache[0][tables].view(rows, width, num_kv_heads, head_dim).transpose(1, 2)  # [Bd, KVH, L, D]
-        v = cache[1][tables].view(rows, width, num_kv_heads, head_dim).transpose(1, 2)
+        # Whole blocks are gathered (contiguous copies; index_select is several times faster than
+        # advanced indexing on CPU), then padding keys are masked out.
+        flat_tables = tables.flatten()
+        k = cache[0].index_select(0, flat_tables).view(rows, width, num_kv_heads, head_dim).transpose(1, 2)
+        v = cache[1].index_select(0, flat_tables).view(rows, width, num_kv_heads, head_dim).transpose(1, 2)
         mask = attn_meta.decode_mask
         if sliding_window is not None:
             key_pos = torch.arange(width, device=q.device)
             window = key_pos[None, :] > (attn_meta.decode_positions[:, None] - sliding_window)
             mask = mask & window[:, None, None, :]
         o = _sdpa(q, k, v, mask, scaling, False, softcap)  # [Bd, H, 1, D]
-        out[idx] = o.squeeze(2)
+        out.index_copy_(0, idx, o.squeeze(2))
     return out.unsqueeze(0), None
 
 

@@ -9,6 +9,7 @@ import torch
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, PreTrainedTokenizerBase
 
 from server.model.attention import register_attention_backend
+from server.model.cpu_linear import use_skinny_linears
 
 
 @dataclass(frozen=True)
@@ -47,6 +48,7 @@ def load_model(model_dir: Path, device: str, dtype: torch.dtype) -> torch.nn.Mod
     model.to(device)
     model.eval()
     model.requires_grad_(False)
+    use_skinny_linears(model)  # CPU fp32 only; a no-op on CUDA
     return model
 
 

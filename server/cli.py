@@ -90,6 +90,18 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def is_loopback(host: str) -> bool:
+    """True for addresses only this machine can reach (auth-less serving is meant for those)."""
+    import ipaddress
+
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
 def cmd_serve(ns: argparse.Namespace) -> int:
     import uvicorn
 
@@ -97,6 +109,12 @@ def cmd_serve(ns: argparse.Namespace) -> int:
 
     settings = settings_from_args(ns)
     logging.basicConfig(level=ns.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    if not (settings.api_keys or settings.admin_keys) and not is_loopback(settings.host):
+        logging.getLogger("loraplex").warning(
+            "auth is off (no LORAPLEX_API_KEYS / LORAPLEX_ADMIN_KEYS) and the server listens on %s: "
+            "anyone who can reach it may upload, load, merge and delete adapters",
+            settings.host,
+        )
     uvicorn.run(
         create_app(settings),
         host=settings.host,

@@ -15,7 +15,7 @@ from pathlib import Path
 import httpx
 import pytest
 
-from server.cli import build_parser, main, settings_from_args
+from server.cli import build_parser, is_loopback, main, settings_from_args
 from server.store import tree_digest
 from tests.api_harness import greedy_ids, peft_model
 from tests.lora_fixtures import make_peft_adapter
@@ -133,7 +133,14 @@ def test_serve_runs_the_app_and_stops_cleanly_on_sigterm(tmp_path, tiny_llama_di
         assert proc.wait(timeout=30) in (0, -signal.SIGTERM)
         log = proc.stdout.read()
         assert "Application shutdown complete" in log, log
+        assert "auth is off" not in log  # loopback without keys is the local-development setup
     finally:
         if proc.poll() is None:
             proc.kill()
             proc.wait()
+
+
+def test_loopback_hosts():
+    """Serving without keys on anything but these logs a warning that adapters are open to mutation."""
+    assert all(map(is_loopback, ["127.0.0.1", "::1", "localhost", "127.0.0.2"]))
+    assert not any(map(is_loopback, ["0.0.0.0", "::", "10.0.0.5", "example.org"]))

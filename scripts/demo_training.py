@@ -26,7 +26,7 @@ class TrainConfig:
     warmup: int = 20
     min_lr_ratio: float = 0.1
     weight_decay: float = 0.0
-    bf16: bool = True
+    bf16: bool = False
     log_every: int = 10
     seed: int = 0
 

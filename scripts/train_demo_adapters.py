@@ -12,6 +12,7 @@ two standard files only) and ``base_model_name_or_path`` relative to the reposit
 from __future__ import annotations
 
 import argparse
+import json
 import shutil
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -106,6 +107,15 @@ def save_adapter(model: PeftModel, out: Path) -> None:
     for extra in out.iterdir():
         if extra.name not in ("adapter_config.json", "adapter_model.safetensors"):
             extra.unlink()
+    sort_target_modules(out / "adapter_config.json")
+
+
+def sort_target_modules(config_path: Path) -> None:
+    """PEFT writes ``target_modules`` from a set, in hash order; sorted, retraining gives identical files."""
+    config = json.loads(config_path.read_text())
+    if isinstance(config.get("target_modules"), list):
+        config["target_modules"] = sorted(config["target_modules"])
+        config_path.write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
 
 
 def show_samples(name: str, spec: AdapterSpec, model, tokenizer) -> None:

@@ -39,9 +39,8 @@ def oracle(tiny_llama_dir, store):
         key = (adapter, tuple(prompt))
         if key not in cache:
             model = load_base(tiny_llama_dir)
-            model.generation_config.eos_token_id = (
-                None  # engine runs ignore_eos: EOS may be emitted, not masked
-            )
+            # The engine runs ignore_eos: EOS may be emitted, so it must not be masked here either.
+            model.generation_config.eos_token_id = None
             if adapter is not None:
                 model = PeftModel.from_pretrained(model, store / adapter).eval()
             with torch.inference_mode():

@@ -1,8 +1,9 @@
 """Python clients for a loraplex server: ``LoraplexClient`` (sync) here, ``AsyncLoraplexClient`` (asyncio)
 in :mod:`clients.async_client` and re-exported.
 
-Both send exactly what :mod:`clients.protocol` builds and raise :mod:`clients.errors` exceptions carrying
-the server's status and message. Generation calls come in pairs: ``complete``/``stream_complete`` and
+Both execute what :mod:`clients.protocol` describes (one description per call, so the two cannot differ
+in what they send or how they read answers) and raise :mod:`clients.errors` exceptions carrying the
+server's status and message. Generation calls come in pairs: ``complete``/``stream_complete`` and
 ``chat``/``stream_chat``; the stream variants yield :class:`StreamChunk` as SSE events arrive, which is
 what the load generator times for TTFT and inter-token latency.
 
@@ -14,35 +15,28 @@ from __future__ import annotations
 
 from collections.abc import Iterator
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import httpx
 
 from clients import protocol
 from clients.async_client import AsyncLoraplexClient
-from clients.common import DEFAULT_BASE_URL, ClientOptions, auth_headers, base_model_of, parse_json
-from clients.errors import APIConnectionError, APITimeoutError, error_from_response
-from clients.protocol import Sampling
-from clients.sse import SSEDecoder, decode_event
+from clients.common import DEFAULT_BASE_URL, ClientOptions, base_model_of, transport_errors
+from clients.errors import APIConnectionError, error_from_response
+from clients.protocol import Call, Messages, Request
+from clients.sse import ChunkDecoder
 from clients.types import AdapterInfo, ChatCompletion, Completion, MergeResult, ModelInfo, StreamChunk
 
 __all__ = ["DEFAULT_BASE_URL", "AsyncLoraplexClient", "LoraplexClient"]
-Messages = list[dict[str, str]]
+T = TypeVar("T")
 
 
 class LoraplexClient:
     """Blocking client. Use as a context manager or call :meth:`close`."""
 
-    def __init__(
-        self,
-        base_url: str = DEFAULT_BASE_URL,
-        *,
-        api_key: str | None = None,
-        admin_key: str | None = None,
-        timeout: float | httpx.Timeout = 120.0,
-        model: str | None = None,
-        transport: httpx.BaseTransport | None = None,
-    ) -> None:
+    def __init__(self, base_url: str = DEFAULT_BASE_URL, *, api_key: str | None = None,
+                 admin_key: str | None = None, timeout: float | httpx.Timeout = 120.0,
+                 model: str | None = None, transport: httpx.BaseTransport | None = None) -> None:  # fmt: skip
         self.options = ClientOptions(base_url, api_key, admin_key, timeout, model)
         self._http = httpx.Client(base_url=self.options.base_url, timeout=timeout, transport=transport)
 
@@ -55,40 +49,30 @@ class LoraplexClient:
     def close(self) -> None:
         self._http.close()
 
-    # --- transport ----------------------------------------------------------------------------
-    def _request(self, method: str, path: str, *, admin: bool = False, **kwargs: Any) -> httpx.Response:
-        key = self.options.admin_key if admin else self.options.api_key
-        try:
-            return self._http.request(method, path, headers=auth_headers(key), **kwargs)
-        except httpx.TimeoutException as exc:
-            raise APITimeoutError(f"{method} {path} timed out: {exc}") from exc
-        except httpx.TransportError as exc:
-            raise APIConnectionError(f"{method} {path} failed: {exc}") from exc
+    # --- transport: executes protocol descriptions ----------------------------------------------
+    def _send(self, call: Call[T]) -> T:
+        with transport_errors(f"{call.method} {call.path}"):
+            response = self._http.request(**call.send_args(self.options))
+        return call.read(response)
 
-    def _stream(self, path: str, body: dict[str, Any]) -> Iterator[StreamChunk]:
-        decoder = SSEDecoder()
+    def _stream(self, request: Request) -> Iterator[StreamChunk]:
+        chunks = ChunkDecoder()
+        send_args = request.send_args(self.options)
+        with transport_errors(f"stream {request.path}", "broke"), self._http.stream(**send_args) as resp:
+            if resp.status_code >= 400:
+                resp.read()
+                raise error_from_response(resp)
+            for line in resp.iter_lines():
+                yield from chunks.feed(line)
+                if chunks.done:
+                    return
+            yield from chunks.end()
+
+    def _probe(self, path: str) -> bool:
         try:
-            with self._http.stream(
-                "POST", path, json=body, headers=auth_headers(self.options.api_key)
-            ) as resp:
-                if resp.status_code >= 400:
-                    resp.read()
-                    raise error_from_response(resp)
-                for line in resp.iter_lines():
-                    data = decoder.feed(line)
-                    if data is None:
-                        continue
-                    event = decode_event(data)
-                    if event is None:
-                        return
-                    yield StreamChunk.from_dict(event)
-                tail = decoder.flush()
-                if tail is not None and (event := decode_event(tail)) is not None:
-                    yield StreamChunk.from_dict(event)
-        except httpx.TimeoutException as exc:
-            raise APITimeoutError(f"stream {path} timed out: {exc}") from exc
-        except httpx.TransportError as exc:
-            raise APIConnectionError(f"stream {path} broke: {exc}") from exc
+            return self._send(protocol.probe(path))
+        except APIConnectionError:
+            return False
 
     def base_model(self) -> str:
         """Served name of the base model (the ``model`` given at construction, else asked once)."""
@@ -100,121 +84,62 @@ class LoraplexClient:
         return model or self.base_model()
 
     # --- generation ---------------------------------------------------------------------------
-    def complete(
-        self,
-        prompt: str | list[int],
-        model: str | None = None,
-        *,
-        adapters: dict[str, float] | None = None,
-        **sampling: Any,
-    ) -> Completion:
+    def complete(self, prompt: str | list[int], model: str | None = None, *,
+                 adapters: dict[str, float] | None = None, **sampling: Any) -> Completion:  # fmt: skip
         """One completion; ``sampling``: :class:`Sampling` fields (max_tokens, temperature, ignore_eos, ...),
         any other keyword is sent in the body as given."""
-        body = protocol.completion_body(
-            self._model(model), prompt, Sampling.of(**sampling), adapters=adapters
-        )
-        return Completion.from_dict(parse_json(self._request("POST", "/v1/completions", json=body)))
+        return self._send(protocol.completion(self._model(model), prompt, adapters, sampling).call())
 
-    def stream_complete(
-        self,
-        prompt: str | list[int],
-        model: str | None = None,
-        *,
-        adapters: dict[str, float] | None = None,
-        include_usage: bool = True,
-        **sampling: Any,
-    ) -> Iterator[StreamChunk]:
-        body = protocol.completion_body(
-            self._model(model),
-            prompt,
-            Sampling.of(**sampling),
-            stream=True,
-            adapters=adapters,
-            include_usage=include_usage,
-        )
-        return self._stream("/v1/completions", body)
+    def stream_complete(self, prompt: str | list[int], model: str | None = None, *,
+                        adapters: dict[str, float] | None = None, include_usage: bool = True,
+                        **sampling: Any) -> Iterator[StreamChunk]:  # fmt: skip
+        generation = protocol.completion(self._model(model), prompt, adapters, sampling)
+        return self._stream(generation.stream(include_usage))
 
-    def chat(
-        self,
-        messages: Messages,
-        model: str | None = None,
-        *,
-        adapters: dict[str, float] | None = None,
-        **sampling: Any,
-    ) -> ChatCompletion:
-        body = protocol.chat_body(self._model(model), messages, Sampling.of(**sampling), adapters=adapters)
-        return ChatCompletion.from_dict(parse_json(self._request("POST", "/v1/chat/completions", json=body)))
+    def chat(self, messages: Messages, model: str | None = None, *,
+             adapters: dict[str, float] | None = None, **sampling: Any) -> ChatCompletion:  # fmt: skip
+        return self._send(protocol.chat(self._model(model), messages, adapters, sampling).call())
 
-    def stream_chat(
-        self,
-        messages: Messages,
-        model: str | None = None,
-        *,
-        adapters: dict[str, float] | None = None,
-        include_usage: bool = True,
-        **sampling: Any,
-    ) -> Iterator[StreamChunk]:
-        body = protocol.chat_body(
-            self._model(model),
-            messages,
-            Sampling.of(**sampling),
-            stream=True,
-            adapters=adapters,
-            include_usage=include_usage,
-        )
-        return self._stream("/v1/chat/completions", body)
+    def stream_chat(self, messages: Messages, model: str | None = None, *,
+                    adapters: dict[str, float] | None = None, include_usage: bool = True,
+                    **sampling: Any) -> Iterator[StreamChunk]:  # fmt: skip
+        generation = protocol.chat(self._model(model), messages, adapters, sampling)
+        return self._stream(generation.stream(include_usage))
 
     # --- models and adapters ------------------------------------------------------------------
     def models(self) -> list[ModelInfo]:
-        return [
-            ModelInfo.from_dict(m) for m in protocol.listing(parse_json(self._request("GET", "/v1/models")))
-        ]
+        return self._send(protocol.models())
 
     def upload_adapter(self, directory: str | Path, name: str) -> AdapterInfo:
         """Upload a PEFT output directory (adapter_config.json + adapter_model.safetensors) as ``name``."""
-        files = protocol.read_upload(directory)
-        resp = self._request("POST", "/v1/adapters", admin=True, data={"name": name}, files=files)
-        return AdapterInfo.from_dict(protocol.unwrap_adapter(parse_json(resp), name))
+        return self._send(protocol.upload_adapter(directory, name))
 
     def list_adapters(self) -> list[AdapterInfo]:
-        data = parse_json(self._request("GET", "/v1/adapters"))
-        return [AdapterInfo.from_dict(a) for a in protocol.listing(data, "adapters")]
+        return self._send(protocol.list_adapters())
 
     def get_adapter(self, name: str) -> AdapterInfo:
-        data = parse_json(self._request("GET", protocol.adapter_path(name)))
-        return AdapterInfo.from_dict(protocol.unwrap_adapter(data, name))
+        return self._send(protocol.get_adapter(name))
 
     def delete_adapter(self, name: str) -> None:
-        parse_json(self._request("DELETE", protocol.adapter_path(name), admin=True))
+        self._send(protocol.delete_adapter(name))
 
     def merge_adapter(self, name: str) -> MergeResult:
         """Ask the server to export ``name`` merged into the base as a standalone HF checkpoint."""
-        data = parse_json(self._request("POST", protocol.adapter_path(name, "merge"), admin=True))
-        return MergeResult.from_dict(name, data if isinstance(data, dict) else {})
+        return self._send(protocol.merge_adapter(name))
 
     def load_lora_adapter(self, name: str, path: str | Path) -> None:
         """vLLM-compatible: register an adapter from a path the server may read (``allowed_lora_roots``)."""
-        body = {"lora_name": name, "lora_path": str(path)}
-        parse_json(self._request("POST", "/v1/load_lora_adapter", admin=True, json=body))
+        self._send(protocol.load_lora_adapter(name, path))
 
     def unload_lora_adapter(self, name: str) -> None:
-        parse_json(self._request("POST", "/v1/unload_lora_adapter", admin=True, json={"lora_name": name}))
+        self._send(protocol.unload_lora_adapter(name))
 
     # --- operations ---------------------------------------------------------------------------
     def health(self) -> bool:
-        try:
-            return self._request("GET", "/health").status_code == 200
-        except APIConnectionError:
-            return False
+        return self._probe("/health")
 
     def ready(self) -> bool:
-        try:
-            return self._request("GET", "/ready").status_code == 200
-        except APIConnectionError:
-            return False
+        return self._probe("/ready")
 
     def metrics(self) -> str:
-        resp = self._request("GET", "/metrics")
-        if resp.status_code >= 400:
-            raise error_from_response(resp)
-        return resp.text
+        return self._send(protocol.metrics())

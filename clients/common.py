@@ -1,32 +1,17 @@
-"""What the sync and async clients share: connection options and response decoding."""
+"""What the sync and async clients share besides :mod:`clients.protocol`: connection options, model
+discovery and how transport failures surface."""
 
 from __future__ import annotations
 
-import json
-from typing import Any
+from collections.abc import Iterator
+from contextlib import contextmanager
 
 import httpx
 
-from clients.errors import APIConnectionError, error_from_response
+from clients.errors import APIConnectionError, APITimeoutError
 from clients.types import ModelInfo
 
 DEFAULT_BASE_URL = "http://127.0.0.1:8000"
-
-
-def auth_headers(key: str | None) -> dict[str, str]:
-    return {"Authorization": f"Bearer {key}"} if key else {}
-
-
-def parse_json(response: httpx.Response) -> Any:
-    """The JSON body of a successful response ({"text": ...} for plain-text answers); raises on 4xx/5xx."""
-    if response.status_code >= 400:
-        raise error_from_response(response)
-    if not response.content:
-        return {}
-    try:
-        return response.json()
-    except json.JSONDecodeError:
-        return {"text": response.text}
 
 
 def base_model_of(models: list[ModelInfo]) -> str:
@@ -37,6 +22,20 @@ def base_model_of(models: list[ModelInfo]) -> str:
     if models:
         return models[0].id
     raise APIConnectionError("server lists no models")
+
+
+@contextmanager
+def transport_errors(what: str, failed: str = "failed") -> Iterator[None]:
+    """Re-raise httpx's transport failures inside the block as the client's own exceptions.
+
+    A plain (not async) context manager, so the async client wraps its awaits in it just the same.
+    """
+    try:
+        yield
+    except httpx.TimeoutException as exc:
+        raise APITimeoutError(f"{what} timed out: {exc}") from exc
+    except httpx.TransportError as exc:
+        raise APIConnectionError(f"{what} {failed}: {exc}") from exc
 
 
 class ClientOptions:

@@ -30,14 +30,11 @@ class LoraplexError(Exception):
         body: Any = None,
     ) -> None:
         super().__init__(message)
-        self.message = message
         if status is not None:
             self.status = status
-        self.type = type
-        self.param = param
-        self.code = code
-        self.retry_after = retry_after
-        self.body = body
+        self.message, self.body, self.retry_after = message, body, retry_after
+        # The server's {"error": {...}} fields, kept so a caller branches on them without parsing text.
+        self.type, self.param, self.code = type, param, code
 
     def __str__(self) -> str:
         prefix = f"{self.status} " if self.status is not None else ""
@@ -53,73 +50,66 @@ class APITimeoutError(APIConnectionError):
     """The request did not complete within the client's timeout."""
 
 
+_BY_STATUS: dict[int, type[APIStatusError]] = {}
+
+
 class APIStatusError(LoraplexError):
-    """The server answered with a 4xx/5xx status."""
+    """The server answered with a 4xx/5xx status.
+
+    A subclass for one status names it in its class statement (``class X(APIStatusError, status=404)``),
+    which sets ``status`` and registers the class for :func:`error_from_status`: the table of which
+    status raises what is the list of declarations below, written once.
+    """
+
+    def __init_subclass__(cls, status: int | None = None, **kwargs: Any) -> None:
+        super().__init_subclass__(**kwargs)
+        if status is not None:
+            cls.status = status
+            _BY_STATUS[status] = cls
 
 
-class BadRequestError(APIStatusError):
-    status = 400
+class BadRequestError(APIStatusError, status=400):
+    """Invalid body, context too long, unknown composition, bad adapter upload."""
 
 
-class AuthenticationError(APIStatusError):
-    status = 401
+class AuthenticationError(APIStatusError, status=401):
+    """Missing or invalid API key."""
 
 
-class PermissionDeniedError(APIStatusError):
-    status = 403
+class PermissionDeniedError(APIStatusError, status=403):
+    """The key may not do this (adapter changes need the admin key)."""
 
 
-class NotFoundError(APIStatusError):
-    status = 404
+class NotFoundError(APIStatusError, status=404):
+    """Unknown model or adapter (also: one the key may not use)."""
 
 
-class ConflictError(APIStatusError):
-    status = 409
+class ConflictError(APIStatusError, status=409):
+    """Uploading a name that exists."""
 
 
-class PayloadTooLargeError(APIStatusError):
-    status = 413
+class PayloadTooLargeError(APIStatusError, status=413):
+    """Body over the server's limit."""
 
 
-class UnprocessableEntityError(APIStatusError):
-    status = 422
+class UnprocessableEntityError(APIStatusError, status=422):
+    """A body the server could not validate."""
 
 
-class RateLimitError(APIStatusError):
-    """429: the server's queue is full; ``retry_after`` carries the Retry-After header in seconds."""
-
-    status = 429
+class RateLimitError(APIStatusError, status=429):
+    """The server's queue is full; ``retry_after`` carries the Retry-After header in seconds."""
 
 
-class InternalServerError(APIStatusError):
-    status = 500
+class InternalServerError(APIStatusError, status=500):
+    """Server failure; also what an unknown 5xx status raises."""
 
 
-class ServiceUnavailableError(InternalServerError):
-    """503: not ready yet (model loading) or draining for shutdown."""
-
-    status = 503
+class ServiceUnavailableError(InternalServerError, status=503):
+    """Not ready yet (model loading) or draining for shutdown."""
 
 
 class StreamError(LoraplexError):
     """The server reported an error inside an SSE stream after the 200 headers were sent."""
-
-
-_BY_STATUS: dict[int, type[APIStatusError]] = {
-    cls.status: cls
-    for cls in (
-        BadRequestError,
-        AuthenticationError,
-        PermissionDeniedError,
-        NotFoundError,
-        ConflictError,
-        PayloadTooLargeError,
-        UnprocessableEntityError,
-        RateLimitError,
-        InternalServerError,
-        ServiceUnavailableError,
-    )
-}
 
 
 def _parse_retry_after(value: str | None) -> float | None:

@@ -1,7 +1,8 @@
 """Server-sent events, reduced to the subset OpenAI-style streams use.
 
-A stream is ``data: {json}`` events separated by blank lines and closed by ``data: [DONE]``. Kept as a
-line-fed state machine with no I/O so the sync and async clients share it and tests can feed it lines.
+A stream is ``data: {json}`` events separated by blank lines and closed by ``data: [DONE]``. Kept as
+line-fed state machines with no I/O (:class:`SSEDecoder` for events, :class:`ChunkDecoder` for whole
+chunks) so the sync and async clients share all of it, only feeding lines, and tests can feed it lines.
 """
 
 from __future__ import annotations
@@ -10,6 +11,7 @@ import json
 from typing import Any
 
 from clients.errors import StreamError, error_fields
+from clients.types import StreamChunk
 
 DONE = "[DONE]"
 
@@ -64,3 +66,31 @@ def decode_event(data: str) -> dict[str, Any] | None:
     if not isinstance(payload, dict):
         raise StreamError(f"unexpected stream event: {data[:200]!r}")
     return payload
+
+
+class ChunkDecoder:
+    """Lines of a streamed generation in, :class:`StreamChunk` out.
+
+    The transport loops ``for line in lines: yield from feed(line)``, stops once :attr:`done` (the
+    ``[DONE]`` event: anything after it is not read), and at the end of the body yields :meth:`end`.
+    """
+
+    def __init__(self) -> None:
+        self._events = SSEDecoder()
+        self.done = False
+
+    def feed(self, line: str) -> list[StreamChunk]:
+        return self._chunks(self._events.feed(line))
+
+    def end(self) -> list[StreamChunk]:
+        """The body ended: a last event not closed by a blank line still counts."""
+        return self._chunks(self._events.flush())
+
+    def _chunks(self, data: str | None) -> list[StreamChunk]:
+        if data is None or self.done:
+            return []
+        event = decode_event(data)
+        if event is None:
+            self.done = True
+            return []
+        return [StreamChunk.from_dict(event)]

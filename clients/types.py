@@ -7,11 +7,16 @@ adds later is reachable without a client release, and parsing never fails on an 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Generic, TypeVar
 
 
 def _opt_int(value: Any) -> int | None:
     return int(value) if isinstance(value, (int, float)) else None
+
+
+def _ids(data: dict[str, Any]) -> dict[str, str]:
+    """``id`` and ``model`` of a generation answer or stream chunk, as constructor keywords."""
+    return {"id": str(data.get("id", "")), "model": str(data.get("model", ""))}
 
 
 @dataclass
@@ -38,43 +43,6 @@ class CompletionChoice:
 
 
 @dataclass
-class Completion:
-    """``POST /v1/completions`` without streaming."""
-
-    id: str
-    model: str
-    choices: list[CompletionChoice]
-    usage: Usage | None
-    created: int | None = None
-    raw: dict[str, Any] = field(default_factory=dict, repr=False)
-
-    @property
-    def text(self) -> str:
-        """Text of the first choice, the common single-prompt case."""
-        return self.choices[0].text if self.choices else ""
-
-    @classmethod
-    def from_dict(cls, data: dict[str, Any]) -> Completion:
-        choices = [
-            CompletionChoice(
-                index=int(c.get("index", i)),
-                text=c.get("text") or "",
-                finish_reason=c.get("finish_reason"),
-                logprobs=c.get("logprobs"),
-            )
-            for i, c in enumerate(data.get("choices") or [])
-        ]
-        return cls(
-            id=str(data.get("id", "")),
-            model=str(data.get("model", "")),
-            choices=choices,
-            usage=Usage.from_dict(data.get("usage")),
-            created=_opt_int(data.get("created")),
-            raw=data,
-        )
-
-
-@dataclass
 class ChatMessage:
     role: str
     content: str
@@ -90,40 +58,71 @@ class ChatChoice:
     finish_reason: str | None
 
 
+ChoiceT = TypeVar("ChoiceT")
+_G = TypeVar("_G", bound="_Generated[Any]")
+
+
 @dataclass
-class ChatCompletion:
-    """``POST /v1/chat/completions`` without streaming."""
+class _Generated(Generic[ChoiceT]):
+    """What a completion and a chat completion answer share; they differ only in their choices."""
 
     id: str
     model: str
-    choices: list[ChatChoice]
+    choices: list[ChoiceT]
     usage: Usage | None
     created: int | None = None
     raw: dict[str, Any] = field(default_factory=dict, repr=False)
+
+    @classmethod
+    def from_dict(cls: type[_G], data: dict[str, Any]) -> _G:
+        choices = [cls._choice(i, c) for i, c in enumerate(data.get("choices") or [])]
+        return cls(
+            **_ids(data),
+            choices=choices,
+            usage=Usage.from_dict(data.get("usage")),
+            created=_opt_int(data.get("created")),
+            raw=data,
+        )
+
+    @staticmethod
+    def _choice(index: int, data: dict[str, Any]) -> ChoiceT:
+        """One choice of the subclass's kind; ``index`` is its position, for servers that leave it out."""
+        raise NotImplementedError
+
+
+@dataclass
+class Completion(_Generated[CompletionChoice]):
+    """``POST /v1/completions`` without streaming."""
+
+    @property
+    def text(self) -> str:
+        """Text of the first choice, the common single-prompt case."""
+        return self.choices[0].text if self.choices else ""
+
+    @staticmethod
+    def _choice(index: int, data: dict[str, Any]) -> CompletionChoice:
+        return CompletionChoice(
+            index=int(data.get("index", index)),
+            text=data.get("text") or "",
+            finish_reason=data.get("finish_reason"),
+            logprobs=data.get("logprobs"),
+        )
+
+
+@dataclass
+class ChatCompletion(_Generated[ChatChoice]):
+    """``POST /v1/chat/completions`` without streaming."""
 
     @property
     def text(self) -> str:
         return self.choices[0].message.content if self.choices else ""
 
-    @classmethod
-    def from_dict(cls, data: dict[str, Any]) -> ChatCompletion:
-        choices = []
-        for i, c in enumerate(data.get("choices") or []):
-            msg = c.get("message") or {}
-            choices.append(
-                ChatChoice(
-                    index=int(c.get("index", i)),
-                    message=ChatMessage(msg.get("role") or "assistant", msg.get("content") or ""),
-                    finish_reason=c.get("finish_reason"),
-                )
-            )
-        return cls(
-            id=str(data.get("id", "")),
-            model=str(data.get("model", "")),
-            choices=choices,
-            usage=Usage.from_dict(data.get("usage")),
-            created=_opt_int(data.get("created")),
-            raw=data,
+    @staticmethod
+    def _choice(index: int, data: dict[str, Any]) -> ChatChoice:
+        msg = data.get("message") or {}
+        message = ChatMessage(msg.get("role") or "assistant", msg.get("content") or "")
+        return ChatChoice(
+            index=int(data.get("index", index)), message=message, finish_reason=data.get("finish_reason")
         )
 
 
@@ -155,8 +154,7 @@ class StreamChunk:
             delta = c.get("delta")
             text = (delta.get("content") if isinstance(delta, dict) else c.get("text")) or ""
         return cls(
-            id=str(data.get("id", "")),
-            model=str(data.get("model", "")),
+            **_ids(data),
             text=text,
             index=index,
             finish_reason=finish,
@@ -177,13 +175,7 @@ class ModelInfo:
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> ModelInfo:
-        return cls(
-            id=str(data.get("id", "")),
-            owned_by=data.get("owned_by"),
-            parent=data.get("parent"),
-            root=data.get("root"),
-            raw=data,
-        )
+        return cls(str(data.get("id", "")), data.get("owned_by"), data.get("parent"), data.get("root"), data)
 
 
 @dataclass

@@ -36,7 +36,7 @@ from clients.loadgen import (  # noqa: E402
 )
 from clients.loadgen.prompts import PromptFactory  # noqa: E402
 from clients.loadgen.report import format_grid  # noqa: E402
-from clients.loadgen.sweep import SweepResult  # noqa: E402
+from clients.loadgen.sweep import SweepResult, SweepSearch  # noqa: E402
 
 ATTENTION = ["q_proj", "k_proj", "v_proj", "o_proj"]
 
@@ -181,18 +181,15 @@ async def sweep_server(
                   f"{r.output_token_throughput:7.1f} tok/s, p99 TTFT {r.ttft.p99 * 1000:8.0f} ms, "
                   f"{r.requests} reqs, errors {r.error_count}: {'ok' if point.ok else 'misses SLO'}", flush=True)  # fmt: skip
 
-        return await run_sweep(
-            c,
-            spec,
-            config,
-            args.slo_ttft_p99,
+        search = SweepSearch(
             rates=args.rates,
             start_rate=args.start_rate,
             max_rate=args.max_rate,
             refine_steps=args.refine_steps,
-            prompts=prompts,
-            progress=not args.no_progress,
             on_point=show,
+        )
+        return await run_sweep(
+            c, spec, config, args.slo_ttft_p99, prompts=prompts, progress=not args.no_progress, **search
         )
 
 

@@ -11,6 +11,7 @@ from clients.client import AsyncLoraplexClient
 from clients.loadgen.prompts import PromptFactory
 from clients.loadgen.runner import RunConfig
 from clients.loadgen.session import run_load, run_sweep
+from clients.loadgen.sweep import SweepPoint, SweepSearch
 from clients.loadgen.target import check_target
 from clients.loadgen.workload import (
     MAX_ADAPTERS,
@@ -85,6 +86,11 @@ async def _resolve_names(client: AsyncLoraplexClient, args: argparse.Namespace) 
     return base, names[: args.adapters]
 
 
+def _print_point(point: SweepPoint) -> None:
+    verdict = "meets" if point.ok else "misses"
+    print(f"\n== {point.rate:.2f} req/s: {verdict} the SLO ==\n{point.report.table()}")
+
+
 async def _loadtest_async(args: argparse.Namespace) -> int:
     check_target(args.url, args.allow_remote)
     async with AsyncLoraplexClient(
@@ -109,19 +115,11 @@ async def _loadtest_async(args: argparse.Namespace) -> int:
         prompts = PromptFactory.from_tokenizer_dir(args.tokenizer, args.seed, args.prompt_source)
         progress = not args.no_progress
         if args.sweep or args.sweep_search:
+            search = SweepSearch(
+                rates=args.sweep, start_rate=args.rate, max_rate=args.max_rate, on_point=_print_point
+            )
             result, runs = await run_sweep(
-                client,
-                spec,
-                config,
-                args.slo_ttft_p99,
-                rates=args.sweep,
-                start_rate=args.rate,
-                max_rate=args.max_rate,
-                prompts=prompts,
-                progress=progress,
-                on_point=lambda pt: print(
-                    f"\n== {pt.rate:.2f} req/s: {'meets' if pt.ok else 'misses'} the SLO ==\n{pt.report.table()}"
-                ),
+                client, spec, config, args.slo_ttft_p99, prompts=prompts, progress=progress, **search
             )
             print(
                 f"\nsustainable under p99 TTFT <= {args.slo_ttft_p99 * 1000:.0f} ms: "

@@ -6,8 +6,8 @@ means exactly what ``loraplex loadtest`` prints.
 
 from __future__ import annotations
 
-from collections.abc import Callable
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 from clients.client import AsyncLoraplexClient
 from clients.loadgen.progress import Progress
@@ -15,8 +15,11 @@ from clients.loadgen.prompts import PromptFactory
 from clients.loadgen.record import RequestRecord
 from clients.loadgen.report import Report, summarize
 from clients.loadgen.runner import RunConfig, run_schedule
-from clients.loadgen.sweep import SweepPoint, SweepResult, sweep
+from clients.loadgen.sweep import SweepResult, SweepSearch, sweep
 from clients.loadgen.workload import WorkloadSpec, generate_schedule
+
+if TYPE_CHECKING:
+    from typing_extensions import Unpack  # typing.Unpack from Python 3.11 on
 
 
 @dataclass
@@ -56,15 +59,12 @@ async def run_sweep(
     config: RunConfig,
     slo_ttft_p99_s: float,
     *,
-    rates: list[float] | None = None,
-    start_rate: float = 1.0,
-    max_rate: float = 1000.0,
-    refine_steps: int = 3,
     prompts: PromptFactory | None = None,
     progress: bool = True,
-    on_point: Callable[[SweepPoint], None] | None = None,
+    **search: Unpack[SweepSearch],
 ) -> tuple[SweepResult, dict[float, LoadResult]]:
-    """Sweep offered load (see :func:`clients.loadgen.sweep.sweep`); also returns every run by rate."""
+    """Sweep offered load with :func:`clients.loadgen.sweep.sweep`, given its keywords as ``search``
+    (``rates``, or ``start_rate``/``max_rate``, ``on_point``, ...); also returns every run by rate."""
     runs: dict[float, LoadResult] = {}
 
     async def run_at(rate: float) -> Report:
@@ -74,13 +74,4 @@ async def run_sweep(
         runs[rate] = result
         return result.report
 
-    result = await sweep(
-        run_at,
-        slo_ttft_p99_s,
-        rates=rates,
-        start_rate=start_rate,
-        max_rate=max_rate,
-        refine_steps=refine_steps,
-        on_point=on_point,
-    )
-    return result, runs
+    return await sweep(run_at, slo_ttft_p99_s, **search), runs

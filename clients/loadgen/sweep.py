@@ -11,6 +11,7 @@ from __future__ import annotations
 import math
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
+from typing import TypedDict
 
 from clients.loadgen.report import Report
 
@@ -70,6 +71,19 @@ class SweepResult:
 
 
 RunAt = Callable[[float], Awaitable[Report]]
+
+
+class SweepSearch(TypedDict, total=False):
+    """The keyword options of :func:`sweep` (which rates to try, what counts as sustained), as one value
+    that callers pass along: fixed ``rates``, or a search from ``start_rate`` up to ``max_rate``."""
+
+    rates: list[float] | None
+    start_rate: float
+    max_rate: float
+    growth: float
+    refine_steps: int
+    max_error_rate: float
+    on_point: Callable[[SweepPoint], None] | None
 
 
 async def sweep(

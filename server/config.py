@@ -17,8 +17,6 @@ REPO_ROOT = Path(__file__).resolve().parent.parent
 DEFAULT_MODEL_DIR = REPO_ROOT / "models" / "demo"
 DEFAULT_STORE_DIR = REPO_ROOT / "adapters_store"
 
-ADAPTER_NAME_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$"
-
 
 class Settings(BaseSettings):
     """Server configuration; env vars use the ``LORAPLEX_`` prefix (lists as JSON)."""
@@ -40,6 +38,9 @@ class Settings(BaseSettings):
     num_kv_blocks: int | None = Field(None, ge=2, description="KV blocks; default from kv_cache_memory_gb.")
     kv_cache_memory_gb: float = Field(1.0, gt=0, description="KV cache budget when num_kv_blocks unset.")
     max_queue_len: int = Field(1024, ge=1, description="Waiting requests before 429.")
+    attention_backend: Literal["auto", "torch"] = Field(
+        "auto", description="Paged attention implementation; 'auto' picks the best for the device."
+    )
 
     # --- LoRA -------------------------------------------------------------------------------
     enable_lora: bool = Field(True, description="Wrap the base model's linears for LoRA serving.")

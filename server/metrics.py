@@ -5,8 +5,8 @@ registry), so several apps - e.g. in tests - never share or double-register seri
 
 Request-path metrics (latencies, token counts, per-adapter requests) are pushed by the HTTP layer.
 Engine state (queue depth, running requests, KV usage, adapters) is *pulled* at scrape time by
-:class:`EngineCollector` from ``engine.stats()`` and the adapter manager, so the engine thread
-never touches Prometheus objects. The ``vllm:*`` names are exactly those the Kubernetes Gateway API
+:class:`EngineCollector` from the ``stats()`` snapshots of the engine and the adapter service, so
+the engine thread never touches Prometheus objects. The ``vllm:*`` names are exactly those the Kubernetes Gateway API
 Inference Extension reads for load- and LoRA-affinity routing.
 """
 
@@ -14,10 +14,15 @@ from __future__ import annotations
 
 import time
 from collections.abc import Callable, Iterator
+from typing import TYPE_CHECKING
 
 from prometheus_client import CollectorRegistry, Counter, Histogram, generate_latest
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
+
+if TYPE_CHECKING:
+    from server.bootstrap import Runtime
+    from server.lora.counters import LoRACounters
 
 CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
 
@@ -26,19 +31,20 @@ _TOKEN_LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.02, 0.04, 0.08, 0.16, 0.
 
 
 class EngineCollector(Collector):
-    """Reads the engine at scrape time; emits nothing engine-related while it is still booting."""
+    """Reads the engine's and the adapter service's ``stats()`` snapshots at scrape time; emits
+    nothing engine-related while the server is still booting."""
 
-    def __init__(self, engine_source: Callable[[], object | None]) -> None:
-        self._engine_source = engine_source
+    def __init__(self, runtime_source: Callable[[], Runtime | None]) -> None:
+        self._runtime_source = runtime_source
 
     def describe(self) -> list[Metric]:
         return []  # dynamic: do not let the registry call collect() at registration time
 
     def collect(self) -> Iterator[Metric]:
-        engine = self._engine_source()
-        if engine is None:
+        runtime = self._runtime_source()
+        if runtime is None:
             return
-        stats = engine.stats()
+        stats = runtime.engine.stats()
         yield _gauge("vllm:num_requests_waiting", "Requests waiting to be scheduled.", stats.num_waiting)
         yield _gauge("vllm:num_requests_running", "Requests in the running batch.", stats.num_running)
         yield _gauge("vllm:kv_cache_usage_perc", "KV-cache usage, 1 = full.", stats.kv_cache_usage)
@@ -55,26 +61,20 @@ class EngineCollector(Collector):
         yield _gauge(
             "loraplex_resident_adapters", "Adapters resident in device slots.", len(stats.resident_adapters)
         )
-        yield _gauge("loraplex_engine_ready", "1 once the model is loaded and warm.", float(engine.ready))
-        core = getattr(engine, "engine", None)
-        if core is not None:
-            steps = CounterMetricFamily("loraplex_engine_steps", "Engine iterations run.")
-            steps.add_metric([], core.num_steps)
-            yield steps
-            preempt = CounterMetricFamily("loraplex_preemptions", "Sequences preempted for KV space.")
-            preempt.add_metric([], core.scheduler.num_preemptions)
-            yield preempt
-            yield _gauge("loraplex_batch_size", "Sequences in the latest engine step.", core.last_batch_size)
-            for name, doc, value in (
-                ("loraplex_scheduled_sequences", "Sequence-steps scheduled.", core.num_scheduled_seqs_total),
-                ("loraplex_batched_tokens", "Tokens run through the model.", core.num_batched_tokens_total),
-            ):
-                family = CounterMetricFamily(name, doc)
-                family.add_metric([], value)
-                yield family
-        manager = getattr(engine, "adapters", None)
-        if manager is not None:
-            yield from _adapter_metrics(manager)
+        yield _gauge(
+            "loraplex_engine_ready", "1 once the model is loaded and warm.", float(runtime.engine.ready)
+        )
+        yield _gauge("loraplex_batch_size", "Sequences in the latest engine step.", stats.last_batch_size)
+        for name, doc, value in (
+            ("loraplex_engine_steps", "Engine iterations run.", stats.num_steps),
+            ("loraplex_preemptions", "Sequences preempted for KV space.", stats.num_preemptions),
+            ("loraplex_scheduled_sequences", "Sequence-steps scheduled.", stats.num_scheduled_seqs_total),
+            ("loraplex_batched_tokens", "Tokens run through the model.", stats.num_batched_tokens_total),
+        ):
+            yield _counter(name, doc, value)
+        counters = runtime.adapters.stats()
+        if counters is not None:
+            yield from _adapter_metrics(counters)
 
 
 def _gauge(name: str, doc: str, value: float) -> GaugeMetricFamily:
@@ -83,30 +83,31 @@ def _gauge(name: str, doc: str, value: float) -> GaugeMetricFamily:
     return g
 
 
-def _adapter_metrics(manager) -> Iterator[Metric]:
-    """Adapter loads / evictions / load time from a snapshot of the manager's cumulative counters."""
-    c = manager.counters_snapshot()
-    for name, doc, value in (
-        ("loraplex_adapter_loads", "Adapters parsed from disk into host memory.", c.loads),
-        (
-            "loraplex_adapter_load_failures",
-            "Adapter loads that failed validation or reading.",
-            c.load_failures,
-        ),
-        ("loraplex_adapter_load_seconds", "Time spent loading adapters from disk.", c.load_seconds),
-        ("loraplex_adapter_activations", "Adapter weights copied into device slots.", c.activations),
-        ("loraplex_adapter_evictions", "Adapters evicted from device slots.", c.evictions),
-        ("loraplex_adapter_host_evictions", "Adapters dropped from the host-memory cache.", c.cpu_evictions),
-    ):
-        family = CounterMetricFamily(name, doc)
-        family.add_metric([], value)
-        yield family
+def _counter(name: str, doc: str, value: float) -> CounterMetricFamily:
+    c = CounterMetricFamily(name, doc)
+    c.add_metric([], value)
+    return c
+
+
+_ADAPTER_COUNTERS = {  # LoRACounters field -> (metric name, help)
+    "loads": ("loraplex_adapter_loads", "Adapters parsed from disk into host memory."),
+    "load_failures": ("loraplex_adapter_load_failures", "Adapter loads that failed validation or reading."),
+    "load_seconds": ("loraplex_adapter_load_seconds", "Time spent loading adapters from disk."),
+    "activations": ("loraplex_adapter_activations", "Adapter weights copied into device slots."),
+    "evictions": ("loraplex_adapter_evictions", "Adapters evicted from device slots."),
+    "cpu_evictions": ("loraplex_adapter_host_evictions", "Adapters dropped from the host-memory cache."),
+}
+
+
+def _adapter_metrics(counters: LoRACounters) -> Iterator[Metric]:
+    for field_name, (name, doc) in _ADAPTER_COUNTERS.items():
+        yield _counter(name, doc, getattr(counters, field_name))
 
 
 class ServerMetrics:
     """The request-path collectors plus the engine collector, in a registry owned by one app."""
 
-    def __init__(self, engine_source: Callable[[], object | None]) -> None:
+    def __init__(self, runtime_source: Callable[[], Runtime | None]) -> None:
         self.registry = CollectorRegistry()
         r = self.registry
         self.requests = Counter(
@@ -145,7 +146,7 @@ class ServerMetrics:
             ["finish_reason"],
             registry=r,
         )
-        self.engine = EngineCollector(engine_source)
+        self.engine = EngineCollector(runtime_source)
         r.register(self.engine)
         self._adapter_counts: dict[str, int] = {}  # same numbers, readable without Prometheus internals
 

@@ -25,34 +25,41 @@ from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from server.config import ADAPTER_NAME_PATTERN
-
-_NAME_RE = re.compile(ADAPTER_NAME_PATTERN)
+# A PEFT adapter directory: these two files, and only these are ever read (no pickle formats).
 CONFIG_FILE = "adapter_config.json"
+WEIGHTS_FILE = "adapter_model.safetensors"
+ADAPTER_FILES = (CONFIG_FILE, WEIGHTS_FILE)
+
+# Letters, digits, '.', '_', '-', starting with a letter or digit: no separators, no '..', no hidden
+# names, so a valid name joined to a root can never leave it.
+ADAPTER_NAME_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$"
+_NAME_RE = re.compile(ADAPTER_NAME_PATTERN)
 _HASH_CHUNK = 1 << 20
 
 
 class StoreError(Exception):
-    """A store operation failed for a reason the caller can report (carries an HTTP status)."""
-
-    status = 500
+    """A store operation failed for a reason the caller can report."""
 
 
 class InvalidAdapterNameError(StoreError, ValueError):
-    status = 400
+    """The name does not match ``ADAPTER_NAME_PATTERN``."""
 
 
 class AdapterExistsError(StoreError):
-    status = 409
+    """Another adapter (or a concurrent upload) already holds the name."""
 
 
 class AdapterMissingError(StoreError):
-    status = 404
+    """No adapter of that name in the store."""
+
+
+def is_valid_adapter_name(name: object) -> bool:
+    return isinstance(name, str) and _NAME_RE.fullmatch(name) is not None
 
 
 def check_adapter_name(name: str) -> str:
     """Returns ``name`` if it is a valid adapter name, else raises :class:`InvalidAdapterNameError`."""
-    if not isinstance(name, str) or not _NAME_RE.fullmatch(name):
+    if not is_valid_adapter_name(name):
         raise InvalidAdapterNameError(
             f"invalid adapter name {name!r}: must match {ADAPTER_NAME_PATTERN} "
             "(letters, digits, '.', '_', '-'; at most 128 characters; starts with a letter or digit)"
@@ -77,6 +84,19 @@ def tree_digest(root: Path) -> str:
     for path in sorted(p for p in Path(root).rglob("*") if p.is_file()):
         lines.append(f"{file_sha256(path)}  {path.relative_to(root).as_posix()}\n")
     return hashlib.sha256("".join(lines).encode("utf-8")).hexdigest()
+
+
+def replace_dir(src: Path, dst: Path) -> None:
+    """Moves ``src`` onto ``dst``; an existing ``dst`` is swapped out first and deleted after, so a
+    reader sees the old tree or the new one, never half of either. Both must be on one filesystem."""
+    src, dst = Path(src), Path(dst)
+    if not dst.exists():
+        os.replace(src, dst)
+        return
+    old = dst.parent / f".{dst.name}.old-{uuid.uuid4().hex[:8]}"
+    os.replace(dst, old)
+    os.replace(src, dst)
+    shutil.rmtree(old, ignore_errors=True)
 
 
 def _fsync_path(path: Path) -> None:
@@ -147,7 +167,7 @@ class AdapterStore:
     def names(self) -> list[str]:
         out = []
         for entry in os.scandir(self.root):
-            if _NAME_RE.fullmatch(entry.name) and self.exists(entry.name):
+            if self.exists(entry.name):
                 out.append(entry.name)
         return sorted(out)
 

@@ -17,9 +17,9 @@ from server.config import Settings
 class LiveServer:
     """``with LiveServer(settings) as srv:`` -> ``srv.url``, ``srv.engine``; stops (and drains) on exit."""
 
-    def __init__(self, settings: Settings, engine=None, ready_timeout: float = 120.0) -> None:
+    def __init__(self, settings: Settings, runtime=None, ready_timeout: float = 120.0) -> None:
         self.settings = settings
-        self.app = create_app(settings, engine)
+        self.app = create_app(settings, runtime)
         self.ready_timeout = ready_timeout
         self._sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
         self._sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
@@ -42,8 +42,12 @@ class LiveServer:
         return self.app.state.loraplex
 
     @property
+    def runtime(self):
+        return self.state.runtime
+
+    @property
     def engine(self):
-        return self.state.engine
+        return self.runtime.engine if self.runtime is not None else None
 
     def start(self) -> LiveServer:
         self._thread.start()

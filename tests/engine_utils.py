@@ -7,16 +7,21 @@ from pathlib import Path
 import torch
 from transformers import AutoModelForCausalLM
 
+from server.bootstrap import Runtime, build_runtime
 from server.config import Settings
 from server.engine.async_engine import AsyncEngine
 from server.engine.sequence import Sequence
 from server.engine.types import SamplingParams
 
 
+def build_test_runtime(model_dir: Path, **overrides) -> Runtime:
+    """What the server runs for ``Settings(model=model_dir, **overrides)``."""
+    return build_runtime(Settings(model=model_dir, **overrides))
+
+
 def build_engine(model_dir: Path, **overrides) -> AsyncEngine:
-    """An AsyncEngine whose core (``.engine``) tests may step by hand, without the thread."""
-    settings = Settings(model=model_dir, **overrides)
-    return AsyncEngine(settings)
+    """An AsyncEngine whose core (``.core``) tests may step by hand, without the thread."""
+    return build_test_runtime(model_dir, **overrides).engine
 
 
 def random_prompts(lengths: list[int], vocab: int = 512, seed: int = 1) -> list[list[int]]:

@@ -137,15 +137,20 @@ def max_rel_err(got: torch.Tensor, want: torch.Tensor) -> float:
 
 
 def inject_and_load(
-    base_dir: Path, adapter_dirs: dict[str, Path], max_loras: int = 8, max_rank: int = 64, **kw
+    base_dir: Path,
+    adapter_dirs: dict[str, Path],
+    max_loras: int = 8,
+    max_rank: int = 64,
+    backend: str = "torch",
 ):
     """Base model with LoRA injected and ``adapter_dirs`` written into slots 0, 1, ... (in order)."""
     from server.lora.adapter import load_peft_adapter
+    from server.lora.backend import make_lora_backend
     from server.lora.layers import inject_lora
     from server.lora.spec import BaseModelSpec
 
     model = load_base(base_dir)
-    handle = inject_lora(model, max_loras=max_loras, max_rank=max_rank, **kw)
+    handle = inject_lora(model, make_lora_backend(backend, "cpu", max_loras), max_rank)
     spec = BaseModelSpec.from_model(model)
     for slot, (name, path) in enumerate(adapter_dirs.items()):
         handle.set_slot(slot, load_peft_adapter(path, name, spec, max_rank))

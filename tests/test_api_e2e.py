@@ -200,7 +200,7 @@ def test_chat_with_openai_client_stream_and_whole(env, server):
     whole = client.chat.completions.create(
         model="attn-r4", messages=messages, max_tokens=NEW, temperature=0, extra_body=extra
     )
-    tokenizer = server.engine.tokenizer
+    tokenizer = server.engine.served.tokenizer
     prompt_ids = tokenizer.encode(
         tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True),
         add_special_tokens=False,

@@ -53,7 +53,7 @@ def fresh_store(env, name: str, adapters: dict[str, Path] | None = None) -> Path
 
 def slow_steps(engine, seconds: float) -> None:
     """Makes every engine step take at least ``seconds`` so requests stay in flight long enough."""
-    runner = engine.engine.runner
+    runner = engine.core.runner
     run = runner.run
 
     def slow(*args, **kwargs):
@@ -88,7 +88,7 @@ def drop(sock: socket.socket) -> None:
 
 
 def kv_all_free(engine) -> bool:
-    bm = engine.engine.block_manager
+    bm = engine.core.block_manager
     stats = engine.stats()
     return bm.num_free_blocks == bm.num_blocks and stats.num_running == 0 and stats.num_waiting == 0
 
@@ -109,7 +109,7 @@ def test_queue_full_is_429_with_retry_after_and_disconnects_free_everything(env)
         assert r.status_code == 429
         assert r.headers["retry-after"] == "1"
         assert r.json()["error"]["type"] == "rate_limit_exceeded"
-        assert srv.engine.engine.block_manager.num_free_blocks < srv.engine.engine.block_manager.num_blocks
+        assert srv.engine.core.block_manager.num_free_blocks < srv.engine.core.block_manager.num_blocks
         drop(waiting)
         drop(running)
         wait_for(lambda: kv_all_free(srv.engine), timeout=5, what="KV blocks freed after disconnects")
@@ -181,7 +181,7 @@ def test_exception_in_a_step_fails_only_the_requests_in_it(env):
     poison = 13
 
     with LiveServer(settings(env, store, max_num_seqs=1)) as srv:
-        runner = srv.engine.engine.runner
+        runner = srv.engine.core.runner
         run = runner.run
         fired = threading.Event()
 
@@ -339,9 +339,10 @@ def test_shutdown_drains_running_requests(env):
 def test_no_chat_template_is_a_clear_400_and_readiness_gates_requests(env):
     store = fresh_store(env, "store_misc")
     release = threading.Event()
-    from server.engine.async_engine import AsyncEngine
+    from server.bootstrap import build_runtime
 
-    engine = AsyncEngine(settings(env, store))
+    runtime = build_runtime(settings(env, store))
+    engine = runtime.engine
     start = engine.start
 
     async def gated_start() -> None:
@@ -352,7 +353,7 @@ def test_no_chat_template_is_a_clear_400_and_readiness_gates_requests(env):
         await start()
 
     engine.start = gated_start
-    srv = LiveServer(settings(env, store), engine=engine)
+    srv = LiveServer(settings(env, store), runtime=runtime)
     srv._thread.start()
     try:
         wait_for(lambda: srv.server.started, what="uvicorn to start")

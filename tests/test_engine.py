@@ -24,10 +24,10 @@ def test_staggered_batch_matches_generate(kind, tiny_llama_dir, tiny_qwen2_dir):
     # A small token budget forces chunked prefills that share steps with decodes.
     ae = build_engine(model_dir, enable_lora=False, block_size=4, max_num_batched_tokens=40, max_num_seqs=8)
     seqs = [Sequence(f"r{i}", p, greedy(NEW_TOKENS)) for i, p in enumerate(prompts)]
-    outs = run_staggered(ae.engine, seqs, join_every=2)
+    outs = run_staggered(ae.core, seqs, join_every=2)
     for i, seq in enumerate(seqs):
         assert outs[seq.request_id] == refs[i], f"prompt {i} (len {len(prompts[i])}) diverged"
-    assert ae.engine.block_manager.num_free_blocks == ae.engine.block_manager.num_blocks
+    assert ae.core.block_manager.num_free_blocks == ae.core.block_manager.num_blocks
 
 
 def test_preemption_under_tiny_kv_budget_keeps_outputs(tiny_llama_dir):
@@ -38,11 +38,11 @@ def test_preemption_under_tiny_kv_budget_keeps_outputs(tiny_llama_dir):
         tiny_llama_dir, enable_lora=False, block_size=4, num_kv_blocks=20, max_num_batched_tokens=64
     )
     seqs = [Sequence(f"r{i}", p, greedy(NEW_TOKENS)) for i, p in enumerate(prompts)]
-    outs = run_staggered(ae.engine, seqs, join_every=1)
-    assert ae.engine.scheduler.num_preemptions > 0
+    outs = run_staggered(ae.core, seqs, join_every=1)
+    assert ae.core.scheduler.num_preemptions > 0
     for i, seq in enumerate(seqs):
         assert outs[seq.request_id] == refs[i]
-    assert ae.engine.block_manager.num_free_blocks == 20
+    assert ae.core.block_manager.num_free_blocks == 20
 
 
 def _sample(ae, prompt, params, companions=()):
@@ -50,7 +50,7 @@ def _sample(ae, prompt, params, companions=()):
     seqs += [
         Sequence(f"c{i}", p, SamplingParams(max_tokens=8, temperature=1.0)) for i, p in enumerate(companions)
     ]
-    return run_staggered(ae.engine, seqs, join_every=1)["target"]
+    return run_staggered(ae.core, seqs, join_every=1)["target"]
 
 
 def test_seeded_sampling_is_reproducible_across_batches(tiny_llama_dir):
@@ -81,10 +81,10 @@ def test_top_k_one_and_tiny_top_p_equal_greedy(tiny_llama_dir):
 
 
 def _collect(ae, seq):
-    ae.engine.add(seq)
+    ae.core.add(seq)
     text, ids, last = "", [], None
-    while ae.engine.has_work():
-        for _, out in ae.engine.step():
+    while ae.core.has_work():
+        for _, out in ae.core.step():
             text += out.new_text
             ids += out.new_token_ids
             last = out
@@ -112,7 +112,7 @@ def test_eos_ends_generation(tiny_llama_dir):
     ae = build_engine(tiny_llama_dir, enable_lora=False)
     prompt = random_prompts([8], seed=5)[0]
     _, full_ids, _ = _collect(ae, Sequence("a", prompt, greedy(30)))
-    ae.engine.limits.eos_token_ids = frozenset({full_ids[3]})
+    ae.core.limits.eos_token_ids = frozenset({full_ids[3]})
     _, ids, last = _collect(ae, Sequence("b", prompt, SamplingParams(max_tokens=30, temperature=0)))
     assert last.finish_reason == FinishReason.STOP
     assert ids == full_ids[: full_ids.index(full_ids[3]) + 1]
@@ -122,7 +122,7 @@ def test_async_stream_and_cancellation_free_blocks(tiny_llama_dir):
     async def scenario():
         ae = build_engine(tiny_llama_dir, enable_lora=False, block_size=4)
         await ae.start()
-        total = ae.engine.block_manager.num_blocks
+        total = ae.core.block_manager.num_blocks
         prompt = random_prompts([20])[0]
         ref = reference_greedy(tiny_llama_dir, [prompt], 12)[0]
         ids = []
@@ -136,9 +136,9 @@ def test_async_stream_and_cancellation_free_blocks(tiny_llama_dir):
         await stream.aclose()  # the client went away
         for _ in range(200):
             await asyncio.sleep(0.01)
-            if ae.stats().num_running == 0 and ae.engine.block_manager.num_free_blocks == total:
+            if ae.stats().num_running == 0 and ae.core.block_manager.num_free_blocks == total:
                 break
-        assert ae.engine.block_manager.num_free_blocks == total
+        assert ae.core.block_manager.num_free_blocks == total
         assert ae.stats().num_running == 0
         await ae.shutdown()
 

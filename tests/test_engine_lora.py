@@ -8,8 +8,7 @@ import pytest
 import torch
 
 from server.engine.sequence import Sequence
-from server.engine.types import AdapterRef
-from tests.engine_utils import build_engine, greedy, random_prompts, run_staggered
+from tests.engine_utils import build_test_runtime, greedy, random_prompts, run_staggered
 from tests.lora_fixtures import (
     load_base,
     make_mixed_adapters,
@@ -71,20 +70,18 @@ def _requests(names: list[str | None], lengths: list[int]):
     return [(names[i % len(names)], p) for i, p in enumerate(prompts)]
 
 
-def _run(engine, requests):
+def _run(rt, requests):
     seqs = []
     for i, (adapter, prompt) in enumerate(requests):
-        ref = AdapterRef(name=adapter) if adapter else None
-        if ref is not None:
-            engine.adapters.prefetch(ref)
+        ref = rt.adapters.resolve(adapter) if adapter else None
         seqs.append(Sequence(f"r{i}", prompt, greedy(NEW), ref))
-    return seqs, run_staggered(engine.engine, seqs, join_every=1)
+    return seqs, run_staggered(rt.engine.core, seqs, join_every=1)
 
 
 def test_one_mixed_batch_matches_peft_tokens_and_logits(tiny_llama_dir, store, oracle):
     names = sorted(p.name for p in store.iterdir())
     assert len(names) >= 6
-    ae = build_engine(
+    ae = build_test_runtime(
         tiny_llama_dir,
         adapter_store=store,
         max_loras=8,
@@ -92,8 +89,8 @@ def test_one_mixed_batch_matches_peft_tokens_and_logits(tiny_llama_dir, store, o
         max_num_batched_tokens=48,
         max_num_seqs=16,
     )
-    recorder = RecordingSampler(ae.engine.sampler)
-    ae.engine.sampler = recorder
+    recorder = RecordingSampler(ae.engine.core.sampler)
+    ae.engine.core.sampler = recorder
     requests = _requests([*names, None], [5, 13, 21, 8, 30, 3, 17, 11, 26, 9, 14, 6, 19, 4, 23, 12])
     seqs, outs = _run(ae, requests)
     for seq, (adapter, prompt) in zip(seqs, requests, strict=True):
@@ -101,17 +98,17 @@ def test_one_mixed_batch_matches_peft_tokens_and_logits(tiny_llama_dir, store, o
         assert outs[seq.request_id] == want_ids, f"{adapter} diverged"
         got = torch.stack(recorder.logits[seq.request_id])
         assert max_rel_err(got, want_logits) < TOL, adapter
-    assert ae.engine.block_manager.num_free_blocks == ae.engine.block_manager.num_blocks
+    assert ae.engine.core.block_manager.num_free_blocks == ae.engine.core.block_manager.num_blocks
 
 
 def test_eviction_under_two_slots_keeps_outputs(tiny_llama_dir, store, oracle):
     names = sorted(p.name for p in store.iterdir())[:6]
-    ae = build_engine(tiny_llama_dir, adapter_store=store, max_loras=2, max_cpu_loras=3, block_size=4)
+    ae = build_test_runtime(tiny_llama_dir, adapter_store=store, max_loras=2, max_cpu_loras=3, block_size=4)
     requests = _requests(names, [7, 12, 5, 16, 9, 11, 6, 14, 8, 10, 13, 4])
     seqs, outs = _run(ae, requests)
     for seq, (adapter, prompt) in zip(seqs, requests, strict=True):
         assert outs[seq.request_id] == oracle(adapter, prompt)[0], adapter
-    counters = ae.adapters.counters
+    counters = ae.adapters.stats()
     assert counters.evictions > 0  # six adapters really went through two slots
 
 
@@ -120,21 +117,21 @@ def test_reload_in_place_serves_new_weights(tiny_llama_dir, store, oracle, tmp_p
     live = tmp_path / "live"
     live.mkdir()
     shutil.copytree(store / names[0], live / "swap")
-    ae = build_engine(tiny_llama_dir, adapter_store=live, max_loras=2)
+    ae = build_test_runtime(tiny_llama_dir, adapter_store=live, max_loras=2)
     prompt = random_prompts([9], seed=4)[0]
     _, first = _run(ae, [("swap", prompt)])
     assert first["r0"] == oracle(names[0], prompt)[0]
     shutil.rmtree(live / "swap")
     shutil.copytree(store / names[1], live / "swap")
-    ae.adapters.reload("swap")
+    ae.lora.cache.replace("swap", ae.lora.reader.read("swap"))  # reload in place
     _, second = _run(ae, [("swap", prompt)])
     assert second["r0"] == oracle(names[1], prompt)[0]
 
 
 def test_served_merged_adapter_equals_unmerged(tiny_llama_dir, store, oracle):
     name = "all-r8-rslora"
-    merged = build_engine(tiny_llama_dir, adapter_store=store, merged_adapter=name, enable_lora=False)
+    merged = build_test_runtime(tiny_llama_dir, adapter_store=store, merged_adapter=name, enable_lora=False)
     prompt = random_prompts([10], seed=5)[0]
     seqs = [Sequence("m", prompt, greedy(NEW))]
-    outs = run_staggered(merged.engine, seqs)
+    outs = run_staggered(merged.engine.core, seqs)
     assert outs["m"] == oracle(name, prompt)[0]

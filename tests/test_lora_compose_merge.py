@@ -66,7 +66,7 @@ def test_compose_equals_peft_cat(tiny_llama_dir, parts, spec):
 
     model, handle, _ = inject_and_load(tiny_llama_dir, {}, max_loras=2, max_rank=64)
     handle.set_slot(1, composed)
-    handle.set_batch([1, 1], [8, 8])
+    handle.backend.plan([1, 1], [8, 8])
     assert max_rel_err(model(input_ids=ids).logits, want) < TOL
 
 

@@ -6,6 +6,7 @@ re-activation has to copy exactly the right weights back.
 
 from __future__ import annotations
 
+import asyncio
 import random
 import shutil
 import threading
@@ -14,11 +15,16 @@ import time
 import pytest
 import torch
 
-from server.engine.types import AdapterRef
+from server.config import Settings
+from server.engine.types import EngineStats
+from server.lora.backend import TorchLoRABackend
 from server.lora.compose import compose_adapters
 from server.lora.layers import inject_lora
-from server.lora.manager import AdapterManager
+from server.lora.ref import AdapterRef
+from server.lora.setup import build_lora
 from server.lora.spec import BaseModelSpec
+from server.service.adapter_service import AdapterService
+from server.store import AdapterStore
 from tests.lora_fixtures import (
     MIXED_CASES,
     load_base,
@@ -57,29 +63,31 @@ def expected(tiny_llama_dir, store, prompts):
     }
 
 
-def _manager(base_dir, store, max_loras=2, max_cpu_loras=8, max_rank=64):
+def _stack(base_dir, store, max_loras=2, max_cpu_loras=8, max_rank=64, **settings):
+    """The base model with the LoRA stack the server builds for these settings."""
     model = load_base(base_dir)
-    spec = BaseModelSpec.from_model(model)
-    handle = inject_lora(model, max_loras=max_loras, max_rank=max_rank, backend="torch")
-    manager = AdapterManager(handle, store, spec, max_loras, max_cpu_loras, max_rank, "cpu", torch.float32)
-    return model, manager
+    config = Settings(model=base_dir, adapter_store=store, max_loras=max_loras, max_cpu_loras=max_cpu_loras,
+                      max_lora_rank=max_rank, lora_backend="torch", **settings)  # fmt: skip
+    return model, build_lora(model, config, AdapterStore(store))
 
 
-def _wait(manager, ref, timeout=30.0):
+def _service(stack, store, **settings) -> AdapterService:
+    config = Settings(adapter_store=store, **settings)
+    return AdapterService(config, AdapterStore(store), stack, "base", lambda: EngineStats())
+
+
+def _wait(cache, ref, timeout=30.0):
     deadline = time.monotonic() + timeout
-    while manager.state(ref) == "loading" and time.monotonic() < deadline:
+    while cache.state(ref.key) == "loading" and time.monotonic() < deadline:
         time.sleep(0.01)
-    return manager.state(ref)
+    return cache.state(ref.key)
 
 
-def _gate_ready(gate, key, timeout=30.0) -> bool:
-    """Waits as the scheduler would (status() re-fetches what the host LRU dropped); False on error."""
-
-    class Seq:
-        adapter = AdapterRef(name=key)
-
+def _ready(manager, key, timeout=30.0) -> bool:
+    """Waits as the scheduler would (readiness() re-fetches what the host LRU dropped); False on error."""
+    ref = AdapterRef(name=key)
     deadline = time.monotonic() + timeout
-    while (status := gate.status(Seq)) == "loading" and time.monotonic() < deadline:
+    while (status := manager.readiness(ref)) == "loading" and time.monotonic() < deadline:
         time.sleep(0.01)
     return status == "ready"
 
@@ -89,7 +97,7 @@ def _step(model, manager, rows):
     """One engine step over ``rows`` = [(adapter key or None, prompt ids)]; returns per-row logits."""
     keys = {k for k, _ in rows if k}
     slots = manager.activate(keys) if keys else {}
-    manager.set_batch([slots[k] if k else -1 for k, _ in rows], [LENGTH] * len(rows))
+    manager.prepare_batch([slots[k] if k else -1 for k, _ in rows], [LENGTH] * len(rows))
     logits = model(input_ids=torch.cat([ids for _, ids in rows])).logits
     return [logits[i : i + 1] for i in range(len(rows))]
 
@@ -99,21 +107,21 @@ def test_two_slots_six_adapters_in_flight_keep_outputs_identical(
     tiny_llama_dir, store, prompts, expected, max_cpu_loras
 ):
     """A mini scheduler: FIFO admission while the adapters fit in the slots, pin while running."""
-    model, manager = _manager(tiny_llama_dir, store, max_loras=2, max_cpu_loras=max_cpu_loras)
+    model, stack = _stack(tiny_llama_dir, store, max_loras=2, max_cpu_loras=max_cpu_loras)
+    manager = stack.manager
     names = [c.name for c in MIXED_CASES[:6]]
     rng = random.Random(0)
     waiting = [(names[i % 6] if i % 5 else None, i % len(prompts), rng.randint(1, 3)) for i in range(18)]
     for key, _, _ in waiting:
         if key:
-            manager.prefetch(AdapterRef(name=key))
+            stack.cache.prefetch(AdapterRef(name=key))
     running: list[list] = []
-    gate = manager.gate()
     checked = 0
     while waiting or running:
         active = {r[0] for r in running if r[0]}
         while waiting:
             key = waiting[0][0]
-            if key and (not _gate_ready(gate, key) or not manager.can_activate(active | {key})):
+            if key and (not _ready(manager, key) or not manager.fits(active | {key})):
                 break
             running.append(list(waiting.pop(0)))
             if key:
@@ -129,18 +137,19 @@ def test_two_slots_six_adapters_in_flight_keep_outputs_identical(
             running.remove(request)
             if request[0]:
                 manager.unpin(request[0])
-    counters = manager.counters_snapshot()
+    counters = stack.cache.counters.snapshot()
     assert checked >= 18 and counters.evictions >= 4 and counters.activations >= 6
     assert counters.load_seconds > 0 and counters.load_failures == 0
     if max_cpu_loras >= 6:
         assert counters.loads == 6  # each adapter parsed once; slots refill from host memory
     else:
         assert counters.loads > 6 and counters.cpu_evictions > 0
-    manager.close()
+    stack.close()
 
 
 def test_pins_block_eviction_and_lru_picks_the_victim(tiny_llama_dir, store):
-    _, manager = _manager(tiny_llama_dir, store, max_loras=2)
+    _, stack = _stack(tiny_llama_dir, store, max_loras=2)
+    manager = stack.manager
     a, b, c = (x.name for x in MIXED_CASES[:3])
     slot_a = manager.activate({a})[a]
     manager.activate({b})
@@ -150,106 +159,105 @@ def test_pins_block_eviction_and_lru_picks_the_victim(tiny_llama_dir, store):
     assert manager.resident() == sorted([a, c]) and manager.counters.activations == activations + 1
     manager.pin(a)
     manager.pin(c)
-    assert not manager.can_activate({b}) and manager.can_activate({a, c})
+    assert not manager.fits({b}) and manager.fits({a, c})
     with pytest.raises(RuntimeError, match="do not fit in 2 slots"):
         manager.activate({b})
     manager.unpin(c)
-    assert manager.can_activate({b})
+    assert manager.fits({b})
     assert manager.activate({b, a}) == {a: slot_a, b: 1 - slot_a}  # c evicted, pinned a kept
     with pytest.raises(RuntimeError, match="without a matching pin"):
         manager.unpin(c)
-    manager.close()
+    stack.close()
 
 
 def test_background_load_states_and_errors(tiny_llama_dir, store, tmp_path):
-    _, manager = _manager(tiny_llama_dir, store)
+    _, stack = _stack(tiny_llama_dir, store)
+    cache, manager = stack.cache, stack.manager
     good = AdapterRef(name=MIXED_CASES[0].name)
-    assert manager.state(good) == "missing"
-    manager.prefetch(good)
-    assert _wait(manager, good) == "ready" and manager.error(good) is None
+    assert cache.state(good.key) == "missing"
+    cache.prefetch(good)
+    assert _wait(cache, good) == "ready" and cache.error(good.key) is None
 
     missing = AdapterRef(name="nope")
-    assert not manager.exists("nope")
-    manager.prefetch(missing)
-    assert _wait(manager, missing) == "error" and manager.error(missing) == "adapter 'nope' not found"
+    assert not stack.catalog.exists("nope")
+    cache.prefetch(missing)
+    assert _wait(cache, missing) == "error" and cache.error(missing.key) == "adapter 'nope' not found"
 
     broken = tmp_path / "broken"
     shutil.copytree(store / good.name, broken)
     data = (broken / "adapter_model.safetensors").read_bytes()
     (broken / "adapter_model.safetensors").write_bytes(data[:100])
-    manager.register_path("broken", broken)
-    assert manager.exists("broken") and "broken" in manager.list_names()
+    stack.catalog.register("broken", broken)
+    assert stack.catalog.exists("broken") and "broken" in stack.catalog.names()
     ref = AdapterRef(name="broken")
-    manager.prefetch(ref)
-    assert _wait(manager, ref) == "error"
-    assert "adapter_model.safetensors is corrupt or truncated" in manager.error(ref)
-    assert manager.counters.load_failures >= 2
+    cache.prefetch(ref)
+    assert _wait(cache, ref) == "error"
+    assert "adapter_model.safetensors is corrupt or truncated" in cache.error(ref.key)
+    assert stack.cache.counters.load_failures >= 2
 
-    class Seq:  # what the scheduler hands the gate
-        adapter = AdapterRef(name="nope")
-
-    gate = manager.gate()
-    assert gate.status(Seq) == "error" and "not found" in gate.error(Seq)
-    Seq.adapter = AdapterRef(name=MIXED_CASES[1].name)
-    assert gate.status(Seq) in ("loading", "ready") and _wait(manager, Seq.adapter) == "ready"
-    assert gate.status(Seq) == "ready"
-    manager.close()
+    nope = AdapterRef(name="nope")  # what the scheduler asks through the AdapterSlots protocol
+    assert manager.readiness(nope) == "error" and "not found" in manager.load_error(nope)
+    ref = AdapterRef(name=MIXED_CASES[1].name)
+    assert manager.readiness(ref) in ("loading", "ready") and _wait(cache, ref) == "ready"
+    assert manager.readiness(ref) == "ready"
+    stack.close()
 
 
 @torch.inference_mode()
 def test_composition_is_a_cached_virtual_adapter(tiny_llama_dir, store, prompts):
-    model, manager = _manager(tiny_llama_dir, store, max_loras=2)
+    model, stack = _stack(tiny_llama_dir, store, max_loras=2)
     names = [MIXED_CASES[0].name, MIXED_CASES[1].name]
     ref = AdapterRef(weights={names[0]: 0.5, names[1]: -1.0})
-    manager.prefetch(ref)
-    assert _wait(manager, ref) == "ready"
-    [got] = _step(model, manager, [(ref.key, prompts[0])])
+    stack.cache.prefetch(ref)
+    assert _wait(stack.cache, ref) == "ready"
+    [got] = _step(model, stack.manager, [(ref.key, prompts[0])])
 
     ref_model = load_base(tiny_llama_dir)
     spec = BaseModelSpec.from_model(ref_model)
-    handle = inject_lora(ref_model, 1, 64)
+    handle = inject_lora(ref_model, TorchLoRABackend(1), 64)
     from server.lora.adapter import load_peft_adapter
 
     parts = [(load_peft_adapter(store / n, n, spec, 64), w) for n, w in sorted(ref.weights.items())]
     handle.set_slot(0, compose_adapters(parts, ref.key))
-    handle.set_batch([0], [LENGTH])
+    handle.backend.plan([0], [LENGTH])
     assert max_rel_err(got, ref_model(input_ids=prompts[0]).logits) < TOL
 
     dora = AdapterRef(weights={names[0]: 1.0, "dora-r8": 1.0})
-    manager.prefetch(dora)
-    assert _wait(manager, dora) == "error" and "uses DoRA" in manager.error(dora)
-    manager.close()
+    stack.cache.prefetch(dora)
+    assert _wait(stack.cache, dora) == "error" and "uses DoRA" in stack.cache.error(dora.key)
+    stack.close()
 
 
 @torch.inference_mode()
 def test_reload_in_place_and_unload_after_in_flight_requests(tiny_llama_dir, store, tmp_path, prompts):
-    model, manager = _manager(tiny_llama_dir, store, max_loras=2)
+    model, stack = _stack(tiny_llama_dir, store, max_loras=2)
+    manager = stack.manager
+    service = _service(stack, store, allowed_lora_roots=[tmp_path])
     path = make_peft_adapter(tiny_llama_dir, tmp_path / "ext", r=4, seed=31)
-    manager.register_path("ext", path)
-    manager.load_now("ext")
+    asyncio.run(service.load("ext", str(path)))
     manager.pin("ext")
     [before] = _step(model, manager, [("ext", prompts[1])])
     assert max_rel_err(before, peft_logits(tiny_llama_dir, path, prompts[1])) < TOL
 
     shutil.rmtree(path)
     make_peft_adapter(tiny_llama_dir, path, r=8, seed=32)  # new weights, new rank, same place
-    manager.reload("ext")
+    asyncio.run(service.load("ext", str(path), inplace=True))
     [after] = _step(model, manager, [("ext", prompts[1])])  # the slot is rewritten in place
     assert max_rel_err(after, peft_logits(tiny_llama_dir, path, prompts[1])) < TOL
     assert max_rel_err(after, before) > 1e-2
 
-    manager.unload("ext")
-    assert not manager.exists("ext") and manager.state(AdapterRef(name="ext")) == "missing"
+    asyncio.run(service.unload("ext"))
+    assert not stack.catalog.exists("ext") and stack.cache.state("ext") == "missing"
     [still] = _step(model, manager, [("ext", prompts[1])])  # in flight: finishes on its weights
     assert max_rel_err(still, after) == 0.0 and manager.resident() == ["ext"]
     manager.unpin("ext")
     assert manager.resident() == []
-    manager.close()
+    stack.close()
 
 
 def test_concurrent_prefetch_reload_while_the_engine_activates(tiny_llama_dir, store, prompts, expected):
     """Host-tier calls from other threads never corrupt what the engine thread serves."""
-    model, manager = _manager(tiny_llama_dir, store, max_loras=2, max_cpu_loras=3)
+    model, stack = _stack(tiny_llama_dir, store, max_loras=2, max_cpu_loras=3)
     names = [c.name for c in MIXED_CASES[:6]]
     stop = threading.Event()
     errors: list[BaseException] = []
@@ -259,10 +267,10 @@ def test_concurrent_prefetch_reload_while_the_engine_activates(tiny_llama_dir, s
         try:
             while not stop.is_set():
                 name = rng.choice(names)
-                manager.prefetch(AdapterRef(name=name))
-                manager.state(AdapterRef(name=name))
-                if rng.random() < 0.1:
-                    manager.reload(name)
+                stack.cache.prefetch(AdapterRef(name=name))
+                stack.cache.state(name)
+                if rng.random() < 0.1:  # reload in place
+                    stack.cache.replace(name, stack.reader.read(name))
         except BaseException as exc:  # noqa: BLE001 - surfaced below
             errors.append(exc)
 
@@ -273,7 +281,7 @@ def test_concurrent_prefetch_reload_while_the_engine_activates(tiny_llama_dir, s
         for step in range(8):
             pair = [names[step % 6], names[(step + 1) % 6]]
             outputs = _step(
-                model, manager, [(pair[0], prompts[0]), (None, prompts[2]), (pair[1], prompts[3])]
+                model, stack.manager, [(pair[0], prompts[0]), (None, prompts[2]), (pair[1], prompts[3])]
             )
             assert max_rel_err(outputs[0], expected[(pair[0], 0)]) < TOL
             assert max_rel_err(outputs[1], expected[(None, 2)]) < TOL
@@ -282,5 +290,5 @@ def test_concurrent_prefetch_reload_while_the_engine_activates(tiny_llama_dir, s
         stop.set()
         for t in threads:
             t.join()
-        manager.close()
+        stack.close()
     assert not errors

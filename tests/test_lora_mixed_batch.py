@@ -42,7 +42,7 @@ def test_mixed_batch_matches_peft_per_row(tiny_llama_dir, llama_adapters):
     row_slots = [3, -1, 0, 5, 1, 6, -1, 4, 2, 3]
     length = 9
     ids = torch.randint(3, 500, (len(row_slots), length), generator=torch.Generator().manual_seed(1))
-    handle.set_batch(row_slots, [length] * len(row_slots))
+    handle.backend.plan(row_slots, [length] * len(row_slots))
     got = model(input_ids=ids, use_cache=False).logits
     base = peft_logits(tiny_llama_dir, None, ids)
     for row, slot in enumerate(row_slots):
@@ -68,7 +68,7 @@ def test_mixed_batch_greedy_tokens_match_peft_generate(tiny_llama_dir, llama_ada
     # The batch metadata follows the growing length: re-set it before every step.
     out = ids
     for _ in range(steps):
-        handle.set_batch(row_slots, [out.shape[1]] * len(row_slots))
+        handle.backend.plan(row_slots, [out.shape[1]] * len(row_slots))
         logits = model(input_ids=out, use_cache=False).logits
         out = torch.cat([out, logits[:, -1].argmax(-1, keepdim=True)], dim=1)
     for row, slot in enumerate(row_slots):
@@ -90,7 +90,7 @@ def test_packed_rows_with_unequal_segments_match_peft_module(tiny_llama_dir, lla
     layer = handle.layers[module]
     seqs = [(4, 3), (-1, 2), (0, 5), (4, 1), (2, 7), (-1, 1), (5, 4)]  # (slot, tokens)
     x = torch.randn(1, sum(n for _, n in seqs), layer.spec.in_features)
-    handle.set_batch([s for s, _ in seqs], [n for _, n in seqs])
+    handle.backend.plan([s for s, _ in seqs], [n for _, n in seqs])
     got = layer(x)[0]
     row = 0
     for slot, n in seqs:
@@ -106,10 +106,10 @@ def test_packed_rows_with_unequal_segments_match_peft_module(tiny_llama_dir, lla
 @torch.inference_mode()
 def test_layer_refuses_a_batch_of_the_wrong_size(tiny_llama_dir, llama_adapters):
     model, handle, _ = inject_and_load(tiny_llama_dir, dict(list(llama_adapters.items())[:1]))
-    handle.set_batch([0, -1], [3, 3])
+    handle.backend.plan([0, -1], [3, 3])
     with pytest.raises(RuntimeError, match="set for 6 tokens but the layer got 8 rows"):
         model(input_ids=torch.ones(2, 4, dtype=torch.long), use_cache=False)
-    handle.clear_batch()  # no batch: every row is the base model
+    handle.backend.clear()  # no batch: every row is the base model
     ids = torch.ones(2, 4, dtype=torch.long)
     assert max_rel_err(model(input_ids=ids).logits, peft_logits(tiny_llama_dir, None, ids)) == 0.0
 
@@ -126,7 +126,7 @@ def test_qwen2_biases_dora_and_lora_bias(tiny_qwen2_dir, tmp_path):
     model, handle, _ = inject_and_load(tiny_qwen2_dir, dirs, max_loras=4, max_rank=16)
     row_slots = [2, 0, -1, 1]
     ids = torch.randint(3, 500, (4, 7), generator=torch.Generator().manual_seed(3))
-    handle.set_batch(row_slots, [7] * 4)
+    handle.backend.plan(row_slots, [7] * 4)
     got = model(input_ids=ids).logits
     names = list(dirs)
     for row, slot in enumerate(row_slots):
@@ -152,7 +152,7 @@ def test_gpt2_conv1d_fan_in_fan_out(tmp_path):
     model, handle, spec = inject_and_load(base_dir, dirs, max_loras=2, max_rank=8)
     assert spec.linears["transformer.h.0.attn.c_attn"].transposed
     ids = torch.randint(0, 512, (3, 5), generator=torch.Generator().manual_seed(4))
-    handle.set_batch([1, -1, 0], [5, 5, 5])
+    handle.backend.plan([1, -1, 0], [5, 5, 5])
     got = model(input_ids=ids).logits
     for row, name in [(0, "dora"), (1, None), (2, "plain")]:
         want = peft_logits(base_dir, dirs[name] if name else None, ids[row : row + 1])

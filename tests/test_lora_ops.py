@@ -5,8 +5,9 @@ from __future__ import annotations
 import pytest
 import torch
 
+from server.lora.backend import make_lora_backend
 from server.lora.batch import LoRABatch
-from server.lora.ops import add_lora, resolve_backend
+from server.lora.ops.sgmv_torch import sgmv_torch
 from tests.lora_fixtures import single_torch_thread  # noqa: F401 - autouse fixture
 
 
@@ -55,10 +56,10 @@ def test_torch_reference_matches_naive(seq_slots, seq_lens):
     batch = LoRABatch(4)
     batch.set(seq_slots, seq_lens)
     got = y.clone()
-    add_lora(got, x, a, b, batch, ranks=[4, 8, 16, 2])
+    sgmv_torch(got, x, a, b, batch, ranks=[4, 8, 16, 2])
     torch.testing.assert_close(got, _naive(y, x, a, b, seq_slots, seq_lens), rtol=1e-5, atol=1e-4)
     padded = y.clone()  # slicing to the live rank == using the zero-padded buffers
-    add_lora(padded, x, a, b, batch)
+    sgmv_torch(padded, x, a, b, batch)
     torch.testing.assert_close(got, padded, rtol=1e-5, atol=1e-4)
 
 
@@ -80,7 +81,7 @@ def test_base_rows_are_untouched_and_cost_nothing():
     a, b = _stacked(2, [4, 4], 8, 8)
     x, y = torch.randn(12, 8), torch.randn(12, 8)
     got = y.clone()
-    add_lora(got, x, a, b, batch)
+    sgmv_torch(got, x, a, b, batch)
     assert torch.equal(got[:3], y[:3]) and torch.equal(got[5:9], y[5:9])
 
 
@@ -97,9 +98,9 @@ def test_batch_validation():
 
 def test_backend_resolution(monkeypatch):
     monkeypatch.delenv("TRITON_INTERPRET", raising=False)
-    assert resolve_backend("auto", "cpu") == "torch"
-    assert resolve_backend("torch", "cpu") == "torch"
+    assert make_lora_backend("auto", "cpu", 2).name == "torch"
+    assert make_lora_backend("torch", "cpu", 2).name == "torch"
     with pytest.raises(ValueError, match="needs triton"):
-        resolve_backend("triton", "cpu")
+        make_lora_backend("triton", "cpu", 2)
     with pytest.raises(ValueError, match="unknown LoRA backend"):
-        resolve_backend("cuda-magic", "cpu")
+        make_lora_backend("cuda-magic", "cpu", 2)

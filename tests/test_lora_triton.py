@@ -19,9 +19,11 @@ import pytest
 import torch
 
 from server.lora.adapter import LoRAModuleWeights
+from server.lora.backend import make_lora_backend
 from server.lora.batch import LoRABatch
 from server.lora.layers import LoRALinear
-from server.lora.ops import add_lora, resolve_backend
+from server.lora.ops.sgmv_torch import sgmv_torch
+from server.lora.slot_weights import SlotWeights
 from server.lora.spec import linear_spec
 
 IN_CHILD = os.environ.get("TRITON_INTERPRET") == "1"
@@ -58,7 +60,13 @@ def test_triton_kernels_under_interpreter():
 def interpreted():
     if not IN_CHILD:
         pytest.skip("runs in the TRITON_INTERPRET=1 child of test_triton_kernels_under_interpreter")
-    assert resolve_backend("triton", "cpu") == "triton"
+    assert make_lora_backend("triton", "cpu", 2).name == "triton"
+
+
+def _sgmv_triton(y, x, a, b, batch):
+    from server.lora.ops.sgmv_triton import sgmv_triton  # imports triton: only in the child
+
+    sgmv_triton(y, x, a, b, batch)
 
 
 def _stacked(num_slots, ranks, d_in, d_out, seed=0):
@@ -89,8 +97,8 @@ def test_triton_sgmv_matches_torch(interpreted, seq_slots, seq_lens, ranks):
     batch = LoRABatch(4)
     batch.set(seq_slots, seq_lens)
     want, got = y.clone(), y.clone()
-    add_lora(want, x, a, b, batch, backend="torch")
-    add_lora(got, x, a, b, batch, backend="triton")
+    sgmv_torch(want, x, a, b, batch)
+    _sgmv_triton(got, x, a, b, batch)
     torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-4)
 
 
@@ -102,8 +110,8 @@ def test_triton_sgmv_on_non_contiguous_views(interpreted):
     batch = LoRABatch(2)
     batch.set([1, 0], [4, 6])
     want, got = y.clone(), y.clone()
-    add_lora(want, x, a, b, batch, backend="torch")
-    add_lora(got, x, a, b, batch, backend="triton")
+    sgmv_torch(want, x, a, b, batch)
+    _sgmv_triton(got, x, a, b, batch)
     torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-4)
 
 
@@ -122,11 +130,10 @@ def test_triton_layer_with_dora_and_bias_matches_torch(interpreted):
     x = torch.randn(1, 19, 48)
     outputs = {}
     for backend in ("torch", "triton"):
-        layer = LoRALinear(
-            base, linear_spec("l", base), LoRABatch(3), max_loras=3, max_rank=16, backend=backend
-        )
-        for slot, weights in enumerate(slots):
-            layer.set_slot(slot, weights)
-        layer.batch.set([2, -1, 1, 0, -1, 1], [3, 2, 5, 4, 1, 4])
+        weights = SlotWeights("l", 48, 40, max_loras=3, max_rank=16, device="cpu", dtype=torch.float32)
+        for slot, module_weights in enumerate(slots):
+            weights.write(slot, module_weights, base.bias)
+        layer = LoRALinear(base, linear_spec("l", base), make_lora_backend(backend, "cpu", 3), weights)
+        layer.backend.plan([2, -1, 1, 0, -1, 1], [3, 2, 5, 4, 1, 4])
         outputs[backend] = layer(x)
     torch.testing.assert_close(outputs["triton"], outputs["torch"], rtol=1e-5, atol=1e-4)

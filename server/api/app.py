@@ -13,6 +13,7 @@ import contextlib
 import logging
 import time
 from collections.abc import AsyncIterator
+from typing import TYPE_CHECKING
 
 from fastapi import FastAPI
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
@@ -26,7 +27,9 @@ from server.api.routes_ops import router as ops_router
 from server.api.state import AppState
 from server.config import Settings
 from server.metrics import ServerMetrics
-from server.store import AdapterStore
+
+if TYPE_CHECKING:
+    from server.bootstrap import Runtime
 
 log = logging.getLogger(__name__)
 
@@ -63,44 +66,43 @@ class RequestMetricsMiddleware:
             self.metrics.request_seconds.labels(route=label).observe(time.monotonic() - start)
 
 
-async def _boot(state: AppState, engine) -> None:
-    """Builds (unless given) and starts the engine; failures are kept for /health and /ready."""
+async def _boot(state: AppState, runtime: Runtime | None) -> None:
+    """Builds (unless given) and starts the runtime; failures are kept for /health and /ready."""
     try:
-        if engine is None:
-            from server.engine.async_engine import AsyncEngine
+        if runtime is None:
+            from server.bootstrap import build_runtime
 
-            engine = await asyncio.to_thread(AsyncEngine, state.settings)
-        state.engine = engine
-        if not engine.ready:
-            await engine.start()
-        log.info("engine ready: serving %s", engine.model_name)
+            runtime = await asyncio.to_thread(build_runtime, state.settings)
+        state.runtime = runtime
+        if not runtime.engine.ready:
+            await runtime.engine.start()
+        log.info("engine ready: serving %s", runtime.engine.served.name)
     except Exception as exc:
         state.boot_error = f"{type(exc).__name__}: {exc}"
         log.exception("engine failed to start")
 
 
-def create_app(settings: Settings, engine=None) -> FastAPI:
-    """The server app; ``engine`` (an un-started or started ``AsyncEngine``) is for tests."""
-    store = AdapterStore(settings.adapter_store)
+def create_app(settings: Settings, runtime: Runtime | None = None) -> FastAPI:
+    """The server app; ``runtime`` (built by ``build_runtime``, engine started or not) is for tests."""
     state = AppState(
         settings=settings,
         auth=Authenticator(settings),
-        store=store,
         metrics=ServerMetrics(
-            lambda: state.engine if state.engine is not None and state.engine.ready else None
+            lambda: state.runtime if state.runtime and state.runtime.engine.ready else None
         ),
     )
 
     @contextlib.asynccontextmanager
     async def lifespan(_: FastAPI) -> AsyncIterator[None]:
-        boot = asyncio.create_task(_boot(state, engine))
+        boot = asyncio.create_task(_boot(state, runtime))
         try:
             yield
         finally:
             if not boot.done():
                 await boot  # an engine half-built in a thread cannot be interrupted; let it finish
-            if state.engine is not None:
-                await state.engine.shutdown(settings.drain_timeout_s)
+            if state.runtime is not None:
+                await state.runtime.engine.shutdown(settings.drain_timeout_s)
+                await asyncio.to_thread(state.runtime.close)
             state.tokenizer_pool.shutdown(wait=False, cancel_futures=True)
 
     app = FastAPI(

@@ -16,7 +16,21 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from server.engine.types import EngineError
+from server.engine.types import (
+    EngineError,
+    EngineStoppedError,
+    ErrorKind,
+    InvalidRequestError,
+    QueueFullError,
+)
+from server.service.errors import (
+    AdapterConflictError,
+    AdapterNotFoundError,
+    AdapterServiceError,
+    InvalidAdapterError,
+    LoRADisabledError,
+    PathNotAllowedError,
+)
 
 log = logging.getLogger(__name__)
 
@@ -76,9 +90,25 @@ def error_response(
     return JSONResponse(error_body(status, message, type, param), status_code=status, headers=headers)
 
 
-def api_error_from_engine(exc: EngineError) -> APIError:
-    headers = {"Retry-After": "1"} if exc.status in (429, 503) else None
-    return APIError(exc.status, str(exc), type=exc.type, headers=headers)
+# The one place where what went wrong (an exception class, an error kind) becomes an HTTP status.
+_STATUS_OF_EXCEPTION: dict[type[Exception], int] = {
+    InvalidRequestError: 400,
+    QueueFullError: 429,
+    EngineStoppedError: 503,
+    AdapterNotFoundError: 404,
+    AdapterConflictError: 409,
+    InvalidAdapterError: 400,
+    LoRADisabledError: 400,
+    PathNotAllowedError: 400,
+}
+STATUS_OF_ERROR_KIND = {ErrorKind.ADAPTER_UNAVAILABLE: 400, ErrorKind.INTERNAL: 500}
+
+
+def api_error_from(exc: EngineError | AdapterServiceError) -> APIError:
+    """The HTTP rendering of an engine or adapter-service error (500 for any class not listed)."""
+    status = next((s for cls, s in _STATUS_OF_EXCEPTION.items() if isinstance(exc, cls)), 500)
+    headers = {"Retry-After": "1"} if status in (429, 503) else None
+    return APIError(status, str(exc), param=getattr(exc, "param", None), headers=headers)
 
 
 def _validation_message(exc: RequestValidationError) -> tuple[str, str | None]:
@@ -103,8 +133,9 @@ def install_error_handlers(app: FastAPI) -> None:
         return error_response(exc.status, exc.message, exc.type, exc.param, exc.headers)
 
     @app.exception_handler(EngineError)
-    async def _engine_error(_: Request, exc: EngineError) -> JSONResponse:
-        err = api_error_from_engine(exc)
+    @app.exception_handler(AdapterServiceError)
+    async def _domain_error(_: Request, exc: EngineError | AdapterServiceError) -> JSONResponse:
+        err = api_error_from(exc)
         return error_response(err.status, err.message, err.type, err.param, err.headers)
 
     @app.exception_handler(RequestValidationError)

@@ -20,8 +20,9 @@ from dataclasses import dataclass, field
 
 from fastapi import Request
 
-from server.api.errors import APIError
-from server.engine.types import AdapterRef, RequestOutput, SamplingParams
+from server.api.errors import STATUS_OF_ERROR_KIND, APIError
+from server.engine.types import ErrorKind, RequestOutput, SamplingParams
+from server.lora.ref import AdapterRef
 from server.metrics import ServerMetrics
 
 _DISCONNECT_POLL_S = 0.25
@@ -57,7 +58,7 @@ class Choice:
     finished: bool = False
     finish_reason: str | None = None
     error: str | None = None
-    error_status: int | None = None
+    error_kind: ErrorKind | None = None
     last_token_at: float | None = None
 
     def apply(self, out: RequestOutput) -> None:
@@ -68,7 +69,7 @@ class Choice:
         if out.finished:
             self.finished = True
             self.finish_reason = out.finish_reason.value if out.finish_reason is not None else None
-            self.error, self.error_status = out.error, out.error_status
+            self.error, self.error_kind = out.error, out.error_kind
 
 
 def seed_for(seed: int | None, i: int) -> int | None:
@@ -189,4 +190,4 @@ class RequestGroup:
 
 def raise_if_failed(choice: Choice) -> None:
     if choice.finished and choice.error is not None:
-        raise APIError(choice.error_status or 500, choice.error)
+        raise APIError(STATUS_OF_ERROR_KIND.get(choice.error_kind, 500), choice.error)

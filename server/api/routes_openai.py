@@ -10,18 +10,23 @@ from __future__ import annotations
 import time
 import uuid
 from collections.abc import AsyncIterator
+from typing import TYPE_CHECKING
 
 from fastapi import APIRouter, Depends, Request
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 
 from server.api.auth import Principal, require_key
-from server.api.catalog import adapter_names, resident_names, resolve_model
 from server.api.errors import APIError, error_body
 from server.api.generation import ClientDisconnected, GenerationJob, RequestGroup, raise_if_failed
 from server.api.openai_format import DONE, ResponseBuilder, chat_logprobs, completion_logprobs, sse
 from server.api.schemas import ChatCompletionRequest, CompletionRequest, _SamplingFields
 from server.api.state import AppState, app_state
-from server.engine.types import RequestOutput, SamplingParams
+from server.engine.types import RequestOutput, SamplingParams, check_context_length
+from server.lora.ref import AdapterRef
+from server.service.resolve import not_found
+
+if TYPE_CHECKING:
+    from server.bootstrap import Runtime
 
 router = APIRouter(tags=["openai"])
 
@@ -32,34 +37,37 @@ _CLIENT_CLOSED = 499  # nginx's "client closed request": logged, never seen by t
 async def list_models(
     state: AppState = Depends(app_state), principal: Principal = Depends(require_key)
 ) -> JSONResponse:
-    engine = state.ready_engine()
+    rt = state.ready_runtime()
     created = int(time.time())
-    resident = resident_names(engine)
+    base = rt.engine.served
+    resident = set(rt.engine.stats().resident_adapters)
+    entry = {"object": "model", "created": created, "owned_by": "loraplex"}
     data = [
-        {
-            "id": engine.model_name,
-            "object": "model",
-            "created": created,
-            "owned_by": "loraplex",
-            "root": engine.model_name,
-            "parent": None,
-            "max_model_len": engine.max_model_len,
-        }
+        {"id": base.name, **entry, "root": base.name, "parent": None, "max_model_len": base.max_model_len}
     ]
-    for name in adapter_names(engine, state.store):
+    for name in rt.adapters.names():
         if principal.can_use(name):
             data.append(
-                {
-                    "id": name,
-                    "object": "model",
-                    "created": created,
-                    "owned_by": "loraplex",
-                    "root": name,
-                    "parent": engine.model_name,
-                    "resident": name in resident,
-                }
+                {"id": name, **entry, "root": name, "parent": base.name, "resident": name in resident}
             )
     return JSONResponse({"object": "list", "data": data})
+
+
+def resolve_adapter(
+    rt: Runtime, principal: Principal, body: _SamplingFields
+) -> tuple[AdapterRef | None, list[str]]:
+    """The weights the request asks for, and its labels for the per-adapter request counter.
+
+    A name the key may not use is reported exactly like a missing one, so tenants cannot probe
+    each other's adapter names.
+    """
+    base = rt.engine.served.name
+    names = list(body.adapters) if body.adapters else [body.model]
+    for name in names:
+        if name != base and not principal.can_use(name):
+            raise not_found(name, "adapters" if body.adapters else "model")
+    ref = rt.adapters.resolve(body.model, body.adapters)
+    return ref, [n if n != base else "" for n in names]
 
 
 @router.post("/v1/completions")
@@ -69,18 +77,20 @@ async def completions(
     state: AppState = Depends(app_state),
     principal: Principal = Depends(require_key),
 ) -> Response:
-    engine = state.ready_engine()
-    adapter, labels = resolve_model(engine, principal, body.model, body.adapters)
+    rt = state.ready_runtime()
+    adapter, labels = resolve_adapter(rt, principal, body)
     prompts = []
     for prompt in body.prompt_list():
         if isinstance(prompt, str):
-            prompt = await state.on_tokenizer_thread(engine.tokenizer.encode, prompt)
+            prompt = await state.on_tokenizer_thread(rt.engine.served.tokenizer.encode, prompt)
         prompts.append(list(prompt))
-    max_tokens = check_context(engine.max_model_len, prompts, body.max_tokens)
+    max_tokens = check_context_length(
+        rt.engine.served.max_model_len, [len(p) for p in prompts], body.max_tokens
+    )
     want_logprobs = body.logprobs is not None
     job = GenerationJob(prompts, sampling_params(body, max_tokens, want_logprobs), body.n, adapter, labels)
     builder = ResponseBuilder("completion", f"cmpl-{uuid.uuid4().hex}", body.model)
-    return await respond(request, state, engine, job, builder, body, want_logprobs)
+    return await respond(request, state, rt.engine, job, builder, body, want_logprobs)
 
 
 @router.post("/v1/chat/completions")
@@ -90,23 +100,23 @@ async def chat_completions(
     state: AppState = Depends(app_state),
     principal: Principal = Depends(require_key),
 ) -> Response:
-    engine = state.ready_engine()
-    adapter, labels = resolve_model(engine, principal, body.model, body.adapters)
-    tokenizer = engine.tokenizer
-    if not getattr(tokenizer, "chat_template", None):
+    rt = state.ready_runtime()
+    served = rt.engine.served
+    adapter, labels = resolve_adapter(rt, principal, body)
+    if not getattr(served.tokenizer, "chat_template", None):
         raise APIError(
             400,
-            f"model '{engine.model_name}' has no chat template in its tokenizer; use /v1/completions",
+            f"model '{served.name}' has no chat template in its tokenizer; use /v1/completions",
             param="messages",
         )
     messages = [
         {"role": m.role, "content": m.text(), **({"name": m.name} if m.name else {})} for m in body.messages
     ]
-    prompt = await state.on_tokenizer_thread(_render_chat, tokenizer, messages)
-    max_tokens = check_context(engine.max_model_len, [prompt], body.token_limit())
+    prompt = await state.on_tokenizer_thread(_render_chat, served.tokenizer, messages)
+    max_tokens = check_context_length(served.max_model_len, [len(prompt)], body.token_limit())
     job = GenerationJob([prompt], sampling_params(body, max_tokens, body.logprobs), body.n, adapter, labels)
     builder = ResponseBuilder("chat", f"chatcmpl-{uuid.uuid4().hex}", body.model)
-    return await respond(request, state, engine, job, builder, body, body.logprobs)
+    return await respond(request, state, rt.engine, job, builder, body, body.logprobs)
 
 
 def _render_chat(tokenizer, messages: list[dict]) -> list[int]:
@@ -115,30 +125,6 @@ def _render_chat(tokenizer, messages: list[dict]) -> list[int]:
     except Exception as exc:  # jinja's raise_exception() and template errors: the messages' fault
         raise APIError(400, f"chat template rejected the messages: {exc}", param="messages") from None
     return tokenizer.encode(text, add_special_tokens=False)
-
-
-def check_context(max_model_len: int, prompts: list[list[int]], max_tokens: int | None) -> int:
-    """The request's max_tokens (default: the rest of the context), or a 400 with the numbers."""
-    if any(len(p) == 0 for p in prompts):
-        raise APIError(400, "prompt is empty (0 tokens after tokenization)", param="prompt")
-    longest = max(len(p) for p in prompts)
-    if longest >= max_model_len:
-        raise APIError(
-            400,
-            f"this model's maximum context length is {max_model_len} tokens, but the prompt has "
-            f"{longest} tokens, which leaves no room for output",
-            param="prompt",
-        )
-    if max_tokens is None:
-        return max_model_len - longest
-    if longest + max_tokens > max_model_len:
-        raise APIError(
-            400,
-            f"this model's maximum context length is {max_model_len} tokens, but the request asks for "
-            f"{longest + max_tokens} ({longest} in the prompt + {max_tokens} max_tokens)",
-            param="max_tokens",
-        )
-    return max_tokens
 
 
 def sampling_params(body: _SamplingFields, max_tokens: int, logprobs: bool) -> SamplingParams:
@@ -168,7 +154,7 @@ async def respond(
     want_logprobs: bool,
 ) -> Response:
     group = RequestGroup(engine, state.metrics, builder.id)
-    tokenizer = None if body.return_tokens_as_token_ids else engine.tokenizer
+    tokenizer = None if body.return_tokens_as_token_ids else engine.served.tokenizer
     await group.open(job)
     if not body.stream:
         try:

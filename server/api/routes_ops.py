@@ -23,10 +23,10 @@ async def health(state: AppState = Depends(app_state)) -> Response:
 @router.get("/ready")
 async def ready(state: AppState = Depends(app_state)) -> Response:
     """200 once the model is loaded and warm, 503 before (and while shutting down)."""
-    engine = state.engine
-    if engine is None or not engine.ready:
+    runtime = state.runtime
+    if runtime is None or not runtime.engine.ready:
         return error_response(503, "engine is not ready", headers={"Retry-After": "1"})
-    return JSONResponse({"status": "ready", "model": engine.model_name})
+    return JSONResponse({"status": "ready", "model": runtime.engine.served.name})
 
 
 @router.get("/metrics")

@@ -1,4 +1,4 @@
-"""Per-app state shared by the routes: settings, auth, store, metrics, the engine once it is up.
+"""Per-app state shared by the routes: settings, auth, metrics, and the runtime once it is up.
 
 One :class:`AppState` lives on ``app.state.loraplex``; nothing here is module-global, so several
 apps (tests, replicas in one process) never share anything.
@@ -10,7 +10,7 @@ import asyncio
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
-from typing import Any, TypeVar
+from typing import TYPE_CHECKING, Any, TypeVar
 
 from fastapi import Request
 
@@ -18,7 +18,9 @@ from server.api.auth import Authenticator
 from server.api.errors import APIError
 from server.config import Settings
 from server.metrics import ServerMetrics
-from server.store import AdapterStore
+
+if TYPE_CHECKING:
+    from server.bootstrap import Runtime
 
 T = TypeVar("T")
 
@@ -27,9 +29,8 @@ T = TypeVar("T")
 class AppState:
     settings: Settings
     auth: Authenticator
-    store: AdapterStore
     metrics: ServerMetrics
-    engine: Any = None  # server.engine.async_engine.AsyncEngine, set once built
+    runtime: Runtime | None = None  # set once built
     boot_error: str | None = None
     # Fast tokenizers are not safe to call from several threads at once ("Already borrowed"),
     # so all tokenization runs on one worker thread, off the event loop.
@@ -37,15 +38,15 @@ class AppState:
         default_factory=lambda: ThreadPoolExecutor(max_workers=1, thread_name_prefix="loraplex-tokenize")
     )
 
-    def ready_engine(self):
-        """The engine if it is loaded and warm; 503 (retryable) otherwise."""
-        engine = self.engine
-        if engine is None or not engine.ready:
+    def ready_runtime(self) -> Runtime:
+        """The runtime if its engine is loaded and warm; 503 (retryable) otherwise."""
+        runtime = self.runtime
+        if runtime is None or not runtime.engine.ready:
             detail = (
                 f"engine failed to start: {self.boot_error}" if self.boot_error else "engine is not ready"
             )
             raise APIError(503, detail, headers={"Retry-After": "1"})
-        return engine
+        return runtime
 
     async def on_tokenizer_thread(self, fn: Callable[..., T], *args: Any) -> T:
         return await asyncio.get_running_loop().run_in_executor(self.tokenizer_pool, fn, *args)

@@ -1,24 +1,19 @@
-"""Adapter upload: multipart form -> staged files -> full validation -> atomic publish.
+"""Adapter upload, the HTTP half: the multipart form -> the adapter's name and its two files.
 
-Nothing becomes visible before the adapter has been parsed and checked against the base model by
-the same loader that serves it (``load_peft_adapter``): the files are written into a hidden
-staging directory inside the store, validated there, and only then renamed onto their name. Any
+The adapter service does the rest (stage, validate as serving will, publish atomically), so any
 failure - bad shapes, a pickle file, a traversal name, truncated safetensors, an oversize file -
-removes the staging directory, leaving the store byte-for-byte as it was.
+leaves the store byte-for-byte as it was.
 """
 
 from __future__ import annotations
 
-import shutil
 from pathlib import Path
 
 from starlette.datastructures import FormData, UploadFile
 
 from server.api.errors import APIError
-from server.store import AdapterStore, InvalidAdapterNameError, StoredAdapter, check_adapter_name
+from server.store import CONFIG_FILE, WEIGHTS_FILE
 
-CONFIG_FILE = "adapter_config.json"
-WEIGHTS_FILE = "adapter_model.safetensors"
 # A file part is identified by its form field name, or failing that by its filename.
 _ROLES = {
     "adapter_config.json": CONFIG_FILE,
@@ -47,25 +42,12 @@ UPLOAD_OPENAPI = {
 }
 
 
-def validate_adapter_dir(engine, path: Path, name: str) -> None:
-    """Parses the adapter in ``path`` exactly as serving will, and checks it fits this server's slots.
-
-    Raises ``AdapterError`` (a ``ValueError``) naming what is wrong.
-    """
-    from server.lora.adapter import load_peft_adapter
-
-    adapter = load_peft_adapter(path, name, engine.base_spec, engine.settings.max_lora_rank)
-    engine.adapters.lora.check(adapter)
-
-
 def upload_name(form: FormData) -> str:
+    """The ``name`` field (validated by the adapter service)."""
     name = form.get("name")
     if not isinstance(name, str):
         raise APIError(400, "multipart field 'name' is required", param="name")
-    try:
-        return check_adapter_name(name)
-    except InvalidAdapterNameError as exc:
-        raise APIError(400, str(exc), param="name") from None
+    return name
 
 
 def upload_files(form: FormData, max_bytes: int) -> dict[str, UploadFile]:
@@ -108,23 +90,3 @@ def _size(upload: UploadFile) -> int:
     size = upload.file.tell()
     upload.file.seek(0)
     return size
-
-
-def stage_validate_commit(
-    store: AdapterStore, name: str, files: dict[str, UploadFile], validate
-) -> StoredAdapter:
-    """Blocking (run it in a thread): write into staging, ``validate(staged_dir)``, publish atomically.
-
-    ``validate`` raises ``ValueError`` (e.g. ``AdapterError``) for a bad adapter -> 400; the store's
-    ``AdapterExistsError`` (-> 409) is left to the caller.
-    """
-    with store.staging() as staged:
-        for target, upload in files.items():
-            upload.file.seek(0)
-            with open(staged / target, "wb") as out:
-                shutil.copyfileobj(upload.file, out, 1 << 20)
-        try:
-            validate(staged)
-        except ValueError as exc:
-            raise APIError(400, str(exc).replace(str(staged), "<upload>")) from None
-        return store.commit(staged, name)

@@ -1,8 +1,9 @@
-"""The asyncio face of the engine.
+"""The asyncio face of the engine: submit, stream, abort.
 
 One engine thread owns the device and loops over ``LLMEngine.step``; the event loop only validates
 requests, hands them over through a command queue and receives outputs through
-``loop.call_soon_threadsafe``. Nothing on the event loop ever waits on the model.
+``loop.call_soon_threadsafe``. Nothing on the event loop ever waits on the model. Building the engine
+from settings is ``server.bootstrap``'s job; adapter operations are the adapter service's.
 """
 
 from __future__ import annotations
@@ -14,67 +15,41 @@ import threading
 import time
 import uuid
 from collections.abc import AsyncIterator
-from pathlib import Path
+from dataclasses import dataclass
 
 import torch
 
-from server.config import Settings
-from server.engine.block_manager import BlockManager
-from server.engine.llm_engine import EngineLimits, LLMEngine, eos_ids_of
-from server.engine.model_runner import ModelRunner
-from server.engine.sampler import Sampler
-from server.engine.scheduler import Scheduler
+from server.engine.adapter_slots import AdapterHandle
+from server.engine.llm_engine import LLMEngine
 from server.engine.sequence import Sequence
 from server.engine.types import (
-    AdapterNotFoundError,
-    AdapterRef,
-    EngineError,
     EngineStats,
+    EngineStoppedError,
     InvalidRequestError,
     QueueFullError,
     RequestOutput,
     SamplingParams,
+    check_context_length,
 )
-from server.model.loader import geometry_of, load_model, load_tokenizer
 
 log = logging.getLogger(__name__)
 
 
-class AsyncEngine:
-    def __init__(self, settings: Settings) -> None:
-        self.settings = settings
-        self.device = settings.resolved_device()
-        self.dtype = settings.resolved_dtype()
-        torch.manual_seed(settings.seed)
-        self.tokenizer = load_tokenizer(settings.model)
-        self.model = load_model(settings.model, self.device, self.dtype)
-        self.geometry = geometry_of(self.model.config)
-        self.model_name = settings.served_model_name or Path(settings.model).resolve().name
-        self.adapters, self.base_spec, lora_hook = self._build_lora()
+@dataclass(frozen=True)
+class ServedModel:
+    """What clients address and what their requests are checked against."""
 
-        block_size = settings.block_size
-        per_block = ModelRunner.kv_bytes_per_block(self.geometry, block_size, self.dtype)
-        num_blocks = settings.num_kv_blocks or max(2, int(settings.kv_cache_memory_gb * 2**30 // per_block))
-        self.max_model_len = min(
-            settings.max_model_len or self.geometry.max_position_embeddings, num_blocks * block_size
-        )
-        runner = ModelRunner(
-            self.model, self.geometry, num_blocks, block_size, self.device, self.dtype, lora_hook
-        )
-        scheduler = Scheduler(
-            BlockManager(num_blocks, block_size),
-            settings.max_num_seqs,
-            settings.max_num_batched_tokens,
-            adapter_gate=self.adapters.gate() if self.adapters is not None else None,
-        )
-        self.engine = LLMEngine(
-            runner,
-            scheduler,
-            Sampler(self.device, settings.seed),
-            self.tokenizer,
-            EngineLimits(self.max_model_len, eos_ids_of(self.model, self.tokenizer)),
-            adapters=self.adapters,
-        )
+    name: str
+    tokenizer: object  # a transformers PreTrainedTokenizerBase
+    max_model_len: int
+    vocab_size: int
+
+
+class AsyncEngine:
+    def __init__(self, core: LLMEngine, served: ServedModel, max_queue_len: int) -> None:
+        self.core = core
+        self.served = served
+        self.max_queue_len = max_queue_len
         self.ready = False
         self._accepting = True
         self._commands: queue.SimpleQueue = queue.SimpleQueue()
@@ -83,21 +58,17 @@ class AsyncEngine:
         self._thread: threading.Thread | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
         self._streams: dict[str, asyncio.Queue] = {}
-        self._stats = EngineStats(max_loras=settings.max_loras if self.adapters is not None else 0)
-
-    def _build_lora(self):
-        """Wraps the targetable linears with LoRA slot buffers and builds the adapter manager."""
-        from server.lora.setup import build_lora
-
-        return build_lora(self.model, self.settings, self.device, self.dtype)
+        self._stats = core.stats()
 
     # --- lifecycle --------------------------------------------------------------------------
     async def start(self) -> None:
+        """Starts the engine thread and runs one tiny request through it, so the first user request
+        does not pay for lazy initialisation."""
         self._loop = asyncio.get_running_loop()
         self._thread = threading.Thread(target=self._run_loop, name="loraplex-engine", daemon=True)
         self._thread.start()
         warmup = SamplingParams(max_tokens=2, temperature=0.0, ignore_eos=True)
-        async for _ in await self.add_request([self.tokenizer.bos_token_id or 0], warmup):
+        async for _ in await self.add_request([self.served.tokenizer.bos_token_id or 0], warmup):
             pass
         self.ready = True
 
@@ -120,16 +91,15 @@ class AsyncEngine:
         self,
         prompt_ids: list[int],
         params: SamplingParams,
-        adapter: AdapterRef | None = None,
+        adapter: AdapterHandle | None = None,
         request_id: str | None = None,
     ) -> AsyncIterator[RequestOutput]:
         """Validates and queues a request; the returned iterator yields its output increments."""
         if not self._accepting:
-            raise EngineError("server is shutting down", status=503, type="service_unavailable")
+            raise EngineStoppedError("server is shutting down")
         self._validate(prompt_ids, params)
-        adapter = self._resolve_adapter(adapter)
-        if self._stats.num_waiting + self._commands.qsize() >= self.settings.max_queue_len:
-            raise QueueFullError(f"request queue is full ({self.settings.max_queue_len} waiting)")
+        if self._stats.num_waiting + self._commands.qsize() >= self.max_queue_len:
+            raise QueueFullError(f"request queue is full ({self.max_queue_len} waiting)")
         request_id = request_id or uuid.uuid4().hex
         if request_id in self._streams:
             raise InvalidRequestError(f"duplicate request id {request_id!r}")
@@ -156,77 +126,26 @@ class AsyncEngine:
         self._wake.set()
 
     def _validate(self, prompt_ids: list[int], params: SamplingParams) -> None:
-        if not prompt_ids:
-            raise InvalidRequestError("prompt must contain at least one token")
-        vocab = self.geometry.vocab_size
+        vocab = self.served.vocab_size
         if any(not 0 <= t < vocab for t in prompt_ids):
-            raise InvalidRequestError(f"prompt token ids must be in [0, {vocab})")
-        total = len(prompt_ids) + params.max_tokens
-        if total > self.max_model_len:
-            raise InvalidRequestError(
-                f"this model's maximum context length is {self.max_model_len} tokens, but the request "
-                f"asks for {total} ({len(prompt_ids)} in the prompt + {params.max_tokens} max_tokens)"
-            )
-
-    def _resolve_adapter(self, adapter: AdapterRef | None) -> AdapterRef | None:
-        if adapter is None or adapter.key is None:
-            return None
-        if adapter.name is not None and adapter.name == self.settings.merged_adapter:
-            return None  # already folded into the base weights: zero LoRA cost
-        if self.adapters is None:
-            raise AdapterNotFoundError(f"adapter '{adapter.key}' not found: LoRA is disabled")
-        names = list(adapter.weights) if adapter.weights else [adapter.name]
-        for name in names:
-            if not self.adapters.exists(name):
-                raise AdapterNotFoundError(f"The model `{name}` does not exist.")
-        self.adapters.prefetch(adapter)
-        return adapter
+            raise InvalidRequestError(f"prompt token ids must be in [0, {vocab})", "prompt")
+        check_context_length(self.served.max_model_len, [len(prompt_ids)], params.max_tokens)
 
     def stats(self) -> EngineStats:
+        """The latest snapshot the engine thread published."""
         return self._stats
-
-    # --- adapter operations -----------------------------------------------------------------
-    async def load_adapter(self, name: str, path: Path | None = None, inplace: bool = False) -> None:
-        """Parses and validates an adapter into the host cache (vLLM's load_lora_adapter).
-
-        A new ``path`` is validated before it is registered, so a bad path never replaces the
-        adapter already served under ``name``.
-        """
-        from server.lora.adapter import load_peft_adapter
-
-        if self.adapters is None:
-            raise InvalidRequestError("LoRA is disabled on this server")
-        if path is not None:
-            max_rank = self.settings.max_lora_rank
-            await asyncio.to_thread(load_peft_adapter, Path(path), name, self.base_spec, max_rank)
-            self.adapters.register_path(name, Path(path))
-        await asyncio.to_thread(self.adapters.load_now, name, inplace)
-
-    async def unload_adapter(self, name: str) -> None:
-        if self.adapters is None or not self.adapters.exists(name):
-            raise AdapterNotFoundError(f"adapter '{name}' not found")
-        await asyncio.to_thread(self.adapters.unload, name)
-
-    async def merge_adapter(self, name: str, out_dir: Path) -> Path:
-        from server.lora.merge import export_merged
-
-        if self.adapters is None or not self.adapters.exists(name):
-            raise AdapterNotFoundError(f"adapter '{name}' not found")
-        adapter_dir = self.adapters.path_of(name)
-        await asyncio.to_thread(export_merged, self.settings.model, adapter_dir, out_dir)
-        return out_dir
 
     # --- the engine thread ------------------------------------------------------------------
     def _run_loop(self) -> None:
         torch.set_grad_enabled(False)
         while not self._stop.is_set():
             self._drain_commands()
-            if not self.engine.has_work():
+            if not self.core.has_work():
                 self._wake.wait(0.05)
                 self._wake.clear()
                 continue
             try:
-                results = self.engine.step()
+                results = self.core.step()
             except Exception:  # a bug outside the model call: keep the server alive
                 log.exception("engine step crashed")
                 results = []
@@ -240,15 +159,15 @@ class AsyncEngine:
             except queue.Empty:
                 break
             if kind == "add":
-                self.engine.add(payload)
+                self.core.add(payload)
             elif kind == "abort":
-                out = self.engine.abort(payload)
+                out = self.core.abort(payload)
                 if out is not None:
                     aborted.append(out)
         self._publish(aborted)
 
     def _publish(self, outputs: list[RequestOutput]) -> None:
-        self._stats = self.engine.stats()
+        self._stats = self.core.stats()
         if outputs and self._loop is not None:
             self._loop.call_soon_threadsafe(self._deliver, outputs)
 

@@ -43,7 +43,3 @@ class BlockManager:
     def free(self, seq: Sequence) -> None:
         self.free_blocks.extend(seq.block_table)
         seq.block_table = []
-
-    @staticmethod
-    def blocks_for(num_tokens: int, block_size: int) -> int:
-        return (num_tokens + block_size - 1) // block_size

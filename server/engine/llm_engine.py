@@ -8,13 +8,14 @@ from __future__ import annotations
 import logging
 from dataclasses import dataclass
 
+from server.engine.adapter_slots import AdapterSlots
 from server.engine.block_manager import BlockManager
 from server.engine.detokenizer import IncrementalDetokenizer
 from server.engine.model_runner import ModelRunner
 from server.engine.sampler import Sampler
 from server.engine.scheduler import Scheduler, SchedulerOutput
 from server.engine.sequence import Sequence
-from server.engine.types import EngineStats, FinishReason, RequestOutput
+from server.engine.types import EngineStats, ErrorKind, FinishReason, RequestOutput
 
 log = logging.getLogger(__name__)
 
@@ -25,6 +26,16 @@ class EngineLimits:
     eos_token_ids: frozenset[int]
 
 
+@dataclass
+class StepCounters:
+    """Lifetime totals for metrics."""
+
+    steps: int = 0
+    last_batch_size: int = 0
+    scheduled_seqs: int = 0
+    batched_tokens: int = 0
+
+
 class LLMEngine:
     def __init__(
         self,
@@ -33,7 +44,7 @@ class LLMEngine:
         sampler: Sampler,
         tokenizer,
         limits: EngineLimits,
-        adapters=None,  # server.lora.manager.AdapterManager, or None for base-only serving
+        adapters: AdapterSlots | None = None,  # None: base-model serving only
     ) -> None:
         self.runner = runner
         self.scheduler = scheduler
@@ -41,10 +52,7 @@ class LLMEngine:
         self.tokenizer = tokenizer
         self.limits = limits
         self.adapters = adapters
-        self.num_steps = 0
-        self.last_batch_size = 0  # sequences in the latest step, for the batch-size gauge
-        self.num_scheduled_seqs_total = 0
-        self.num_batched_tokens_total = 0
+        self.counters = StepCounters()
 
     @property
     def block_manager(self) -> BlockManager:
@@ -68,7 +76,10 @@ class LLMEngine:
     # --- one iteration ----------------------------------------------------------------------
     def step(self) -> list[tuple[Sequence, RequestOutput]]:
         out = self.scheduler.schedule()
-        results = [(seq, self._fail(seq, self._adapter_error(seq), 400)) for seq in out.failed]
+        results = [
+            (seq, self._fail(seq, self._adapter_error(seq), ErrorKind.ADAPTER_UNAVAILABLE))
+            for seq in out.failed
+        ]
         if not out.scheduled:
             return results
         try:
@@ -78,19 +89,22 @@ class LLMEngine:
             tokens, logprobs = self.sampler(logits, sampling) if sampling else ([], None)
         except Exception as exc:  # one bad step fails its own requests, the engine keeps serving
             log.exception("engine step failed; failing the %d requests in it", len(out.scheduled))
-            return results + [
-                (s, self._fail(s, f"internal error in engine step: {exc}", 500)) for s in out.scheduled
-            ]
-        self.num_steps += 1
-        self.last_batch_size = len(out.scheduled)
-        self.num_scheduled_seqs_total += len(out.scheduled)
-        self.num_batched_tokens_total += out.num_tokens
+            message = f"internal error in engine step: {exc}"
+            return results + [(s, self._fail(s, message, ErrorKind.INTERNAL)) for s in out.scheduled]
+        self._count(out)
         self.scheduler.postprocess(out, {id(s): t for s, t in zip(sampling, tokens, strict=True)})
         for i, seq in enumerate(sampling):
             if logprobs is not None and seq.params.logprobs:
                 seq.logprobs.append(logprobs[i])
             results.append((seq, self._process_token(seq, tokens[i])))
         return results
+
+    def _count(self, out: SchedulerOutput) -> None:
+        c = self.counters
+        c.steps += 1
+        c.last_batch_size = len(out.scheduled)
+        c.scheduled_seqs += len(out.scheduled)
+        c.batched_tokens += out.num_tokens
 
     def _assign_slots(self, out: SchedulerOutput) -> list[Sequence]:
         """Activates the step's adapters and orders sequences by slot so LoRA segments are long."""
@@ -104,7 +118,7 @@ class LLMEngine:
         return sorted(seqs, key=lambda s: s.lora_slot)
 
     def _adapter_error(self, seq: Sequence) -> str:
-        detail = self.adapters.error(seq.adapter) if self.adapters is not None else None
+        detail = self.adapters.load_error(seq.adapter) if self.adapters is not None else None
         return f"adapter '{seq.adapter_key}' could not be loaded: {detail or 'unknown error'}"
 
     def _process_token(self, seq: Sequence, token: int) -> RequestOutput:
@@ -123,8 +137,8 @@ class LLMEngine:
             self.scheduler.finish(seq, reason)
         return self._output(seq, [token])
 
-    def _fail(self, seq: Sequence, message: str, status: int) -> RequestOutput:
-        seq.error, seq.error_status = message, status
+    def _fail(self, seq: Sequence, message: str, kind: ErrorKind) -> RequestOutput:
+        seq.error, seq.error_kind = message, kind
         self.scheduler.finish(seq, FinishReason.ERROR)
         return self._output(seq, [])
 
@@ -140,13 +154,12 @@ class LLMEngine:
             num_prompt_tokens=seq.num_prompt_tokens,
             num_output_tokens=seq.num_output_tokens,
             error=seq.error,
-            error_status=seq.error_status,
+            error_kind=seq.error_kind,
             logprobs=seq.logprobs[-len(new_ids) :] if seq.params.logprobs and new_ids else None,
         )
 
     def stats(self) -> EngineStats:
-        running = self.scheduler.running
-        waiting = self.scheduler.waiting
+        running, waiting, c = self.scheduler.running, self.scheduler.waiting, self.counters
         return EngineStats(
             num_waiting=len(waiting),
             num_running=len(running),
@@ -154,18 +167,10 @@ class LLMEngine:
             running_adapters=sorted({s.adapter_key for s in running if s.adapter_key}),
             waiting_adapters=sorted({s.adapter_key for s in waiting if s.adapter_key}),
             resident_adapters=self.adapters.resident() if self.adapters is not None else [],
-            max_loras=getattr(self.adapters, "max_loras", 0),
+            max_loras=self.adapters.max_loras if self.adapters is not None else 0,
+            num_steps=c.steps,
+            num_preemptions=self.scheduler.num_preemptions,
+            last_batch_size=c.last_batch_size,
+            num_scheduled_seqs_total=c.scheduled_seqs,
+            num_batched_tokens_total=c.batched_tokens,
         )
-
-
-def eos_ids_of(model, tokenizer) -> frozenset[int]:
-    ids: set[int] = set()
-    gen = getattr(model, "generation_config", None)
-    eos = getattr(gen, "eos_token_id", None) if gen is not None else None
-    if isinstance(eos, int):
-        ids.add(eos)
-    elif isinstance(eos, (list, tuple)):
-        ids.update(int(e) for e in eos)
-    if tokenizer.eos_token_id is not None:
-        ids.add(int(tokenizer.eos_token_id))
-    return frozenset(ids)

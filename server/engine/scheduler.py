@@ -11,26 +11,11 @@ from __future__ import annotations
 
 from collections import deque
 from dataclasses import dataclass, field
-from typing import Protocol
 
+from server.engine.adapter_slots import AdapterSlots
 from server.engine.block_manager import BlockManager
 from server.engine.sequence import Sequence, SequenceStatus
 from server.engine.types import FinishReason
-
-
-class AdapterGate(Protocol):
-    """What the scheduler needs to know about adapters (implemented over the AdapterManager)."""
-
-    def status(self, seq: Sequence) -> str:  # "ready" | "loading" | "error"
-        ...
-
-    def error(self, seq: Sequence) -> str: ...
-
-    def fits(self, keys: set[str]) -> bool: ...
-
-    def pin(self, key: str) -> None: ...
-
-    def unpin(self, key: str) -> None: ...
 
 
 @dataclass
@@ -50,12 +35,12 @@ class Scheduler:
         block_manager: BlockManager,
         max_num_seqs: int,
         max_num_batched_tokens: int,
-        adapter_gate: AdapterGate | None = None,
+        adapters: AdapterSlots | None = None,
     ) -> None:
         self.block_manager = block_manager
         self.max_num_seqs = max_num_seqs
         self.max_num_batched_tokens = max_num_batched_tokens
-        self.adapters = adapter_gate
+        self.adapters = adapters
         self.waiting: deque[Sequence] = deque()
         self.running: list[Sequence] = []
         self.num_preemptions = 0  # lifetime count, for metrics and tests
@@ -115,7 +100,7 @@ class Scheduler:
                 break
             key = seq.adapter_key
             if key and self.adapters is not None:
-                state = self.adapters.status(seq)
+                state = self.adapters.readiness(seq.adapter)
                 if state == "error":
                     self.waiting.remove(seq)
                     out.failed.append(seq)

@@ -2,21 +2,22 @@
 
 from __future__ import annotations
 
-import itertools
-import time
-from collections.abc import Callable
 from enum import Enum, auto
+from typing import TYPE_CHECKING
 
-from server.engine.types import AdapterRef, FinishReason, SamplingParams
+from server.engine.adapter_slots import AdapterHandle
+from server.engine.types import ErrorKind, FinishReason, SamplingParams
+
+if TYPE_CHECKING:
+    import torch
+
+    from server.engine.detokenizer import IncrementalDetokenizer
 
 
 class SequenceStatus(Enum):
     WAITING = auto()
     RUNNING = auto()
     FINISHED = auto()
-
-
-_counter = itertools.count()
 
 
 class Sequence:
@@ -33,16 +34,13 @@ class Sequence:
         request_id: str,
         prompt_ids: list[int],
         params: SamplingParams,
-        adapter: AdapterRef | None = None,
-        on_output: Callable | None = None,
+        adapter: AdapterHandle | None = None,
     ) -> None:
         self.request_id = request_id
-        self.seq_index = next(_counter)  # arrival order, the scheduler's priority
         self.token_ids: list[int] = list(prompt_ids)
         self.num_prompt_tokens = len(prompt_ids)
         self.params = params
-        self.adapter = adapter or AdapterRef()
-        self.on_output = on_output
+        self.adapter = adapter  # None: the base model
         self.status = SequenceStatus.WAITING
         self.block_table: list[int] = []
         self.num_computed_tokens = 0
@@ -50,22 +48,17 @@ class Sequence:
         self.lora_slot = -1  # device slot of the adapter for the current step
         self.finish_reason: FinishReason | None = None
         self.error: str | None = None
-        self.error_status: int | None = None
-        self.arrival_time = time.monotonic()
+        self.error_kind: ErrorKind | None = None
         self.logprobs: list[float] = []
-        self.generator = None  # torch.Generator for seeded sampling, made lazily by the sampler
-        self.detokenizer = None  # set by the engine
+        self.generator: torch.Generator | None = None  # for seeded sampling, made by the sampler
+        self.detokenizer: IncrementalDetokenizer | None = None  # set by the engine
 
     def __len__(self) -> int:
         return len(self.token_ids)
 
     @property
     def adapter_key(self) -> str | None:
-        return self.adapter.key
-
-    @property
-    def output_ids(self) -> list[int]:
-        return self.token_ids[self.num_prompt_tokens :]
+        return self.adapter.key if self.adapter is not None else None
 
     @property
     def num_output_tokens(self) -> int:
@@ -79,9 +72,6 @@ class Sequence:
     def will_sample(self) -> bool:
         """True when this step's chunk reaches the last known token, so its logits are needed."""
         return self.num_computed_tokens + self.num_new_tokens == len(self.token_ids)
-
-    def num_blocks_needed(self, num_tokens: int, block_size: int) -> int:
-        return (num_tokens + block_size - 1) // block_size
 
     def reset_for_recompute(self) -> None:
         self.num_computed_tokens = 0

@@ -1,6 +1,8 @@
 """Plain data exchanged between the HTTP layer and the engine.
 
 Kept free of torch so the API layer (and its tests) can build requests without touching the model.
+Errors say *what* went wrong (a kind, an exception class); which HTTP status that is, is the API's
+business (``server/api/errors.py``).
 """
 
 from __future__ import annotations
@@ -14,6 +16,13 @@ class FinishReason(str, Enum):
     LENGTH = "length"  # max_tokens or the context length
     ABORT = "abort"  # cancelled by the client
     ERROR = "error"  # the step or the adapter failed; see RequestOutput.error
+
+
+class ErrorKind(str, Enum):
+    """Why a request ended with ``FinishReason.ERROR``."""
+
+    ADAPTER_UNAVAILABLE = "adapter_unavailable"  # its adapter could not be loaded: the request's fault
+    INTERNAL = "internal"  # the engine step failed
 
 
 @dataclass
@@ -46,26 +55,6 @@ class SamplingParams:
 
 
 @dataclass
-class AdapterRef:
-    """Which LoRA weights a request runs with.
-
-    ``name`` is one adapter from the store; ``weights`` (name -> weight) asks for a weighted
-    composition, served as one virtual adapter. Neither set means the base model.
-    """
-
-    name: str | None = None
-    weights: dict[str, float] | None = None
-
-    @property
-    def key(self) -> str | None:
-        """Identity of the (possibly virtual) adapter, used for slots and caching."""
-        if self.weights:
-            parts = ",".join(f"{n}:{w!r}" for n, w in sorted(self.weights.items()))
-            return f"compose({parts})"
-        return self.name
-
-
-@dataclass
 class RequestOutput:
     """One increment of a request's output, streamed back from the engine."""
 
@@ -77,42 +66,63 @@ class RequestOutput:
     num_prompt_tokens: int = 0
     num_output_tokens: int = 0
     error: str | None = None
-    error_status: int | None = None  # HTTP status the API should use for an error
+    error_kind: ErrorKind | None = None
     logprobs: list[float] | None = None
 
 
 class EngineError(Exception):
-    """Raised to the API with an HTTP status and an OpenAI error type."""
+    """A request the engine refuses; the subclass says why."""
 
-    status: int = 500
-    type: str = "internal_error"
 
-    def __init__(self, message: str, *, status: int | None = None, type: str | None = None):
+class InvalidRequestError(EngineError, ValueError):
+    """The request itself is wrong; ``param`` names the offending field when there is one."""
+
+    def __init__(self, message: str, param: str | None = None) -> None:
         super().__init__(message)
-        if status is not None:
-            self.status = status
-        if type is not None:
-            self.type = type
+        self.param = param
 
 
 class QueueFullError(EngineError):
-    status = 429
-    type = "rate_limit_exceeded"
+    """Too many requests are waiting: retry later."""
 
 
-class AdapterNotFoundError(EngineError):
-    status = 404
-    type = "not_found_error"
+class EngineStoppedError(EngineError):
+    """The engine is draining or stopped and admits nothing new."""
 
 
-class InvalidRequestError(EngineError):
-    status = 400
-    type = "invalid_request_error"
+def check_context_length(max_model_len: int, prompt_lens: list[int], max_tokens: int | None) -> int:
+    """The request's ``max_tokens`` (default: the rest of the context), or InvalidRequestError.
+
+    The one definition of the context check: the API calls it to fill in the default before
+    queueing, the engine calls it again on what it is handed.
+    """
+    if not prompt_lens or min(prompt_lens) == 0:
+        raise InvalidRequestError("prompt is empty (0 tokens after tokenization)", "prompt")
+    longest = max(prompt_lens)
+    if longest >= max_model_len:
+        raise InvalidRequestError(
+            f"this model's maximum context length is {max_model_len} tokens, but the prompt has "
+            f"{longest} tokens, which leaves no room for output",
+            "prompt",
+        )
+    if max_tokens is None:
+        return max_model_len - longest
+    if longest + max_tokens > max_model_len:
+        raise InvalidRequestError(
+            f"this model's maximum context length is {max_model_len} tokens, but the request asks for "
+            f"{longest + max_tokens} ({longest} in the prompt + {max_tokens} max_tokens)",
+            "max_tokens",
+        )
+    return max_tokens
 
 
 @dataclass
 class EngineStats:
-    """Snapshot for /metrics and routing (the vLLM-compatible gauges read these)."""
+    """Snapshot for /metrics and routing (the vLLM-compatible gauges read these).
+
+    Built by the engine thread after each step, so readers on other threads never see a half-updated
+    scheduler.
+    """
 
     num_waiting: int = 0
     num_running: int = 0
@@ -121,3 +131,8 @@ class EngineStats:
     waiting_adapters: list[str] = field(default_factory=list)
     resident_adapters: list[str] = field(default_factory=list)
     max_loras: int = 0
+    num_steps: int = 0
+    num_preemptions: int = 0
+    last_batch_size: int = 0  # sequences in the latest step
+    num_scheduled_seqs_total: int = 0
+    num_batched_tokens_total: int = 0

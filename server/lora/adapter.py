@@ -18,9 +18,8 @@ from safetensors import SafetensorError, safe_open
 from server.lora.errors import AdapterError
 from server.lora.peft_config import LoraConfigView, parse_lora_config
 from server.lora.spec import BaseModelSpec, LinearSpec
+from server.store import CONFIG_FILE, WEIGHTS_FILE
 
-CONFIG_FILE = "adapter_config.json"
-WEIGHTS_FILE = "adapter_model.safetensors"
 _PREFIX = "base_model.model."
 _SUFFIXES = {  # tensor key suffix -> role
     ".lora_A.weight": "a",
@@ -77,11 +76,6 @@ class LoRAAdapter:
     @property
     def is_dora(self) -> bool:
         return any(m.dora_g is not None for m in self.modules.values())
-
-    @property
-    def nbytes(self) -> int:
-        tensors = [t for m in self.modules.values() for t in (m.a, m.b, m.bias, m.dora_g) if t is not None]
-        return sum(t.numel() * t.element_size() for t in tensors)
 
 
 def load_peft_adapter(path: Path, name: str, base: BaseModelSpec, max_rank: int) -> LoRAAdapter:

@@ -8,7 +8,6 @@ exported checkpoint is a plain HF model directory written atomically (temp dir +
 from __future__ import annotations
 
 import json
-import os
 import shutil
 import uuid
 from pathlib import Path
@@ -19,6 +18,7 @@ from torch import nn
 from server.lora.adapter import LoRAAdapter, load_peft_adapter
 from server.lora.errors import AdapterError
 from server.lora.spec import BaseModelSpec
+from server.store import replace_dir
 
 # Weight files and the files save_pretrained writes itself are not copied from the base directory.
 _NOT_COPIED_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".ckpt", ".index.json", ".h5", ".msgpack")
@@ -91,19 +91,8 @@ def export_merged(
                 shutil.copy2(item, tmp / item.name)
         info = {"base": str(base_dir.resolve()), "adapter": adapter.name, "source": str(adapter.source or "")}
         (tmp / "loraplex_merge.json").write_text(json.dumps(info, indent=2) + "\n")
-        _replace_dir(tmp, out_dir)
+        replace_dir(tmp, out_dir)
     finally:
         if tmp.exists():
             shutil.rmtree(tmp, ignore_errors=True)
     return out_dir
-
-
-def _replace_dir(src: Path, dst: Path) -> None:
-    """Moves ``src`` to ``dst``; an existing ``dst`` is swapped out first so readers never see half a model."""
-    if not dst.exists():
-        os.replace(src, dst)
-        return
-    old = dst.parent / f".{dst.name}.old-{uuid.uuid4().hex[:8]}"
-    os.replace(dst, old)
-    os.replace(src, dst)
-    shutil.rmtree(old, ignore_errors=True)

@@ -1,57 +1,70 @@
-"""The seam between the engine and the LoRA package: merge, wrap the model, build the manager."""
+"""Builds the LoRA side of a server from settings: merge, wrap the model, wire the residency tiers."""
 
 from __future__ import annotations
 
 import logging
+from dataclasses import dataclass
 
 import torch
 
 from server.config import Settings
+from server.lora.adapter import load_peft_adapter
+from server.lora.backend import make_lora_backend
+from server.lora.catalog import AdapterCatalog
+from server.lora.counters import LoRACounters
+from server.lora.errors import AdapterError
+from server.lora.host_cache import HostCache
+from server.lora.layers import LoRAModel, inject_lora
+from server.lora.manager import AdapterManager
+from server.lora.merge import merge_adapter_into_model
+from server.lora.reader import AdapterReader
+from server.lora.spec import BaseModelSpec
+from server.store import AdapterStore
 
 log = logging.getLogger(__name__)
 
 
-def build_lora(model: torch.nn.Module, settings: Settings, device: str, dtype: torch.dtype):
-    """Returns ``(manager, base_spec, lora_batch_hook)``; the manager and hook are None without LoRA.
+@dataclass
+class LoRAStack:
+    """Store names -> parsed host copies -> device slots, and the layers they feed."""
+
+    model: LoRAModel
+    catalog: AdapterCatalog
+    reader: AdapterReader
+    cache: HostCache
+    manager: AdapterManager
+
+    def close(self) -> None:
+        self.cache.close()
+
+
+def build_lora(model: torch.nn.Module, settings: Settings, store: AdapterStore) -> LoRAStack | None:
+    """The LoRA stack over ``model`` (None when LoRA is disabled).
 
     ``settings.merged_adapter`` is merged into the base weights first (a dedicated deployment at zero
     LoRA overhead); other adapters, if LoRA stays enabled, then apply on top of that merged base.
     """
-    from server.lora.spec import BaseModelSpec
-
     base_spec = BaseModelSpec.from_model(model)
     if settings.merged_adapter:
-        merge_store_adapter(model, settings, base_spec)
+        merge_store_adapter(model, settings.merged_adapter, store, base_spec)
     if not settings.enable_lora:
-        return None, base_spec, None
-    from server.lora.layers import inject_lora
-    from server.lora.manager import AdapterManager
-
-    handle = inject_lora(model, settings.max_loras, settings.max_lora_rank, backend=settings.lora_backend)
-    manager = AdapterManager(
-        handle,
-        settings.adapter_store,
-        base_spec,
-        max_loras=settings.max_loras,
-        max_cpu_loras=settings.max_cpu_loras,
-        max_rank=settings.max_lora_rank,
-        device=device,
-        dtype=dtype,
-    )
-    log.info("LoRA: %d layers wrapped, %d slots of rank %d, backend %s", len(handle.layers),
-             settings.max_loras, settings.max_lora_rank, handle.backend)  # fmt: skip
-    return manager, base_spec, manager.set_batch
+        return None
+    device = next(model.parameters()).device
+    backend = make_lora_backend(settings.lora_backend, device, settings.max_loras)
+    lora = inject_lora(model, backend, settings.max_lora_rank)
+    catalog = AdapterCatalog(store)
+    counters = LoRACounters()
+    reader = AdapterReader(catalog, base_spec, lora, settings.max_lora_rank, counters)
+    cache = HostCache(reader, settings.max_cpu_loras, settings.max_lora_rank, counters)
+    log.info("LoRA: %d layers wrapped, %d slots of rank %d, backend %s", len(lora.layers),
+             settings.max_loras, settings.max_lora_rank, backend.name)  # fmt: skip
+    return LoRAStack(lora, catalog, reader, cache, AdapterManager(lora, cache))
 
 
-def merge_store_adapter(model: torch.nn.Module, settings: Settings, base_spec) -> None:
-    """Merges the store adapter ``settings.merged_adapter`` into ``model`` in place."""
-    from server.lora.adapter import load_peft_adapter
-    from server.lora.errors import AdapterError
-    from server.lora.merge import merge_adapter_into_model
-
-    name = settings.merged_adapter
-    path = settings.adapter_store / name
-    if not path.is_dir():
-        raise AdapterError(f"merged_adapter '{name}' is not in the adapter store {settings.adapter_store}")
-    merge_adapter_into_model(model, load_peft_adapter(path, name, base_spec, max_rank=1 << 30))
+def merge_store_adapter(model: torch.nn.Module, name: str, store: AdapterStore, base_spec) -> None:
+    """Merges the store adapter ``name`` into ``model`` in place."""
+    if not store.exists(name):
+        raise AdapterError(f"merged_adapter '{name}' is not in the adapter store {store.root}")
+    adapter = load_peft_adapter(store.path_of(name), name, base_spec, max_rank=1 << 30)
+    merge_adapter_into_model(model, adapter)
     log.info("merged adapter '%s' into the base weights", name)

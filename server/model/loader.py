@@ -2,48 +2,23 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, PreTrainedTokenizerBase
 
-from server.model.attention import register_attention_backend
+from server.model.attention.hf_bridge import register_attention_interface
 from server.model.cpu_linear import use_skinny_linears
 
 
-@dataclass(frozen=True)
-class ModelGeometry:
-    """The shapes the KV cache is sized from."""
-
-    num_layers: int
-    num_kv_heads: int
-    head_dim: int
-    max_position_embeddings: int
-    vocab_size: int
-
-
-def geometry_of(config) -> ModelGeometry:
-    text = config.get_text_config() if hasattr(config, "get_text_config") else config
-    heads = text.num_attention_heads
-    head_dim = getattr(text, "head_dim", None) or text.hidden_size // heads
-    return ModelGeometry(
-        num_layers=text.num_hidden_layers,
-        num_kv_heads=getattr(text, "num_key_value_heads", None) or heads,
-        head_dim=head_dim,
-        max_position_embeddings=getattr(text, "max_position_embeddings", 2048),
-        vocab_size=text.vocab_size,
-    )
-
-
 def load_model(model_dir: Path, device: str, dtype: torch.dtype) -> torch.nn.Module:
-    """Frozen model with our paged attention installed; weights never need gradients here."""
+    """Frozen model whose attention layers call our paged backend; weights never need gradients here."""
     if not (Path(model_dir) / "config.json").is_file():
         raise FileNotFoundError(f"{model_dir} is not a Hugging Face model directory (no config.json)")
-    backend = register_attention_backend()
+    attn_implementation = register_attention_interface()
     config = AutoConfig.from_pretrained(model_dir, local_files_only=True)
     model = AutoModelForCausalLM.from_pretrained(
-        model_dir, config=config, dtype=dtype, local_files_only=True, attn_implementation=backend
+        model_dir, config=config, dtype=dtype, local_files_only=True, attn_implementation=attn_implementation
     )
     model.to(device)
     model.eval()
@@ -54,3 +29,17 @@ def load_model(model_dir: Path, device: str, dtype: torch.dtype) -> torch.nn.Mod
 
 def load_tokenizer(model_dir: Path) -> PreTrainedTokenizerBase:
     return AutoTokenizer.from_pretrained(model_dir, local_files_only=True)
+
+
+def eos_token_ids(model: torch.nn.Module, tokenizer: PreTrainedTokenizerBase) -> frozenset[int]:
+    """Every id that ends generation: the generation config's (one or a list) and the tokenizer's."""
+    ids: set[int] = set()
+    gen = getattr(model, "generation_config", None)
+    eos = getattr(gen, "eos_token_id", None) if gen is not None else None
+    if isinstance(eos, int):
+        ids.add(eos)
+    elif isinstance(eos, (list, tuple)):
+        ids.update(int(e) for e in eos)
+    if tokenizer.eos_token_id is not None:
+        ids.add(int(tokenizer.eos_token_id))
+    return frozenset(ids)

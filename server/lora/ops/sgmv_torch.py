@@ -34,7 +34,7 @@ def sgmv_torch(
     batch: LoRABatch,
     ranks: Sequence[int] | None = None,
 ) -> None:
-    """``y[s:e] += (x[s:e] @ A[slot, :, :r]) @ B[slot, :r]`` per segment (see ``ops.add_lora``)."""
+    """``y[s:e] += (x[s:e] @ A[slot, :, :r]) @ B[slot, :r]`` per segment (see ``LoRABackend.sgmv``)."""
     segments = batch.segments
     if not segments:
         return

@@ -1,0 +1,53 @@
+"""What the engine needs from the LoRA side, as a protocol the engine owns.
+
+The engine never imports ``server.lora``: it schedules requests by an opaque adapter handle (only
+its ``key`` is read) and asks an ``AdapterSlots`` implementation - ``server.lora.manager.AdapterManager``
+satisfies it structurally - whether the weights are ready, whether a set of adapters fits in the
+device slots, to pin what running requests use, and to set up each step's mixed batch.
+"""
+
+from __future__ import annotations
+
+from typing import Literal, Protocol
+
+Readiness = Literal["ready", "loading", "error"]
+
+
+class AdapterHandle(Protocol):
+    """A request's adapter (``server.lora.ref.AdapterRef``): the engine reads only its identity."""
+
+    @property
+    def key(self) -> str: ...
+
+
+class AdapterSlots(Protocol):
+    """Device-slot residency and the per-step LoRA batch. Called from the engine thread only."""
+
+    @property
+    def max_loras(self) -> int: ...
+
+    def readiness(self, adapter: AdapterHandle) -> Readiness:
+        """Whether the weights are in host memory; starts (or restarts) a background load if not."""
+        ...
+
+    def load_error(self, adapter: AdapterHandle) -> str | None: ...
+
+    def fits(self, keys: set[str]) -> bool:
+        """Whether ``keys`` can all hold a device slot at once, next to the pinned ones."""
+        ...
+
+    def pin(self, key: str) -> None:
+        """A request using ``key`` starts running (refcounted): its slot must not be evicted."""
+        ...
+
+    def unpin(self, key: str) -> None: ...
+
+    def activate(self, keys: set[str]) -> dict[str, int]:
+        """Makes every key resident in a device slot; returns key -> slot."""
+        ...
+
+    def prepare_batch(self, seq_slots: list[int], seq_num_tokens: list[int]) -> None:
+        """This step's packed batch: sequence i uses slot ``seq_slots[i]`` (-1: base) for its tokens."""
+        ...
+
+    def resident(self) -> list[str]: ...

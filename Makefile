@@ -17,19 +17,22 @@ serve: $(STAMP)
 	$(VENV)/bin/loraplex serve
 
 test: $(STAMP)
-	$(PY) -m ruff check server clients tests scripts
+	$(PY) -m ruff check server clients tests scripts benchmarks
 	$(PY) -m pytest -q
 
 lint: $(STAMP)
-	$(PY) -m ruff check server clients tests scripts
-	$(PY) -m ruff format --check server clients tests scripts
+	$(PY) -m ruff check server clients tests scripts benchmarks
+	$(PY) -m ruff format --check server clients tests scripts benchmarks
 
 format: $(STAMP)
-	$(PY) -m ruff format server clients tests scripts
-	$(PY) -m ruff check --fix server clients tests scripts
+	$(PY) -m ruff format server clients tests scripts benchmarks
+	$(PY) -m ruff check --fix server clients tests scripts benchmarks
 
 bench: $(STAMP)
-	$(PY) -m server.bench
+	$(PY) -m benchmarks
+
+bench-lora: $(STAMP)
+	$(PY) -m benchmarks --lora
 
 train-demo: $(STAMP)
 	$(PY) scripts/train_demo_model.py

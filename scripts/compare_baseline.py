@@ -68,7 +68,7 @@ def resolve_model(arg: Path | None, work: Path) -> Path:
     demo = REPO / "models" / "demo"
     if (demo / "config.json").exists():
         return demo
-    from server.bench.workload import make_bench_model  # the engine benchmark's ~55M Llama
+    from benchmarks.workload import make_bench_model  # the engine benchmark's ~55M Llama
 
     return make_bench_model(work / "bench-model")
 

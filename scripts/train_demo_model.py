@@ -30,6 +30,8 @@ from demo_training import TrainConfig, continuations, make_deterministic, pack_w
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
 from transformers import GenerationConfig, LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
 
+from server.model import synthetic
+
 REPO_ROOT = Path(__file__).resolve().parent.parent
 DEFAULT_OUT = REPO_ROOT / "models" / "demo"
 DEFAULT_STORE = REPO_ROOT / "adapters_store"
@@ -69,16 +71,10 @@ def train_tokenizer(texts: list[str]) -> PreTrainedTokenizerFast:
 
 def model_config(tokenizer: PreTrainedTokenizerFast) -> LlamaConfig:
     """~5.8M parameters: GQA (4 query heads, 2 KV heads of 64), tied embeddings, 6 layers."""
-    return LlamaConfig(
+    return synthetic.model_config(
+        "llama",
+        "demo",
         vocab_size=len(tokenizer),
-        hidden_size=256,
-        intermediate_size=768,
-        num_hidden_layers=6,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        max_position_embeddings=MAX_POSITIONS,
-        rms_norm_eps=1e-5,
-        tie_word_embeddings=True,
         bos_token_id=tokenizer.bos_token_id,
         eos_token_id=tokenizer.eos_token_id,
         pad_token_id=tokenizer.pad_token_id,

@@ -13,7 +13,6 @@ from tests.lora_fixtures import (
     load_base,
     make_mixed_adapters,
     max_rel_err,
-    single_torch_thread,  # noqa: F401 - autouse fixture
 )
 
 NEW = 8

@@ -18,7 +18,6 @@ from tests.lora_fixtures import (
     ALL_LINEAR,
     load_base,
     make_peft_adapter,
-    single_torch_thread,  # noqa: F401 - autouse fixture
 )
 
 PREFIX = "base_model.model.model.layers.0.self_attn.q_proj"

@@ -16,7 +16,6 @@ from tests.lora_fixtures import (
     make_peft_adapter,
     max_rel_err,
     peft_logits,
-    single_torch_thread,  # noqa: F401 - autouse fixture
 )
 
 TOL = 1e-4

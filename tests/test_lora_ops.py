@@ -8,7 +8,6 @@ import torch
 from server.lora.backend import make_lora_backend
 from server.lora.batch import LoRABatch
 from server.lora.ops.sgmv_torch import sgmv_torch
-from tests.lora_fixtures import single_torch_thread  # noqa: F401 - autouse fixture
 
 
 def _naive(y, x, a, b, seq_slots, seq_lens):

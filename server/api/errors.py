@@ -3,7 +3,7 @@
 Clients written for OpenAI (and vLLM) parse ``{"error": {"message", "type", "param", "code"}}``;
 FastAPI's own shapes (``{"detail": ...}``, 422 for validation) would break them, so every path that
 can produce an error response - our routes, the engine, request validation, unknown routes,
-unhandled exceptions - is funnelled through :func:`error_response`.
+unhandled exceptions - becomes an :class:`APIError` and is rendered by its ``response()``.
 """
 
 from __future__ import annotations
@@ -72,22 +72,14 @@ class APIError(Exception):
         self.param = param
         self.headers = headers
 
+    def body(self) -> dict:
+        """The error object; ``code`` carries the HTTP status, as vLLM's server does."""
+        return {
+            "error": {"message": self.message, "type": self.type, "param": self.param, "code": self.status}
+        }
 
-def error_body(status: int, message: str, type: str | None = None, param: str | None = None) -> dict:
-    """The error object; ``code`` carries the HTTP status, as vLLM's server does."""
-    return {
-        "error": {"message": message, "type": type or error_type_for(status), "param": param, "code": status}
-    }
-
-
-def error_response(
-    status: int,
-    message: str,
-    type: str | None = None,
-    param: str | None = None,
-    headers: dict[str, str] | None = None,
-) -> JSONResponse:
-    return JSONResponse(error_body(status, message, type, param), status_code=status, headers=headers)
+    def response(self) -> JSONResponse:
+        return JSONResponse(self.body(), status_code=self.status, headers=self.headers)
 
 
 # The one place where what went wrong (an exception class, an error kind) becomes an HTTP status.
@@ -130,18 +122,17 @@ def install_error_handlers(app: FastAPI) -> None:
 
     @app.exception_handler(APIError)
     async def _api_error(_: Request, exc: APIError) -> JSONResponse:
-        return error_response(exc.status, exc.message, exc.type, exc.param, exc.headers)
+        return exc.response()
 
     @app.exception_handler(EngineError)
     @app.exception_handler(AdapterServiceError)
     async def _domain_error(_: Request, exc: EngineError | AdapterServiceError) -> JSONResponse:
-        err = api_error_from(exc)
-        return error_response(err.status, err.message, err.type, err.param, err.headers)
+        return api_error_from(exc).response()
 
     @app.exception_handler(RequestValidationError)
     async def _validation_error(_: Request, exc: RequestValidationError) -> JSONResponse:
         message, param = _validation_message(exc)
-        return error_response(400, message, "invalid_request_error", param)
+        return APIError(400, message, type="invalid_request_error", param=param).response()
 
     @app.exception_handler(StarletteHTTPException)
     async def _http_error(request: Request, exc: StarletteHTTPException) -> JSONResponse:
@@ -152,9 +143,9 @@ def install_error_handlers(app: FastAPI) -> None:
             message = exc.detail
         else:
             message = HTTPStatus(status).phrase
-        return error_response(status, message, headers=getattr(exc, "headers", None))
+        return APIError(status, message, headers=getattr(exc, "headers", None)).response()
 
     @app.exception_handler(Exception)
     async def _unhandled(request: Request, exc: Exception) -> JSONResponse:
         log.exception("unhandled error on %s %s", request.method, request.url.path)
-        return error_response(500, "internal server error", "internal_error")
+        return APIError(500, "internal server error", type="internal_error").response()

@@ -12,7 +12,7 @@ import json
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from server.api.errors import error_body
+from server.api.errors import APIError
 
 
 class _BodyTooLarge(StarletteHTTPException):
@@ -25,7 +25,9 @@ class _BodyTooLarge(StarletteHTTPException):
 
 async def _send_413(send: Send, limit: int) -> None:
     body = json.dumps(
-        error_body(413, f"request body is larger than the limit of {limit} bytes", "request_too_large")
+        APIError(
+            413, f"request body is larger than the limit of {limit} bytes", type="request_too_large"
+        ).body()
     ).encode()
     await send(
         {

@@ -10,13 +10,14 @@ from __future__ import annotations
 import time
 import uuid
 from collections.abc import AsyncIterator
+from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 from fastapi import APIRouter, Depends, Request
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 
 from server.api.auth import Principal, require_key
-from server.api.errors import APIError, error_body
+from server.api.errors import APIError
 from server.api.generation import ClientDisconnected, GenerationJob, RequestGroup, raise_if_failed
 from server.api.openai_format import DONE, ResponseBuilder, chat_logprobs, completion_logprobs, sse
 from server.api.schemas import ChatCompletionRequest, CompletionRequest, _SamplingFields
@@ -27,6 +28,7 @@ from server.service.resolve import not_found
 
 if TYPE_CHECKING:
     from server.bootstrap import Runtime
+    from server.engine.async_engine import AsyncEngine
 
 router = APIRouter(tags=["openai"])
 
@@ -70,19 +72,30 @@ def resolve_adapter(
     return ref, [n if n != base else "" for n in names]
 
 
+@dataclass
+class Caller:
+    """What every generation route needs besides its body: the connection (to notice a client going
+    away), the app's state, and whose key it is."""
+
+    request: Request
+    state: AppState
+    principal: Principal
+
+
+def caller(
+    request: Request, state: AppState = Depends(app_state), principal: Principal = Depends(require_key)
+) -> Caller:
+    return Caller(request, state, principal)
+
+
 @router.post("/v1/completions")
-async def completions(
-    body: CompletionRequest,
-    request: Request,
-    state: AppState = Depends(app_state),
-    principal: Principal = Depends(require_key),
-) -> Response:
-    rt = state.ready_runtime()
-    adapter, labels = resolve_adapter(rt, principal, body)
+async def completions(body: CompletionRequest, ctx: Caller = Depends(caller)) -> Response:
+    rt = ctx.state.ready_runtime()
+    adapter, labels = resolve_adapter(rt, ctx.principal, body)
     prompts = []
     for prompt in body.prompt_list():
         if isinstance(prompt, str):
-            prompt = await state.on_tokenizer_thread(rt.engine.served.tokenizer.encode, prompt)
+            prompt = await ctx.state.on_tokenizer_thread(rt.engine.served.tokenizer.encode, prompt)
         prompts.append(list(prompt))
     max_tokens = check_context_length(
         rt.engine.served.max_model_len, [len(p) for p in prompts], body.max_tokens
@@ -90,19 +103,14 @@ async def completions(
     want_logprobs = body.logprobs is not None
     job = GenerationJob(prompts, sampling_params(body, max_tokens, want_logprobs), body.n, adapter, labels)
     builder = ResponseBuilder("completion", f"cmpl-{uuid.uuid4().hex}", body.model)
-    return await respond(request, state, rt.engine, job, builder, body, want_logprobs)
+    return await respond(ctx, rt.engine, job, builder, body, want_logprobs)
 
 
 @router.post("/v1/chat/completions")
-async def chat_completions(
-    body: ChatCompletionRequest,
-    request: Request,
-    state: AppState = Depends(app_state),
-    principal: Principal = Depends(require_key),
-) -> Response:
-    rt = state.ready_runtime()
+async def chat_completions(body: ChatCompletionRequest, ctx: Caller = Depends(caller)) -> Response:
+    rt = ctx.state.ready_runtime()
     served = rt.engine.served
-    adapter, labels = resolve_adapter(rt, principal, body)
+    adapter, labels = resolve_adapter(rt, ctx.principal, body)
     if not getattr(served.tokenizer, "chat_template", None):
         raise APIError(
             400,
@@ -112,11 +120,11 @@ async def chat_completions(
     messages = [
         {"role": m.role, "content": m.text(), **({"name": m.name} if m.name else {})} for m in body.messages
     ]
-    prompt = await state.on_tokenizer_thread(_render_chat, served.tokenizer, messages)
+    prompt = await ctx.state.on_tokenizer_thread(_render_chat, served.tokenizer, messages)
     max_tokens = check_context_length(served.max_model_len, [len(prompt)], body.token_limit())
     job = GenerationJob([prompt], sampling_params(body, max_tokens, body.logprobs), body.n, adapter, labels)
     builder = ResponseBuilder("chat", f"chatcmpl-{uuid.uuid4().hex}", body.model)
-    return await respond(request, state, rt.engine, job, builder, body, body.logprobs)
+    return await respond(ctx, rt.engine, job, builder, body, body.logprobs)
 
 
 def _render_chat(tokenizer, messages: list[dict]) -> list[int]:
@@ -145,15 +153,15 @@ def sampling_params(body: _SamplingFields, max_tokens: int, logprobs: bool) -> S
 
 
 async def respond(
-    request: Request,
-    state: AppState,
-    engine,
+    ctx: Caller,
+    engine: AsyncEngine,
     job: GenerationJob,
     builder: ResponseBuilder,
     body: _SamplingFields,
     want_logprobs: bool,
 ) -> Response:
-    group = RequestGroup(engine, state.metrics, builder.id)
+    request = ctx.request
+    group = RequestGroup(engine, ctx.state.metrics, builder.id)
     tokenizer = None if body.return_tokens_as_token_ids else engine.served.tokenizer
     await group.open(job)
     if not body.stream:
@@ -229,7 +237,7 @@ async def _sse_events(
             yield builder.usage_chunk(group.usage())
         yield DONE
     except APIError as exc:  # a step or adapter failure after the headers went out
-        yield sse(error_body(exc.status, exc.message, exc.type))
+        yield sse(exc.body())
         yield DONE
     finally:
         group.close()

@@ -44,14 +44,14 @@ class LLMEngine:
         sampler: Sampler,
         tokenizer,
         limits: EngineLimits,
-        adapters: AdapterSlots | None = None,  # None: base-model serving only
+        slots: AdapterSlots | None = None,  # None: base-model serving only
     ) -> None:
         self.runner = runner
         self.scheduler = scheduler
         self.sampler = sampler
         self.tokenizer = tokenizer
         self.limits = limits
-        self.adapters = adapters
+        self.slots = slots
         self.counters = StepCounters()
 
     @property
@@ -109,16 +109,16 @@ class LLMEngine:
     def _assign_slots(self, out: SchedulerOutput) -> list[Sequence]:
         """Activates the step's adapters and orders sequences by slot so LoRA segments are long."""
         seqs = out.scheduled
-        if self.adapters is None:
+        if self.slots is None:
             return seqs
         keys = {s.adapter_key for s in seqs if s.adapter_key}
-        slots = self.adapters.activate(keys) if keys else {}
+        slot_of = self.slots.activate(keys) if keys else {}
         for seq in seqs:
-            seq.lora_slot = slots.get(seq.adapter_key, -1) if seq.adapter_key else -1
+            seq.lora_slot = slot_of.get(seq.adapter_key, -1) if seq.adapter_key else -1
         return sorted(seqs, key=lambda s: s.lora_slot)
 
     def _adapter_error(self, seq: Sequence) -> str:
-        detail = self.adapters.load_error(seq.adapter) if self.adapters is not None else None
+        detail = self.slots.load_error(seq.adapter) if self.slots is not None else None
         return f"adapter '{seq.adapter_key}' could not be loaded: {detail or 'unknown error'}"
 
     def _process_token(self, seq: Sequence, token: int) -> RequestOutput:
@@ -166,8 +166,8 @@ class LLMEngine:
             kv_cache_usage=self.block_manager.usage,
             running_adapters=sorted({s.adapter_key for s in running if s.adapter_key}),
             waiting_adapters=sorted({s.adapter_key for s in waiting if s.adapter_key}),
-            resident_adapters=self.adapters.resident() if self.adapters is not None else [],
-            max_loras=self.adapters.max_loras if self.adapters is not None else 0,
+            resident_adapters=self.slots.resident() if self.slots is not None else [],
+            max_loras=self.slots.max_loras if self.slots is not None else 0,
             num_steps=c.steps,
             num_preemptions=self.scheduler.num_preemptions,
             last_batch_size=c.last_batch_size,

@@ -7,6 +7,8 @@ runs the HF model once over all rows. Both backends do their per-step work there
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 
 from server.engine.adapter_slots import AdapterSlots
@@ -14,17 +16,15 @@ from server.engine.sequence import Sequence
 from server.model.attention import AttentionBackend, SeqSpan, StepLayout
 
 
+@dataclass
 class ModelRunner:
-    def __init__(
-        self,
-        model: torch.nn.Module,
-        attention: AttentionBackend,
-        lora: AdapterSlots | None = None,
-    ) -> None:
-        self.model = model
-        self.attention = attention
-        self.lora = lora
-        self.device = attention.device
+    model: torch.nn.Module
+    attention: AttentionBackend  # owns the KV cache
+    lora: AdapterSlots | None = None  # None: base-model serving only
+
+    @property
+    def device(self) -> torch.device:
+        return self.attention.device
 
     @property
     def block_size(self) -> int:

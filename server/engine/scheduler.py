@@ -35,12 +35,12 @@ class Scheduler:
         block_manager: BlockManager,
         max_num_seqs: int,
         max_num_batched_tokens: int,
-        adapters: AdapterSlots | None = None,
+        slots: AdapterSlots | None = None,
     ) -> None:
         self.block_manager = block_manager
         self.max_num_seqs = max_num_seqs
         self.max_num_batched_tokens = max_num_batched_tokens
-        self.adapters = adapters
+        self.slots = slots
         self.waiting: deque[Sequence] = deque()
         self.running: list[Sequence] = []
         self.num_preemptions = 0  # lifetime count, for metrics and tests
@@ -99,15 +99,15 @@ class Scheduler:
             if budget <= 0 or len(self.running) >= self.max_num_seqs:
                 break
             key = seq.adapter_key
-            if key and self.adapters is not None:
-                state = self.adapters.readiness(seq.adapter)
+            if key and self.slots is not None:
+                state = self.slots.readiness(seq.adapter)
                 if state == "error":
                     self.waiting.remove(seq)
                     out.failed.append(seq)
                     continue
                 if state != "ready":
                     continue  # still loading off the critical path; others go ahead
-                if key not in active and not self.adapters.fits(active | {key}):
+                if key not in active and not self.slots.fits(active | {key}):
                     break  # first-come first-served on slots, so no adapter starves
             num_new = min(len(seq) - seq.num_computed_tokens, budget)
             if not self.block_manager.can_allocate(seq, num_new):
@@ -117,8 +117,8 @@ class Scheduler:
             seq.status = SequenceStatus.RUNNING
             seq.num_new_tokens = num_new
             budget -= num_new
-            if key and self.adapters is not None:
-                self.adapters.pin(key)
+            if key and self.slots is not None:
+                self.slots.pin(key)
                 active.add(key)
             self.running.append(seq)
             out.scheduled.append(seq)
@@ -128,8 +128,8 @@ class Scheduler:
         self.block_manager.free(seq)
         seq.reset_for_recompute()
         seq.num_new_tokens = 0
-        if seq.adapter_key and self.adapters is not None:
-            self.adapters.unpin(seq.adapter_key)
+        if seq.adapter_key and self.slots is not None:
+            self.slots.unpin(seq.adapter_key)
         self.waiting.appendleft(seq)
 
     # --- after the step ---------------------------------------------------------------------
@@ -152,7 +152,7 @@ class Scheduler:
         elif seq in self.waiting:
             self.waiting.remove(seq)
         self.block_manager.free(seq)
-        if was_running and seq.adapter_key and self.adapters is not None:
-            self.adapters.unpin(seq.adapter_key)
+        if was_running and seq.adapter_key and self.slots is not None:
+            self.slots.unpin(seq.adapter_key)
         seq.status = SequenceStatus.FINISHED
         seq.finish_reason = reason

@@ -38,7 +38,7 @@ class LoRABatch:
         self.max_loras = max_loras
         self.num_tokens: int | None = None  # None: no batch set, LoRA layers act as the base model
         self.segments: list[tuple[int, int, int]] = []
-        self._device_cache: dict[torch.device, tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = {}
+        self._device_cache: dict[torch.device, torch.Tensor] = {}
         self._groups_cache: dict[torch.device, SlotGroups] = {}
 
     def set(self, seq_slots: Sequence[int], seq_num_tokens: Sequence[int]) -> None:
@@ -73,17 +73,15 @@ class LoRABatch:
     def max_segment_len(self) -> int:
         return max((end - start for start, end, _ in self.segments), default=0)
 
-    def device_tensors(self, device: torch.device) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """``(starts [S], lens [S], slots [S])`` int32 on ``device`` for the kernels, built once per step.
-
-        Starts and lengths rather than an indptr because base-model rows leave gaps between segments.
-        """
+    def segment_table(self, device: torch.device) -> torch.Tensor:
+        """``[3, S]`` int32 on ``device`` for the kernels: rows ``starts``, ``lens`` and ``slots`` of the
+        segments, built once per step. Starts and lengths rather than an indptr because base-model
+        rows leave gaps between segments."""
         cached = self._device_cache.get(device)
         if cached is None:
             rows = [[s, e - s, slot] for s, e, slot in self.segments]
             table = torch.tensor(rows, dtype=torch.int32).reshape(-1, 3)
-            table = table.t().contiguous().to(device)
-            cached = self._device_cache[device] = (table[0], table[1], table[2])
+            cached = self._device_cache[device] = table.t().contiguous().to(device)
         return cached
 
     def slot_groups(self, device: torch.device) -> SlotGroups:

@@ -120,6 +120,35 @@ def parse_lora_config(raw: Any) -> LoraConfigView:
     """Validates a decoded ``adapter_config.json``; raises AdapterError naming the offending key."""
     if not isinstance(raw, dict):
         raise AdapterError("adapter_config.json must hold a JSON object")
+    _refuse_unsupported(raw)
+    targets = _target_modules(raw.get("target_modules"))
+    exclude = raw.get("exclude_modules")
+    if isinstance(exclude, str):
+        _check_regex("exclude_modules", exclude)
+    elif exclude is not None:
+        exclude = frozenset(exclude)
+    layers = raw.get("layers_to_transform")
+    if isinstance(layers, list):
+        layers = frozenset(int(i) for i in layers) if layers else None
+    pattern = raw.get("layers_pattern") or ()
+    r, alpha, rank_pattern, alpha_pattern = _ranks_and_alphas(raw)
+    return LoraConfigView(
+        r=r,
+        lora_alpha=alpha,
+        target_modules=targets,
+        exclude_modules=exclude or None,
+        layers_to_transform=layers,
+        layers_pattern=(pattern,) if isinstance(pattern, str) else tuple(pattern),
+        rank_pattern=rank_pattern,
+        alpha_pattern=alpha_pattern,
+        use_rslora=bool(raw.get("use_rslora", False)),
+        use_dora=bool(raw.get("use_dora", False)),
+        lora_bias=bool(raw.get("lora_bias", False)),
+    )
+
+
+def _refuse_unsupported(raw: dict) -> None:
+    """Options that change what the saved tensors mean, or that we cannot serve faithfully."""
     peft_type = raw.get("peft_type")
     if peft_type != "LORA":
         raise AdapterError(
@@ -144,30 +173,26 @@ def parse_lora_config(raw: Any) -> LoraConfigView:
             "adapter_config.json: use_dora together with lora_bias is not supported "
             "(PEFT's own forward and merge disagree on it)"
         )
-    target_modules = raw.get("target_modules")
+
+
+def _target_modules(target_modules: Any) -> str | frozenset[str]:
+    """A list of module-name suffixes, or one regex matched against full module names."""
     if (
         isinstance(target_modules, list)
         and target_modules
         and all(isinstance(t, str) for t in target_modules)
     ):
-        targets: str | frozenset[str] = frozenset(target_modules)
-    elif isinstance(target_modules, str) and target_modules:
+        return frozenset(target_modules)
+    if isinstance(target_modules, str) and target_modules:
         _check_regex("target_modules", target_modules)
-        targets = target_modules
-    else:
-        raise AdapterError(
-            f"adapter_config.json: target_modules must be a non-empty list or regex, got {target_modules!r}"
-        )
-    exclude = raw.get("exclude_modules")
-    if isinstance(exclude, str):
-        _check_regex("exclude_modules", exclude)
-    elif exclude is not None:
-        exclude = frozenset(exclude)
-    layers = raw.get("layers_to_transform")
-    if isinstance(layers, list):
-        layers = frozenset(int(i) for i in layers) if layers else None
-    pattern = raw.get("layers_pattern") or ()
-    pattern = (pattern,) if isinstance(pattern, str) else tuple(pattern)
+        return target_modules
+    raise AdapterError(
+        f"adapter_config.json: target_modules must be a non-empty list or regex, got {target_modules!r}"
+    )
+
+
+def _ranks_and_alphas(raw: dict) -> tuple[int, float, dict[str, int], dict[str, float]]:
+    """``r``, ``lora_alpha`` (default: r) and their per-module patterns, each checked."""
     rank_pattern = dict(raw.get("rank_pattern") or {})
     alpha_pattern = dict(raw.get("alpha_pattern") or {})
     r = raw.get("r")
@@ -181,19 +206,7 @@ def parse_lora_config(raw: Any) -> LoraConfigView:
     ]:
         if not isinstance(value, (int, float)) or isinstance(value, bool) or not math.isfinite(value):
             raise AdapterError(f"adapter_config.json: {name} must be a finite number, got {value!r}")
-    return LoraConfigView(
-        r=r,
-        lora_alpha=float(alpha),
-        target_modules=targets,
-        exclude_modules=exclude or None,
-        layers_to_transform=layers,
-        layers_pattern=pattern,
-        rank_pattern=rank_pattern,
-        alpha_pattern={k: float(v) for k, v in alpha_pattern.items()},
-        use_rslora=bool(raw.get("use_rslora", False)),
-        use_dora=bool(raw.get("use_dora", False)),
-        lora_bias=bool(raw.get("lora_bias", False)),
-    )
+    return r, float(alpha), rank_pattern, {k: float(v) for k, v in alpha_pattern.items()}
 
 
 def _check_regex(option: str, pattern: str) -> None:

@@ -9,6 +9,7 @@ twice on its way in.
 from __future__ import annotations
 
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 from server.lora.adapter import LoRAAdapter, load_peft_adapter
@@ -18,20 +19,13 @@ from server.lora.layers import LoRAModel
 from server.lora.spec import BaseModelSpec
 
 
+@dataclass
 class AdapterReader:
-    def __init__(
-        self,
-        catalog: AdapterCatalog,
-        base: BaseModelSpec,
-        lora: LoRAModel,
-        max_rank: int,
-        counters: LoRACounters,
-    ) -> None:
-        self.catalog = catalog
-        self.base = base
-        self.lora = lora
-        self.max_rank = max_rank
-        self.counters = counters
+    catalog: AdapterCatalog
+    base: BaseModelSpec  # what adapters are validated against
+    lora: LoRAModel  # the wrapped layers an adapter must fit
+    max_rank: int
+    counters: LoRACounters
 
     def read(self, name: str) -> LoRAAdapter:
         """The adapter the catalog knows as ``name``."""

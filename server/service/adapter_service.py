@@ -13,14 +13,17 @@ import shutil
 import time
 import uuid
 from collections.abc import Callable, Mapping
+from dataclasses import dataclass
 from pathlib import Path
 from typing import BinaryIO
 
 from server.config import Settings
 from server.engine.types import EngineStats
+from server.lora.adapter import LoRAAdapter
 from server.lora.counters import LoRACounters
 from server.lora.errors import AdapterError
 from server.lora.merge import export_merged
+from server.lora.reader import AdapterReader
 from server.lora.ref import AdapterRef, names_in_key
 from server.lora.setup import LoRAStack
 from server.service.errors import (
@@ -35,20 +38,13 @@ from server.service.results import AdapterInfo, MergeResult
 from server.store import AdapterExistsError, AdapterMissingError, AdapterStore, replace_dir, tree_digest
 
 
+@dataclass
 class AdapterService:
-    def __init__(
-        self,
-        settings: Settings,
-        store: AdapterStore,
-        lora: LoRAStack | None,
-        base_name: str,
-        engine_stats: Callable[[], EngineStats],
-    ) -> None:
-        self.settings = settings
-        self.store = store
-        self.base_name = base_name
-        self.lora = lora
-        self.engine_stats = engine_stats
+    settings: Settings
+    store: AdapterStore
+    lora: LoRAStack | None  # None: LoRA disabled
+    base_name: str  # the served name of the base model
+    engine_stats: Callable[[], EngineStats]
 
     # --- reads --------------------------------------------------------------------------------
     def names(self) -> list[str]:
@@ -127,24 +123,9 @@ class AdapterService:
         check_name(name, "name")
         if self.exists(name):
             raise AdapterConflictError(f"adapter '{name}' already exists", "name")
-        await asyncio.to_thread(self._stage_and_commit, lora, name, files)
-        return await asyncio.to_thread(self.describe, name)
-
-    def _stage_and_commit(self, lora: LoRAStack, name: str, files: Mapping[str, BinaryIO]) -> None:
-        with self.store.staging() as staged:
-            for file_name, source in files.items():
-                source.seek(0)
-                with open(staged / file_name, "wb") as out:
-                    shutil.copyfileobj(source, out, 1 << 20)
-            try:
-                adapter = lora.reader.read_dir(staged, name)
-            except AdapterError as exc:
-                raise InvalidAdapterError(str(exc).replace(str(staged), "<upload>")) from None
-            try:
-                adapter.source = self.store.commit(staged, name).path
-            except AdapterExistsError as exc:
-                raise AdapterConflictError(str(exc), "name") from None
+        adapter = await asyncio.to_thread(stage_and_commit, self.store, lora.reader, name, files)
         lora.cache.replace(name, adapter)
+        return await asyncio.to_thread(self.describe, name)
 
     async def delete(self, name: str) -> None:
         """Hides the adapter at once (new requests: not found), lets queued and running requests
@@ -193,3 +174,24 @@ class AdapterService:
         if self.lora is None:
             raise LoRADisabledError("LoRA is disabled on this server (enable_lora=false)")
         return self.lora
+
+
+def stage_and_commit(
+    store: AdapterStore, reader: AdapterReader, name: str, files: Mapping[str, BinaryIO]
+) -> LoRAAdapter:
+    """Blocking: writes ``files`` into a staging directory of the store, parses them there exactly as
+    serving will, and renames the directory onto ``name``; returns the parsed adapter."""
+    with store.staging() as staged:
+        for file_name, source in files.items():
+            source.seek(0)
+            with open(staged / file_name, "wb") as out:
+                shutil.copyfileobj(source, out, 1 << 20)
+        try:
+            adapter = reader.read_dir(staged, name)
+        except AdapterError as exc:
+            raise InvalidAdapterError(str(exc).replace(str(staged), "<upload>")) from None
+        try:
+            adapter.source = store.commit(staged, name).path
+        except AdapterExistsError as exc:
+            raise AdapterConflictError(str(exc), "name") from None
+    return adapter

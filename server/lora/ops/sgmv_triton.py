@@ -1,5 +1,5 @@
-"""SGMV in Triton: a shrink kernel (x @ A into an fp32 [N, R] buffer) and an expand kernel
-(y += t @ B), each with one program per (row block, [column block,] segment).
+"""SGMV in Triton: one segment-GEMM kernel run twice, as shrink (x @ A into an fp32 [N, R] buffer)
+and as expand (y += t @ B), with one program per (row block, column block, segment).
 
 Segments come from ``LoRABatch`` (only rows that use an adapter), so base-model rows launch nothing.
 The kernels are decorated at import, when triton reads ``TRITON_INTERPRET``: the same code runs
@@ -17,68 +17,46 @@ from server.lora.batch import LoRABatch
 
 
 @triton.jit
-def _segment_rows(starts_ptr, lens_ptr, slots_ptr, seg, pid_m, BLOCK_M: tl.constexpr):
-    """Rows of this program's block of segment ``seg``, their mask, the segment's slot, and whether
-    the block holds any row at all."""
-    length = tl.load(lens_ptr + seg)
-    start = tl.load(starts_ptr + seg).to(tl.int64)
-    slot = tl.load(slots_ptr + seg).to(tl.int64)
-    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
-    return start + offs_m, offs_m < length, slot, pid_m * BLOCK_M < length
+def _segment_rows(seg_ptr, num_segs, BLOCK_M: tl.constexpr, rows_axis: tl.constexpr, seg_axis: tl.constexpr):
+    """This program's block of rows of its segment (``seg_ptr`` is the [3, S] table of starts, lengths
+    and slots): the rows, their mask, the segment's slot, and whether the block has any row."""
+    seg = tl.program_id(seg_axis)
+    first = tl.program_id(rows_axis) * BLOCK_M
+    length = tl.load(seg_ptr + num_segs + seg)
+    start = tl.load(seg_ptr + seg).to(tl.int64)
+    slot = tl.load(seg_ptr + 2 * num_segs + seg).to(tl.int64)
+    offs_m = first + tl.arange(0, BLOCK_M)
+    return start + offs_m, offs_m < length, slot, first < length
 
 
 @triton.jit
-def _shrink(
-    x_ptr, a_ptr, t_ptr, starts_ptr, lens_ptr, slots_ptr,
-    K, R,
-    stride_xm, stride_xk, stride_as, stride_ak, stride_ar, stride_tm, stride_tr,
-    BLOCK_M: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_K: tl.constexpr, PRECISION: tl.constexpr,
+def _segment_gemm(
+    x_ptr, w_ptr, out_ptr, seg_ptr, num_segs, K, N,
+    stride_xm, stride_xk, stride_ws, stride_wk, stride_wn, stride_om, stride_on,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+    ACCUMULATE: tl.constexpr, PRECISION: tl.constexpr,
 ):  # fmt: skip
-    """t[rows, :R] = x[rows] @ A[slot, :, :R] for one block of one segment's rows (any A strides)."""
-    rows, mask_m, slot, active = _segment_rows(
-        starts_ptr, lens_ptr, slots_ptr, tl.program_id(1), tl.program_id(0), BLOCK_M
-    )
+    """out[rows, cols] (+)= x[rows, :K] @ W[slot, :K, cols] for one (row block, column block) of one
+    segment; grid (row blocks, column blocks, segments). Shrink and expand are both this: x @ A into
+    the fp32 rank buffer, then y += t @ B. Accumulates in fp32; each output tile has one owner."""
+    rows, mask_m, slot, active = _segment_rows(seg_ptr, num_segs, BLOCK_M, 0, 2)
     if active:
-        offs_r = tl.arange(0, BLOCK_R)
-        mask_r = offs_r < R
-        acc = tl.zeros((BLOCK_M, BLOCK_R), dtype=tl.float32)
+        offs_n = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
+        mask_n = offs_n < N
+        acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
         for k0 in range(0, K, BLOCK_K):
             offs_k = k0 + tl.arange(0, BLOCK_K)
             mask_k = offs_k < K
             x_tile = x_ptr + rows[:, None] * stride_xm + offs_k[None, :] * stride_xk
             x = tl.load(x_tile, mask=mask_m[:, None] & mask_k[None, :], other=0.0)
-            a_tile = a_ptr + slot * stride_as + offs_k[:, None] * stride_ak + offs_r[None, :] * stride_ar
-            a = tl.load(a_tile, mask=mask_k[:, None] & mask_r[None, :], other=0.0)
-            acc += tl.dot(x, a, input_precision=PRECISION)
-        t_tile = t_ptr + rows[:, None] * stride_tm + offs_r[None, :] * stride_tr
-        tl.store(t_tile, acc, mask=mask_m[:, None] & mask_r[None, :])
-
-
-@triton.jit
-def _expand(
-    t_ptr, b_ptr, y_ptr, starts_ptr, lens_ptr, slots_ptr,
-    N_OUT, R,
-    stride_tm, stride_tr, stride_bs, stride_br, stride_bn, stride_ym, stride_yn,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_R: tl.constexpr, PRECISION: tl.constexpr,
-):  # fmt: skip
-    """y[rows, cols] += t[rows, :R] @ B[slot, :R, cols]; each (row, col) tile has one owner."""
-    rows, mask_m, slot, active = _segment_rows(
-        starts_ptr, lens_ptr, slots_ptr, tl.program_id(2), tl.program_id(0), BLOCK_M
-    )
-    if active:
-        offs_n = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
-        mask_n = offs_n < N_OUT
-        offs_r = tl.arange(0, BLOCK_R)
-        mask_r = offs_r < R
-        t_tile = t_ptr + rows[:, None] * stride_tm + offs_r[None, :] * stride_tr
-        t = tl.load(t_tile, mask=mask_m[:, None] & mask_r[None, :], other=0.0)
-        b_tile = b_ptr + slot * stride_bs + offs_r[:, None] * stride_br + offs_n[None, :] * stride_bn
-        b = tl.load(b_tile, mask=mask_r[:, None] & mask_n[None, :], other=0.0)
-        delta = tl.dot(t.to(b.dtype), b, input_precision=PRECISION)
-        y_ptrs = y_ptr + rows[:, None] * stride_ym + offs_n[None, :] * stride_yn
+            w_tile = w_ptr + slot * stride_ws + offs_k[:, None] * stride_wk + offs_n[None, :] * stride_wn
+            w = tl.load(w_tile, mask=mask_k[:, None] & mask_n[None, :], other=0.0)
+            acc += tl.dot(x.to(w.dtype), w, input_precision=PRECISION)
+        out_tile = out_ptr + rows[:, None] * stride_om + offs_n[None, :] * stride_on
         mask = mask_m[:, None] & mask_n[None, :]
-        y = tl.load(y_ptrs, mask=mask, other=0.0)
-        tl.store(y_ptrs, (y.to(tl.float32) + delta).to(y.dtype), mask=mask)
+        if ACCUMULATE:
+            acc += tl.load(out_tile, mask=mask, other=0.0).to(tl.float32)
+        tl.store(out_tile, acc.to(out_ptr.dtype.element_ty), mask=mask)
 
 
 def _block(n: int, lo: int, hi: int) -> int:
@@ -96,24 +74,22 @@ def sgmv_triton(
     B [slots, rank, out] (padded ranks contribute zeros)."""
     if not batch.segments:
         return
-    starts, lens, slots = batch.device_tensors(x.device)
+    segments = batch.segment_table(x.device)
     num_segments = len(batch.segments)
     rank, k, n_out = lora_a_stacked.shape[2], x.shape[1], y.shape[1]
     precision = "ieee" if x.dtype == torch.float32 else "tf32"
     block_m = _block(batch.max_segment_len, 16, 64)
     block_r = _block(rank, 16, 256)
-    block_n = _block(n_out, 16, 64)
+    block_out = _block(n_out, 16, 64)
     rows_grid = triton.cdiv(batch.max_segment_len, block_m)
     shrunk = torch.empty((x.shape[0], rank), dtype=torch.float32, device=x.device)
-    _shrink[(rows_grid, num_segments)](
-        x, lora_a_stacked, shrunk, starts, lens, slots,
-        k, rank,
-        *x.stride(), *lora_a_stacked.stride(), *shrunk.stride(),
-        BLOCK_M=block_m, BLOCK_R=block_r, BLOCK_K=_block(k, 16, 64), PRECISION=precision,
-    )  # fmt: skip
-    _expand[(rows_grid, triton.cdiv(n_out, block_n), num_segments)](
-        shrunk, lora_b_stacked, y, starts, lens, slots,
-        n_out, rank,
-        *shrunk.stride(), *lora_b_stacked.stride(), *y.stride(),
-        BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_R=block_r, PRECISION=precision,
-    )  # fmt: skip
+    for inp, weights, out, k_dim, n_dim, block_n, block_k, accumulate in (
+        (x, lora_a_stacked, shrunk, k, rank, block_r, _block(k, 16, 64), False),  # shrink: t = x @ A
+        (shrunk, lora_b_stacked, y, rank, n_out, block_out, block_r, True),  # expand: y += t @ B
+    ):
+        grid = (rows_grid, triton.cdiv(n_dim, block_n), num_segments)
+        _segment_gemm[grid](
+            inp, weights, out, segments, num_segments, k_dim, n_dim,
+            *inp.stride(), *weights.stride(), *out.stride(),
+            BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k, ACCUMULATE=accumulate, PRECISION=precision,
+        )  # fmt: skip

@@ -1,4 +1,5 @@
-"""``python -m server.bench [--lora]``: prints tokens/s tables with ratios against the peers."""
+"""``python -m benchmarks [--lora] [--device cuda --dtype bfloat16]``: tokens/s tables with ratios
+against the peers (transformers, PEFT), every system on the same device and dtype in one run."""
 
 from __future__ import annotations
 
@@ -8,8 +9,8 @@ from pathlib import Path
 
 import torch
 
-from server.bench.engine_bench import bench_engine
-from server.bench.workload import QUICK_CONFIG, Workload, make_bench_model
+from benchmarks.engine_bench import bench_engine
+from benchmarks.workload import Target, Workload, make_bench_model
 
 
 def print_table(title: str, rows: list[tuple[str, float]], baseline: str) -> None:
@@ -28,25 +29,32 @@ def main() -> None:
     parser.add_argument("--only-lora", action="store_true", help="run only the multi-LoRA benchmark")
     parser.add_argument("--model-dir", type=Path, default=None, help="reuse a built benchmark model")
     parser.add_argument("--quick", action="store_true", help="tiny model and workload: a smoke run")
+    parser.add_argument("--device", default="auto", help="'auto', 'cpu', 'cuda' or 'cuda:N'")
+    parser.add_argument("--dtype", default="auto", choices=["auto", "float32", "float16", "bfloat16"])
     args = parser.parse_args()
+    target = Target.parse(args.device, args.dtype)
     torch.manual_seed(0)
-    print(f"torch {torch.__version__}, threads {torch.get_num_threads()}, device cpu")
+    print(
+        f"torch {torch.__version__}, threads {torch.get_num_threads()}, device {target.device}, {target.dtype}"
+    )
     workload = Workload(num_requests=8, prompt_len=16, new_tokens=8) if args.quick else Workload()
     with tempfile.TemporaryDirectory() as tmp:
         model_dir = make_bench_model(
-            args.model_dir or Path(tmp) / "bench-llama", QUICK_CONFIG if args.quick else None
+            args.model_dir or Path(tmp) / "bench-llama", "bench-quick" if args.quick else "bench"
         )
         print(
             f"workload: {workload.num_requests} requests, prompt {workload.prompt_len}, "
             f"{workload.new_tokens} new tokens, greedy, EOS ignored; model {model_dir}"
         )
         if not args.only_lora:
-            rows = bench_engine(model_dir, workload)
+            rows = bench_engine(model_dir, workload, target)
             print_table("Engine vs transformers", rows, "transformers generate() static batch")
         if args.lora or args.only_lora:
-            from server.bench.lora_bench import bench_lora
+            from benchmarks.lora_bench import bench_lora
 
-            bench_lora(model_dir, workload, Path(tmp), print_table, many_adapters=8 if args.quick else 64)
+            bench_lora(
+                model_dir, workload, Path(tmp), target, print_table, many_adapters=8 if args.quick else 64
+            )
 
 
 if __name__ == "__main__":

@@ -1,1 +1,0 @@
-"""Benchmarks that print tables side by side with the peers (transformers, PEFT) in one run."""

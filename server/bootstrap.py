@@ -14,6 +14,7 @@ from pathlib import Path
 import torch
 
 from server.config import Settings
+from server.engine.admission import AdmissionOrder
 from server.engine.async_engine import AsyncEngine, ServedModel
 from server.engine.block_manager import BlockManager
 from server.engine.llm_engine import EngineLimits, LLMEngine
@@ -69,10 +70,11 @@ def build_runtime(settings: Settings) -> Runtime:
         settings.max_model_len or geometry.max_position_embeddings, attention.num_blocks * settings.block_size
     )
     scheduler = Scheduler(
-        BlockManager(attention.num_blocks, settings.block_size),
+        BlockManager(attention.num_blocks, settings.block_size, settings.prefix_caching),
         settings.max_num_seqs,
         settings.max_num_batched_tokens,
         slots,
+        AdmissionOrder(settings.adapter_max_wait_s),
     )
     core = LLMEngine(
         ModelRunner(model, attention, slots),

@@ -41,6 +41,15 @@ class Settings(BaseSettings):
     attention_backend: Literal["auto", "torch"] = Field(
         "auto", description="Paged attention implementation; 'auto' picks the best for the device."
     )
+    prefix_caching: bool = Field(
+        True, description="Reuse the KV blocks of cached prompt prefixes (per adapter and weights version)."
+    )
+    adapter_max_wait_s: float = Field(
+        2.0,
+        ge=0,
+        description="When adapter slots are short, requests of resident adapters may overtake a waiting "
+        "request until it has waited this long.",
+    )
 
     # --- LoRA -------------------------------------------------------------------------------
     enable_lora: bool = Field(True, description="Wrap the base model's linears for LoRA serving.")

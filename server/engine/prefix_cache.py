@@ -48,6 +48,10 @@ class PrefixCache:
     def num_cached(self) -> int:
         return len(self._name_of)
 
+    def identities(self) -> set[Hashable]:
+        """Whose K/V the cached blocks hold."""
+        return set(self._by_identity)
+
     def lookup(self, hashes: list[bytes]) -> list[int]:
         """The blocks of the longest cached chain that ``hashes`` starts with."""
         blocks = []

@@ -36,7 +36,11 @@ class SlotFiller:
 
     def submit(self, slot: int, adapter: LoRAAdapter) -> Future[list[SlotFacts]]:
         """Writes ``adapter`` into ``slot`` on the worker; the slot must not be read until it is done."""
-        return self._pool.submit(self._fill, slot, adapter, self._stream)
+        return self._pool.submit(self._fill_in_worker, slot, adapter)
+
+    def _fill_in_worker(self, slot: int, adapter: LoRAAdapter) -> list[SlotFacts]:
+        with torch.inference_mode():  # thread-local: the slots may be inference tensors
+            return self._fill(slot, adapter, self._stream)
 
     def close(self) -> None:
         self._pool.shutdown(wait=True, cancel_futures=True)

@@ -5,7 +5,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: setup serve test lint format bench bench-lora train-demo container-test clean
+.PHONY: setup serve test lint format bench bench-lora bench-prefix bench-adapters train-demo container-test clean
 
 $(STAMP): pyproject.toml scripts/install.sh
 	bash scripts/install.sh "$(VENV)" "$(PYTHON)"
@@ -33,6 +33,12 @@ bench: $(STAMP)
 
 bench-lora: $(STAMP)
 	$(PY) -m benchmarks --lora
+
+bench-prefix: $(STAMP)
+	$(PY) -m benchmarks.prefix_bench
+
+bench-adapters: $(STAMP)
+	$(PY) -m benchmarks.many_adapters
 
 train-demo: $(STAMP)
 	$(PY) scripts/train_demo_model.py

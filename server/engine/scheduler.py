@@ -6,8 +6,9 @@ slots allow, in the order ``admission.py`` gives (arrival order, adapter-aware w
 short). A new sequence starts on the longest cached prefix of its blocks (prefix caching) and only
 the rest is computed. Prompts are chunked to fit the budget, so prefill and decode share steps.
 When KV blocks run out, the most recently arrived running sequence is preempted and later
-recomputed: memory pressure slows requests down instead of failing them. After admission the
-adapters of the still-waiting requests are prefetched (host memory, and a free device slot).
+recomputed: memory pressure slows requests down instead of failing them. Each step first hands the
+waiting requests' adapters to the slots for prefetching (host memory, and free device slots filled
+off the engine thread; a request whose slot is being filled joins a later step).
 """
 
 from __future__ import annotations

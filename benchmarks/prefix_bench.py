@@ -1,0 +1,188 @@
+"""Prefix caching on vs off, in one run: ``python -m benchmarks.prefix_bench [--quick] [--repeats N]``.
+
+Shared prefixes: 8 adapters, each with its own system prompt (1,024 tokens), 64 requests (round-robin
+over the adapters) each ending in a short distinct user turn, all queued at once; TTFT p50 and output
+throughput with caching on and off. Nothing shared: distinct prompts, where caching can only cost
+(hashing, lookups), so the throughputs should match. Each repeat draws fresh prompts (nothing carries
+over between repeats); the two engines alternate and the table reports medians over the repeats.
+"""
+
+from __future__ import annotations
+
+import argparse
+import random
+import statistics
+import tempfile
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from benchmarks.adapters import write_random_adapters
+from benchmarks.engine_bench import build_bench_runtime
+from benchmarks.workload import Target, make_bench_model
+from server.bootstrap import Runtime
+from server.engine.sequence import Sequence
+from server.engine.types import SamplingParams
+
+VOCAB = 32000
+
+
+@dataclass(frozen=True)
+class Shape:
+    adapters: int = 8
+    system_len: int = 1024
+    requests: int = 64
+    user_len: tuple[int, int] = (12, 32)
+    new_tokens: int = 32
+    distinct_requests: int = 32
+    distinct_len: int = 512
+
+
+QUICK = Shape(adapters=2, system_len=256, requests=16, new_tokens=8, distinct_requests=8, distinct_len=64)
+
+
+@dataclass
+class BurstResult:
+    ttft_p50: float
+    ttft_p90: float
+    output_tps: float
+    seconds: float
+    cached_fraction: float  # of all prompt tokens
+
+
+def _tokens(rng: random.Random, n: int) -> list[int]:
+    return [rng.randrange(3, VOCAB) for _ in range(n)]
+
+
+def shared_requests(shape: Shape, names: list[str], seed: object) -> list[tuple[str, list[int]]]:
+    rng = random.Random(f"shared:{seed}")
+    systems = [_tokens(rng, shape.system_len) for _ in names]
+    return [
+        (names[i % len(names)], systems[i % len(names)] + _tokens(rng, rng.randint(*shape.user_len)))
+        for i in range(shape.requests)
+    ]
+
+
+def distinct_requests(shape: Shape, names: list[str], seed: object) -> list[tuple[str, list[int]]]:
+    rng = random.Random(f"distinct:{seed}")
+    return [(names[i % len(names)], _tokens(rng, shape.distinct_len)) for i in range(shape.distinct_requests)]
+
+
+def run_burst(rt: Runtime, requests, new_tokens: int, target: Target) -> BurstResult:
+    """Queues every request at once and steps the engine to the end; TTFT counts from the queueing."""
+    core = rt.engine.core
+    params = SamplingParams(max_tokens=new_tokens, temperature=0.0, ignore_eos=True)
+    seqs = [Sequence(f"b{i}", p, params, rt.adapters.resolve(name)) for i, (name, p) in enumerate(requests)]
+    target.sync()
+    start = time.perf_counter()
+    for seq in seqs:
+        core.add(seq)
+    first: dict[str, float] = {}
+    produced = 0
+    while core.has_work():
+        for _, out in core.step():
+            if out.new_token_ids:
+                produced += len(out.new_token_ids)
+                first.setdefault(out.request_id, time.perf_counter() - start)
+    target.sync()
+    seconds = time.perf_counter() - start
+    assert produced == len(requests) * new_tokens, produced
+    ttfts = sorted(first.values())
+    cached = sum(s.num_cached_tokens or 0 for s in seqs) / sum(s.num_prompt_tokens for s in seqs)
+    return BurstResult(statistics.median(ttfts), ttfts[int(0.9 * (len(ttfts) - 1))], produced / seconds,
+                       seconds, cached)  # fmt: skip
+
+
+def engines(
+    model_dir: Path, store: Path, names: list[str], shape: Shape, target: Target
+) -> dict[str, Runtime]:
+    """The same engine twice, caching on and off, every adapter already in a device slot, warmed up
+    on a burst of the benchmark's own shapes (first calls of long prefills are slow)."""
+    warmup = shared_requests(shape, names, seed="warm-up")[: len(names) + 2]
+    out = {}
+    for label, caching in (("caching off", False), ("caching on", True)):
+        rt = build_bench_runtime(model_dir, target, adapter_store=store, max_loras=len(names),
+                                 prefix_caching=caching)  # fmt: skip
+        rt.lora.manager.activate(set(names))
+        run_burst(rt, warmup, 2, target)
+        out[label] = rt
+    return out
+
+
+def _median(results: list[BurstResult], field: str) -> float:
+    return statistics.median(getattr(r, field) for r in results)
+
+
+def report(
+    shared: dict[str, list[BurstResult]], distinct: dict[str, list[BurstResult]], shape: Shape
+) -> None:
+    print(
+        f"\nShared prefixes: {shape.adapters} adapters x own {shape.system_len}-token system prompt, "
+        f"{shape.requests} requests (user turn {shape.user_len[0]}-{shape.user_len[1]} tokens, "
+        f"{shape.new_tokens} new), all queued at once; medians of {len(shared['caching on'])} repeats"
+    )
+    print(
+        f"{'engine':<14} {'TTFT p50 s':>11} {'TTFT p90 s':>11} {'output tok/s':>13} {'wall s':>8} {'cached':>7}"
+    )
+    for label, results in shared.items():
+        print(
+            f"{label:<14} {_median(results, 'ttft_p50'):>11.3f} {_median(results, 'ttft_p90'):>11.3f} "
+            f"{_median(results, 'output_tps'):>13.1f} {_median(results, 'seconds'):>8.2f} "
+            f"{_median(results, 'cached_fraction'):>7.1%}"
+        )
+    off, on = shared["caching off"], shared["caching on"]
+    ttft = [a.ttft_p50 / b.ttft_p50 for a, b in zip(off, on, strict=True)]
+    tps = [b.output_tps / a.output_tps for a, b in zip(off, on, strict=True)]
+    print(f"TTFT p50 off/on = {statistics.median(ttft):.1f}x (per repeat {', '.join(f'{x:.1f}' for x in ttft)}; "
+          f"target >= 5x); throughput on/off = {statistics.median(tps):.2f}x")  # fmt: skip
+    print(f"\nNothing shared: {shape.distinct_requests} distinct {shape.distinct_len}-token prompts")
+    ratios = [
+        b.output_tps / a.output_tps
+        for a, b in zip(distinct["caching off"], distinct["caching on"], strict=True)
+    ]
+    for label, results in distinct.items():
+        print(
+            f"{label:<14} output tok/s {_median(results, 'output_tps'):>8.1f}  wall {_median(results, 'seconds'):.2f} s"
+        )
+    print(f"throughput on/off = {statistics.median(ratios):.3f} (per repeat {', '.join(f'{x:.3f}' for x in ratios)};"
+          f" target within 3%)")  # fmt: skip
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("--quick", action="store_true", help="tiny model and workload: a smoke run")
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--model-dir", type=Path, default=None, help="reuse a built benchmark model")
+    parser.add_argument("--device", default="auto")
+    parser.add_argument("--dtype", default="auto", choices=["auto", "float32", "float16", "bfloat16"])
+    args = parser.parse_args()
+    target = Target.parse(args.device, args.dtype)
+    shape = QUICK if args.quick else Shape()
+    print(f"torch {torch.__version__}, threads {torch.get_num_threads()}, {target.device}, {target.dtype}")
+    with tempfile.TemporaryDirectory() as tmp:
+        model_dir = make_bench_model(
+            args.model_dir or Path(tmp) / "bench-llama", "bench-quick" if args.quick else "bench"
+        )
+        names = write_random_adapters(model_dir, Path(tmp) / "store", shape.adapters, ranks=(16,))
+        rts = engines(model_dir, Path(tmp) / "store", names, shape, target)
+        shared: dict[str, list[BurstResult]] = {label: [] for label in rts}
+        distinct: dict[str, list[BurstResult]] = {label: [] for label in rts}
+        for repeat in range(args.repeats):
+            for label, rt in rts.items():
+                shared[label].append(
+                    run_burst(rt, shared_requests(shape, names, repeat), shape.new_tokens, target)
+                )
+                distinct[label].append(
+                    run_burst(rt, distinct_requests(shape, names, repeat), shape.new_tokens, target)
+                )
+                print(
+                    f"  repeat {repeat} {label}: shared {shared[label][-1]}, distinct {distinct[label][-1].output_tps:.1f} tok/s",
+                    flush=True,
+                )
+        report(shared, distinct, shape)
+
+
+if __name__ == "__main__":
+    main()

@@ -13,6 +13,7 @@ cost (hashing, lookups), so the throughputs should match. Each repeat draws fres
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import random
 import statistics
 import tempfile
@@ -139,41 +140,52 @@ def _ratios(a: list[BurstResult], b: list[BurstResult], of) -> str:
 def report(
     shared: dict[str, list[BurstResult]], distinct: dict[str, list[BurstResult]], shape: Shape
 ) -> None:
-    print(
-        f"\nShared prefixes: {shape.adapters} adapters x own {shape.system_len}-token system prompt, "
-        f"{shape.requests} requests (user turn {shape.user_len[0]}-{shape.user_len[1]} tokens, "
-        f"{shape.new_tokens} new), all queued at once; medians of {len(shared[OFF])} repeats"
-    )
-    print(
-        f"{'engine':<18} {'TTFT p50 s':>11} {'TTFT p90 s':>11} {'output tok/s':>13} {'wall s':>8} {'cached':>7}"
-    )
-    for label, results in shared.items():
-        print(_row(label, results))
-    for label in (COLD, WARM):
+    if shared[OFF]:
         print(
-            f"{label}: TTFT p50 off/on = {_ratios(shared[OFF], shared[label], lambda a, b: a.ttft_p50 / b.ttft_p50)}"
-            f"; throughput on/off = {_ratios(shared[OFF], shared[label], lambda a, b: b.output_tps / a.output_tps)}"
+            f"\nShared prefixes: {shape.adapters} adapters x own {shape.system_len}-token system prompt, "
+            f"{shape.requests} requests (user turn {shape.user_len[0]}-{shape.user_len[1]} tokens, "
+            f"{shape.new_tokens} new), all queued at once; medians of {len(shared[OFF])} repeats"
         )
-    print(f"(target: TTFT p50 >= 5x lower with caching on)\n\nNothing shared: {shape.distinct_requests} "
-          f"distinct {shape.distinct_len}-token prompts")  # fmt: skip
-    for label, results in distinct.items():
         print(
-            f"{label:<18} output tok/s {_median(results, 'output_tps'):>8.1f}  wall {_median(results, 'seconds'):.2f} s"
+            f"{'engine':<18} {'TTFT p50 s':>11} {'TTFT p90 s':>11} {'output tok/s':>13} {'wall s':>8} {'cached':>7}"
         )
-    ratio = _ratios(distinct[OFF], distinct[ON], lambda a, b: b.output_tps / a.output_tps)
-    print(f"throughput on/off = {ratio} (target: within 3%)")
+        for label, results in shared.items():
+            print(_row(label, results))
+        for label in (COLD, WARM):
+            ttft = _ratios(shared[OFF], shared[label], lambda a, b: a.ttft_p50 / b.ttft_p50)
+            tps = _ratios(shared[OFF], shared[label], lambda a, b: b.output_tps / a.output_tps)
+            print(f"{label}: TTFT p50 off/on = {ttft}; throughput on/off = {tps}")
+        print("(target: TTFT p50 >= 5x lower with caching on)")
+    if distinct[OFF]:
+        print(f"\nNothing shared: {shape.distinct_requests} distinct {shape.distinct_len}-token prompts")
+        for label, results in distinct.items():
+            print(
+                f"{label:<18} output tok/s {_median(results, 'output_tps'):>8.1f}  wall {_median(results, 'seconds'):.2f} s"
+            )
+        ratio = _ratios(distinct[OFF], distinct[ON], lambda a, b: b.output_tps / a.output_tps)
+        print(f"throughput on/off = {ratio} (target: within 3%)")
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--quick", action="store_true", help="tiny model and workload: a smoke run")
     parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--parts", nargs="+", choices=["shared", "distinct"], default=["shared", "distinct"])
+    parser.add_argument(
+        "--distinct-requests", type=int, default=None, help="override the distinct-prompt count"
+    )
+    parser.add_argument("--distinct-len", type=int, default=None, help="override the distinct-prompt length")
     parser.add_argument("--model-dir", type=Path, default=None, help="reuse a built benchmark model")
     parser.add_argument("--device", default="auto")
     parser.add_argument("--dtype", default="auto", choices=["auto", "float32", "float16", "bfloat16"])
     args = parser.parse_args()
     target = Target.parse(args.device, args.dtype)
     shape = QUICK if args.quick else Shape()
+    shape = dataclasses.replace(
+        shape,
+        distinct_requests=args.distinct_requests or shape.distinct_requests,
+        distinct_len=args.distinct_len or shape.distinct_len,
+    )
     print(f"torch {torch.__version__}, threads {torch.get_num_threads()}, {target.device}, {target.dtype}")
     with tempfile.TemporaryDirectory() as tmp:
         model_dir = make_bench_model(
@@ -183,16 +195,29 @@ def main() -> None:
         rts = engines(model_dir, Path(tmp) / "store", names, shape, target)
         shared: dict[str, list[BurstResult]] = {OFF: [], COLD: [], WARM: []}
         distinct: dict[str, list[BurstResult]] = {OFF: [], ON: []}
+
+        def measure(results: list[BurstResult], label: str, rt: Runtime, requests) -> None:
+            results.append(run_burst(rt, requests, shape.new_tokens, target))
+            r = results[-1]
+            print(f"  {label}: TTFT p50 {r.ttft_p50:.3f} s, {r.output_tps:.1f} tok/s, {r.seconds:.1f} s, "
+                  f"cached {r.cached_fraction:.1%}", flush=True)  # fmt: skip
+
         for repeat in range(args.repeats):
             for label, rt in rts.items():
-                burst = shared_requests(shape, names, repeat)
-                shared[OFF if label == OFF else COLD].append(run_burst(rt, burst, shape.new_tokens, target))
-                if label == ON:  # the same system prompts again, new user turns
-                    burst = shared_requests(shape, names, repeat, turns=1)
-                    shared[WARM].append(run_burst(rt, burst, shape.new_tokens, target))
-                prompts = distinct_requests(shape, names, repeat)
-                distinct[label].append(run_burst(rt, prompts, shape.new_tokens, target))
-                print(f"  repeat {repeat} {label}: done", flush=True)
+                if "shared" in args.parts:
+                    measure(shared[OFF if label == OFF else COLD], f"{repeat} shared {label}", rt,
+                            shared_requests(shape, names, repeat))  # fmt: skip
+                if "shared" in args.parts and label == ON:  # the same system prompts, new user turns
+                    measure(
+                        shared[WARM], f"{repeat} shared {WARM}", rt, shared_requests(shape, names, repeat, 1)
+                    )
+                if "distinct" in args.parts:
+                    measure(
+                        distinct[label],
+                        f"{repeat} distinct {label}",
+                        rt,
+                        distinct_requests(shape, names, repeat),
+                    )
         report(shared, distinct, shape)
 
 

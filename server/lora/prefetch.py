@@ -1,7 +1,9 @@
 """Device slots filled ahead of time for waiting requests, off the engine thread.
 
-Each step the engine names the adapters its waiting requests use, oldest first. For each one whose
-weights are in host memory but in no slot, a slot is reserved - a free one, or the least recently
+Each step the engine names the adapters its waiting requests use, oldest first. The first few (twice
+the slots: what can be scheduled soon) are loaded into host memory if the host cache dropped them -
+not all, or a long queue of distinct adapters would churn the host LRU. For each one whose weights
+are in host memory but in no slot, a slot is reserved - a free one, or the least recently
 used one that no running or waiting request needs - and the worker packs and copies the adapter
 into it. The slot stays pinned while the copy runs (nothing evicts or reads it) and its request
 reads as loading; the next step commits the finished copy, and the request is scheduled on a
@@ -45,7 +47,7 @@ class SlotPrefetcher:
         for adapter in adapters:
             unique.setdefault(adapter.key, adapter)
         self.wanted = set(unique)
-        for key in unique:
+        for key in list(unique)[: 2 * self.slots.num_slots]:
             if key in self._fills or self.slots.holds(key):
                 continue
             entry = self.cache.peek(key)

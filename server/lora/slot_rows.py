@@ -17,36 +17,42 @@ from server.lora.slot_weights import SlotFacts, SlotView, write_slot
 
 
 class SlotRows:
+    """Lays the slots of freshly injected layers (all empty) out as rows of one ``storage`` tensor.
+
+    The layers' own buffers are released before ``storage`` is allocated, so the slots never take
+    twice their memory, even briefly.
+    """
+
     def __init__(self, lora: LoRAModel) -> None:
         self.lora = lora
         self._layers = list(lora.layers.items())
+        if any(any(layer.slot_weights.rank) for _, layer in self._layers):
+            raise ValueError("slot rows are laid out over empty slots, right after inject_lora")
         first = self._layers[0][1].slot_weights.a
         self.device, self.dtype = first.device, first.dtype
+        self._shapes = [layer.slot_weights.release() for _, layer in self._layers]
         self._offsets: list[int] = []
         width = 0
-        for _, layer in self._layers:
+        for shapes in self._shapes:
             self._offsets.append(width)
-            width += sum(t[0].numel() for t in self._parts(layer.slot_weights))
+            width += sum(shape.numel() for shape in shapes)
         self.width = width
-        self.storage = torch.zeros(lora.max_loras, width, device=self.device, dtype=self.dtype)
-        for (_, layer), offset in zip(self._layers, self._offsets, strict=True):
-            layer.slot_weights.rebind(self._views(self.storage, offset, layer.slot_weights))
+        self.storage = torch.empty(lora.max_loras, width, device=self.device, dtype=self.dtype)
         # Base biases on the host, once: packing runs on loader threads and must not touch the device.
         self._base_bias = {
             name: None if layer.base_layer.bias is None else layer.base_layer.bias.detach().float().cpu()
             for name, layer in self._layers
         }
+        for i, (_, layer) in enumerate(self._layers):
+            layer.slot_weights.bind(self._views(self.storage, i))
+        for slot in range(lora.max_loras):
+            self.clear(slot)
 
-    @staticmethod
-    def _parts(sw) -> list[torch.Tensor]:
-        return [sw.a, sw.b, sw.bias, sw.dora_scale, sw.dora_shift]
-
-    def _views(self, rows: torch.Tensor, offset: int, sw) -> SlotView:
-        """``rows`` [..., width] -> this layer's tensors with the leading dims of ``rows``."""
-        lead = rows.shape[:-1]
+    def _views(self, rows: torch.Tensor, layer: int) -> SlotView:
+        """``rows`` [..., width] -> layer ``layer``'s tensors, with the leading dims of ``rows``."""
+        lead, offset = rows.shape[:-1], self._offsets[layer]
         views = []
-        for part in self._parts(sw):
-            shape = part.shape[1:]
+        for shape in self._shapes[layer]:
             n = shape.numel()
             views.append(rows[..., offset : offset + n].view(*lead, *shape))
             offset += n
@@ -64,11 +70,10 @@ class SlotRows:
         if adapter is not None:
             self.lora.check(adapter)
             modules = adapter.modules
-        facts = []
-        for (name, layer), offset in zip(self._layers, self._offsets, strict=True):
-            view = self._views(row, offset, layer.slot_weights)
-            facts.append(write_slot(view, modules.get(name), self._base_bias[name], name))
-        return facts
+        return [
+            write_slot(self._views(row, i), modules.get(name), self._base_bias[name], name)
+            for i, (name, _) in enumerate(self._layers)
+        ]
 
     def commit(self, slot: int, facts: list[SlotFacts]) -> None:
         """Records what ``slot`` now holds (engine thread: the forward reads these facts)."""

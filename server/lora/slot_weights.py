@@ -101,12 +101,19 @@ class SlotWeights(nn.Module):
     def set_facts(self, slot: int, facts: SlotFacts) -> None:
         self.rank[slot], self.has_bias[slot], self.is_dora[slot] = facts.rank, facts.has_bias, facts.is_dora
 
-    def rebind(self, stacked: SlotView) -> None:
-        """Moves the buffers onto ``stacked`` (views with the same shapes, e.g. into a shared tensor)."""
-        for field_name in ("a", "b", "bias", "dora_scale", "dora_shift"):
-            target = getattr(stacked, field_name)
-            target.copy_(getattr(self, field_name))
-            setattr(self, field_name, target)
+    def release(self) -> list[torch.Size]:
+        """Frees the buffers, to be replaced by ``bind``; returns one slot's shape of each."""
+        shapes = []
+        for name in ("a", "b", "bias", "dora_scale", "dora_shift"):
+            old = getattr(self, name)
+            shapes.append(old.shape[1:])
+            setattr(self, name, old.new_empty(0))
+        return shapes
+
+    def bind(self, stacked: SlotView) -> None:
+        """Serves from ``stacked``: views of the same shapes (e.g. into one tensor shared by all layers)."""
+        for name in ("a", "b", "bias", "dora_scale", "dora_shift"):
+            setattr(self, name, getattr(stacked, name))
 
     def write(self, slot: int, weights: LoRAModuleWeights | None, base_bias: torch.Tensor | None) -> None:
         """Copies one module's adapter weights into ``slot`` (None: the adapter leaves it alone)."""

@@ -223,3 +223,21 @@ def test_resident_adapters_go_first_until_the_waiting_one_is_old_enough():
 def test_arrival_order_when_slots_are_not_short():
     started, overtook = _drive(max_wait_s=1.0, steps=6, max_loras=2)
     assert started == 1 and overtook == []
+
+
+def test_longest_cached_prefix_goes_first_within_the_age_bound():
+    order = AdmissionOrder(max_wait_s=1.0)
+    seqs = [Sequence(name, [5] * 8, greedy(2)) for name in ("none", "most", "some")]
+    for seq in seqs:
+        seq.arrival_time = 0.5
+    hits = {"none": 0, "most": 3, "some": 1}
+
+    def cached(seq):
+        return hits[seq.request_id]
+
+    assert [s.request_id for s in order.order(seqs, None, set(), 1.0, cached)] == ["most", "some", "none"]
+    seqs[0].arrival_time = 0.0  # "none" has waited 1 s: it goes first, whatever the cache holds
+    assert [s.request_id for s in order.order(seqs, None, set(), 1.0, cached)] == ["none", "most", "some"]
+    assert order.order(seqs, None, set(), 1.0, None) == seqs  # no prefix cache: arrival order
+    many = [Sequence(f"r{i}", [5] * 8, greedy(2)) for i in range(129)]
+    assert order.order(many, None, set(), 0.0, lambda s: int(s.request_id[1:])) == many  # too many to look up

@@ -36,6 +36,12 @@ class SchedulerOutput:
         return sum(s.num_new_tokens for s in self.scheduled)
 
 
+def cached_prefix(blocks: BlockManager, slots: AdapterSlots | None, seq: Sequence) -> list[int]:
+    """The cached blocks waiting ``seq`` can start on, under the weights its adapter serves now."""
+    identity = slots.cache_identity(seq.adapter) if seq.adapter is not None and slots is not None else None
+    return blocks.cached_prefix(seq, identity)
+
+
 class Scheduler:
     def __init__(
         self,
@@ -112,10 +118,12 @@ class Scheduler:
     def _admit_waiting(self, out: SchedulerOutput, budget: int) -> None:
         active = {s.adapter_key for s in self.running if s.adapter_key}
         now = self.clock()
-        for seq in self.admission.order(self.waiting, self.slots, active, now):
+        blocks = self.block_manager
+        cached = (lambda s: len(cached_prefix(blocks, self.slots, s))) if blocks.cache is not None else None
+        for seq in self.admission.order(self.waiting, self.slots, active, now, cached):
             if budget <= 0 or len(self.running) >= self.max_num_seqs:
                 break
-            key, identity = seq.adapter_key, None
+            key = seq.adapter_key
             if key and self.slots is not None:
                 state = self.slots.readiness(seq.adapter)
                 if state == "error":
@@ -128,13 +136,12 @@ class Scheduler:
                     if self.admission.is_starving(seq, now):
                         break  # it waited long enough: nothing behind it takes its turn
                     continue  # slots are short: requests of resident adapters go ahead
-                identity = self.slots.cache_identity(seq.adapter)
-            prefix = self.block_manager.cached_prefix(seq, identity)
-            num_new = min(len(seq) - len(prefix) * self.block_manager.block_size, budget)
-            total = len(prefix) * self.block_manager.block_size + num_new
-            if not self.block_manager.can_admit(seq, prefix, total):
+            prefix = cached_prefix(blocks, self.slots, seq)
+            num_new = min(len(seq) - len(prefix) * blocks.block_size, budget)
+            total = len(prefix) * blocks.block_size + num_new
+            if not blocks.can_admit(seq, prefix, total):
                 break
-            self.block_manager.admit(seq, prefix, total)
+            blocks.admit(seq, prefix, total)
             self.waiting.remove(seq)
             seq.status = SequenceStatus.RUNNING
             seq.num_new_tokens = num_new

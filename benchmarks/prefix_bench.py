@@ -18,6 +18,7 @@ import random
 import statistics
 import tempfile
 import time
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -54,6 +55,8 @@ class BurstResult:
     ttft_p90: float
     output_tps: float
     seconds: float
+    cpu_tps: float  # output tokens per CPU-second of this process: less moved by other load than wall time
+    bookkeeping_s: float  # time in the prefix cache's own work (hash chains, lookups, publishing)
     cached_fraction: float  # of all prompt tokens
 
 
@@ -79,29 +82,54 @@ def distinct_requests(shape: Shape, names: list[str], seed: object) -> list[tupl
     return [(names[i % len(names)], _tokens(rng, shape.distinct_len)) for i in range(shape.distinct_requests)]
 
 
+@contextmanager
+def timed_methods(obj, names: tuple[str, ...], total: list[float]):
+    """Adds the time spent in ``obj``'s methods ``names`` to ``total[0]`` while in the block."""
+
+    def wrap(method):
+        def timed(*args, **kwargs):
+            start = time.perf_counter()
+            try:
+                return method(*args, **kwargs)
+            finally:
+                total[0] += time.perf_counter() - start
+
+        return timed
+
+    for name in names:
+        setattr(obj, name, wrap(getattr(obj, name)))
+    try:
+        yield
+    finally:
+        for name in names:
+            delattr(obj, name)  # the class's methods again
+
+
 def run_burst(rt: Runtime, requests, new_tokens: int, target: Target) -> BurstResult:
     """Queues every request at once and steps the engine to the end; TTFT counts from the queueing."""
     core = rt.engine.core
     params = SamplingParams(max_tokens=new_tokens, temperature=0.0, ignore_eos=True)
     seqs = [Sequence(f"b{i}", p, params, rt.adapters.resolve(name)) for i, (name, p) in enumerate(requests)]
+    bookkeeping = [0.0]
     target.sync()
-    start = time.perf_counter()
+    start, cpu_start = time.perf_counter(), time.process_time()
     for seq in seqs:
         core.add(seq)
     first: dict[str, float] = {}
     produced = 0
-    while core.has_work():
-        for _, out in core.step():
-            if out.new_token_ids:
-                produced += len(out.new_token_ids)
-                first.setdefault(out.request_id, time.perf_counter() - start)
+    with timed_methods(core.block_manager, ("cached_prefix", "publish"), bookkeeping):
+        while core.has_work():
+            for _, out in core.step():
+                if out.new_token_ids:
+                    produced += len(out.new_token_ids)
+                    first.setdefault(out.request_id, time.perf_counter() - start)
     target.sync()
-    seconds = time.perf_counter() - start
+    seconds, cpu_seconds = time.perf_counter() - start, time.process_time() - cpu_start
     assert produced == len(requests) * new_tokens, produced
     ttfts = sorted(first.values())
     cached = sum(s.num_cached_tokens or 0 for s in seqs) / sum(s.num_prompt_tokens for s in seqs)
     return BurstResult(statistics.median(ttfts), ttfts[int(0.9 * (len(ttfts) - 1))], produced / seconds,
-                       seconds, cached)  # fmt: skip
+                       seconds, produced / cpu_seconds, bookkeeping[0], cached)  # fmt: skip
 
 
 def engines(
@@ -109,11 +137,13 @@ def engines(
 ) -> dict[str, Runtime]:
     """The same engine twice, caching on and off, every adapter already in a device slot, warmed up
     on a burst of the benchmark's own shapes (first calls of long prefills are slow)."""
-    warmup = shared_requests(shape, names, seed="warm-up")[: len(names) + 2]
+    warmup = shared_requests(shape, names, seed="warm-up")[:2]
+    longest = max(shape.system_len + shape.user_len[1], shape.distinct_len) + shape.new_tokens
+    blocks = max(shape.requests, shape.distinct_requests) * (longest // 16 + 2)  # room for every request
     out = {}
     for label, caching in ((OFF, False), (ON, True)):
         rt = build_bench_runtime(model_dir, target, adapter_store=store, max_loras=len(names),
-                                 prefix_caching=caching)  # fmt: skip
+                                 prefix_caching=caching, num_kv_blocks=blocks)  # fmt: skip
         rt.lora.manager.activate(set(names))
         run_burst(rt, warmup, 2, target)
         out[label] = rt
@@ -199,8 +229,9 @@ def main() -> None:
         def measure(results: list[BurstResult], label: str, rt: Runtime, requests) -> None:
             results.append(run_burst(rt, requests, shape.new_tokens, target))
             r = results[-1]
-            print(f"  {label}: TTFT p50 {r.ttft_p50:.3f} s, {r.output_tps:.1f} tok/s, {r.seconds:.1f} s, "
-                  f"cached {r.cached_fraction:.1%}", flush=True)  # fmt: skip
+            print(f"  {label}: TTFT p50 {r.ttft_p50:.3f} s, {r.output_tps:.1f} tok/s ({r.cpu_tps:.1f} per CPU-s), "
+                  f"{r.seconds:.1f} s, cached {r.cached_fraction:.1%}, bookkeeping {r.bookkeeping_s * 1000:.1f} ms",
+                  flush=True)  # fmt: skip
 
         for repeat in range(args.repeats):
             for label, rt in rts.items():

@@ -58,7 +58,7 @@ def server_argv(model_dir: Path, store: Path, port: int, args: argparse.Namespac
         sys.executable, "-m", "server", "serve", "--model", str(model_dir), "--adapter-store", str(store),
         "--host", "127.0.0.1", "--port", str(port), "--device", args.device, "--max-loras", str(args.max_loras),
         "--max-cpu-loras", str(args.max_cpu_loras), "--max-lora-rank", "64", "--max-num-seqs", "64",
-        "--log-level", "warning",
+        "--log-level", "warning", *args.server_flags.split(),
     ]  # fmt: skip
 
 
@@ -129,6 +129,9 @@ def main() -> None:
     parser.add_argument("--work-dir", type=Path, default=None, help="reuse the model and adapters built here")
     parser.add_argument("--out", type=Path, default=Path("bench-many-adapters"))
     parser.add_argument("--only", nargs="*", help="run only these labels (the first is always run)")
+    parser.add_argument(
+        "--server-flags", default="", help="more `loraplex serve` flags, e.g. '--adapter-max-wait-s 1'"
+    )
     args = parser.parse_args()
     if args.quick:
         args.adapters, args.requests, args.rate = 100, 40, 8.0

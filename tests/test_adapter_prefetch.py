@@ -241,3 +241,20 @@ def test_longest_cached_prefix_goes_first_within_the_age_bound():
     assert order.order(seqs, None, set(), 1.0, None) == seqs  # no prefix cache: arrival order
     many = [Sequence(f"r{i}", [5] * 8, greedy(2)) for i in range(129)]
     assert order.order(many, None, set(), 0.0, lambda s: int(s.request_id[1:])) == many  # too many to look up
+
+
+def test_activation_takes_a_waiting_requests_slot_only_when_it_must(tiny_llama_dir, store):
+    _, stack = _stack(tiny_llama_dir, store)  # 2 slots
+    manager = stack.manager
+    w, a, b = (AdapterRef(name=n) for n in NAMES[:3])
+    manager.prefetch([w])  # a waiting request's adapter fills one slot
+    deadline = time.monotonic() + 30
+    while manager.readiness(w) == "loading" and time.monotonic() < deadline:
+        time.sleep(0.01)
+    assert manager.resident() == [w.key]
+    assert set(manager.activate({a.key})) == {a.key}  # the free slot, w is spared
+    assert manager.resident() == sorted([w.key, a.key])
+    # Two new adapters in one step: the first takes a's slot, the second has to take w's.
+    assert set(manager.activate({b.key, NAMES[3]})) == {b.key, NAMES[3]}
+    assert manager.resident() == sorted([b.key, NAMES[3]])
+    stack.close()

@@ -106,8 +106,6 @@ class AdapterManager:
             raise RuntimeError(
                 f"{len(keys)} adapters do not fit in {self.max_loras} slots next to the pinned ones"
             )
-        keep = set(keys) | self._prefetcher.wanted  # spare waiting requests' adapters if possible
-        keep = keep if self._slots.has_room(keep) else set(keys)
         slots: dict[str, int] = {}
         for key in sorted(keys, key=lambda k: not self._slots.holds(k)):  # resident ones first
             slot = self._slots.lookup(key)
@@ -116,7 +114,8 @@ class AdapterManager:
                 continue
             adapter, epoch = self._host_copy(key)  # before taking a slot: a failed load evicts nothing
             if slot is None:
-                slot, evicted = self._slots.assign(key, keep=keep)
+                keep = set(keys) | self._prefetcher.wanted  # spare waiting requests' adapters if possible
+                slot, evicted = self._slots.assign(key, keep if self._slots.has_room(keep) else set(keys))
                 if evicted is not None:
                     self._slot_epoch.pop(evicted, None)
                     self.counters.add(evictions=1)

@@ -15,6 +15,8 @@ import argparse
 import asyncio
 import json
 import math
+import os
+import statistics
 import sys
 import tempfile
 from dataclasses import dataclass
@@ -82,32 +84,78 @@ def workload(run: RunSpec, names: list[str], args: argparse.Namespace) -> Worklo
     )
 
 
-def slot_hit_rate(result: LoadResult) -> float:
-    points = [p for p in result.adapter_timeline if not math.isnan(p.slot_hit_rate)]
-    return sum(p.slot_hit_rate for p in points) / len(points) if points else math.nan
+@dataclass
+class Measured:
+    result: LoadResult
+    server_cpu_s: float  # CPU time the server process spent on the run (NaN where /proc is missing)
+
+    @property
+    def cpu_tps(self) -> float:
+        """Output tokens per server CPU-second: moved far less than wall time by other load on the host."""
+        return self.result.report.output_token_throughput * self.result.report.duration_s / self.server_cpu_s
+
+    @property
+    def slot_hit_rate(self) -> float:
+        points = [p for p in self.result.adapter_timeline if not math.isnan(p.slot_hit_rate)]
+        return sum(p.slot_hit_rate for p in points) / len(points) if points else math.nan
+
+    @property
+    def loads_per_s(self) -> float:
+        timeline, seconds = self.result.adapter_timeline, max(self.result.report.duration_s, 1e-9)
+        return sum(p.loads_per_s * (p.end - p.start) for p in timeline) / seconds
 
 
-def print_table(results: dict[str, LoadResult], args: argparse.Namespace) -> None:
-    ref = results[RUNS[0].label].report
+def cpu_seconds(pid: int) -> float:
+    """User + system CPU time of process ``pid`` (all its threads), from /proc."""
+    try:
+        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    except OSError:
+        return math.nan
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def print_table(results: dict[str, list[Measured]], args: argparse.Namespace) -> None:
+    ref = results[RUNS[0].label]
     print(
         f"\n{args.requests} requests, Poisson {args.rate} req/s, prompt {args.input_len}, output "
-        f"{args.output_len} tokens; max_loras={args.max_loras}, max_cpu_loras={args.max_cpu_loras}"
+        f"{args.output_len} tokens; max_loras={args.max_loras}, max_cpu_loras={args.max_cpu_loras}; "
+        f"medians of {len(ref)} alternating repeats; ratios to the 8-adapter run of the same repeat"
     )
-    header = (
-        f"{'run':<26} {'req/s':>7} {'tok/s':>8} {'ratio':>6} {'TTFT p50':>9} {'TTFT p99':>9} {'slot hits':>9}"
-    )
-    print(header + f" {'disk loads/s':>12} {'errors':>6}")
-    for label, result in results.items():
-        r = result.report
-        loads = sum(p.loads_per_s * (p.end - p.start) for p in result.adapter_timeline) / max(
-            r.duration_s, 1e-9
-        )
+    print(f"{'run':<26} {'req/s':>6} {'tok/s':>7} {'ratio':>6} {'tok/CPU-s':>9} {'ratio':>6} {'TTFT p50':>9} "
+          f"{'TTFT p99':>9} {'slot hits':>9} {'loads/s':>7} {'errors':>6}")  # fmt: skip
+    for label, runs in results.items():
+
+        def med(of, runs=runs) -> float:
+            return statistics.median(of(m) for m in runs)
+
+        def ratio(of, runs=runs) -> float:
+            return statistics.median(of(m) / of(r) for m, r in zip(runs, ref, strict=False))
+
+        def tps(m: Measured) -> float:
+            return m.result.report.output_token_throughput
+
         target = f"  (target >= {TARGETS[label]})" if label in TARGETS else ""
         print(
-            f"{label:<26} {r.request_throughput:>7.2f} {r.output_token_throughput:>8.1f} "
-            f"{r.output_token_throughput / ref.output_token_throughput:>6.2f} {r.ttft.p50:>8.2f}s "
-            f"{r.ttft.p99:>8.2f}s {slot_hit_rate(result):>9.0%} {loads:>12.1f} {r.error_count:>6}{target}"
+            f"{label:<26} {med(lambda m: m.result.report.request_throughput):>6.2f} {med(tps):>7.1f} "
+            f"{ratio(tps):>6.2f} {med(lambda m: m.cpu_tps):>9.1f} {ratio(lambda m: m.cpu_tps):>6.2f} "
+            f"{med(lambda m: m.result.report.ttft.p50):>8.2f}s {med(lambda m: m.result.report.ttft.p99):>8.2f}s "
+            f"{med(lambda m: m.slot_hit_rate):>9.0%} {med(lambda m: m.loads_per_s):>7.1f} "
+            f"{sum(m.result.report.error_count for m in runs):>6}{target}"
         )
+
+
+def measure(run: RunSpec, index: int, model_dir: Path, store: Path, names, prompts, args) -> Measured:
+    """One run on a fresh server process (cold slots and host cache)."""
+    port = free_port()
+    argv = server_argv(model_dir, store, port, args)
+    with ServerProcess(run.label, argv, port, args.out / f"server-{index}.log") as srv:
+        before = cpu_seconds(srv.proc.pid)
+        result = asyncio.run(drive(srv.url, workload(run, names, args), prompts, run.label))
+        measured = Measured(result, cpu_seconds(srv.proc.pid) - before)
+    r = result.report
+    print(f"  {run.label}: {r.output_token_throughput:.1f} tok/s, {measured.cpu_tps:.1f} tok/CPU-s, "
+          f"TTFT p50 {r.ttft.p50:.2f} s, errors {r.error_count}", flush=True)  # fmt: skip
+    return measured
 
 
 def main() -> None:
@@ -120,6 +168,7 @@ def main() -> None:
     parser.add_argument("--adapters", type=int, default=1000)
     parser.add_argument("--rate", type=float, default=6.0, help="offered req/s (Poisson)")
     parser.add_argument("--requests", type=int, default=240)
+    parser.add_argument("--repeats", type=int, default=1, help="repeats of all runs, alternating")
     parser.add_argument("--input-len", type=int, default=64)
     parser.add_argument("--output-len", type=int, default=32)
     parser.add_argument("--max-loras", type=int, default=16)
@@ -135,6 +184,16 @@ def main() -> None:
     args = parser.parse_args()
     if args.quick:
         args.adapters, args.requests, args.rate = 100, 40, 8.0
+    runs = [
+        RunSpec(
+            r.label.replace("1000", str(args.adapters)),
+            min(r.num_adapters, args.adapters),
+            r.popularity,
+            r.alpha,
+        )
+        for r in RUNS
+        if not args.only or r is RUNS[0] or r.label in args.only
+    ]
     with tempfile.TemporaryDirectory() as tmp:
         work = args.work_dir or Path(tmp)
         model_dir = make_bench_model(work / ("bench-quick" if args.quick else "bench-llama"),
@@ -143,25 +202,17 @@ def main() -> None:
         names = write_random_adapters(model_dir, store, args.adapters)
         prompts = PromptFactory.from_tokenizer_dir(model_dir, args.seed, source="vocab")
         args.out.mkdir(parents=True, exist_ok=True)
-        results: dict[str, LoadResult] = {}
-        for i, run in enumerate(RUNS):
-            if args.only and run is not RUNS[0] and run.label not in args.only:
-                continue
-            run = RunSpec(run.label.replace("1000", str(args.adapters)), min(run.num_adapters, args.adapters),
-                          run.popularity, run.alpha)  # fmt: skip
-            port = free_port()
-            with ServerProcess(
-                run.label, server_argv(model_dir, store, port, args), port, args.out / f"server-{i}.log"
-            ) as srv:
-                results[run.label] = asyncio.run(
-                    drive(srv.url, workload(run, names, args), prompts, run.label)
-                )
-            print(f"  {run.label}: {results[run.label].report.output_token_throughput:.1f} tok/s", flush=True)
+        results: dict[str, list[Measured]] = {run.label: [] for run in runs}
+        for repeat in range(args.repeats):
+            for i, run in enumerate(runs):
+                index = repeat * len(runs) + i
+                results[run.label].append(measure(run, index, model_dir, store, names, prompts, args))
         print_table(results, args)
-        write_outputs(results, args)
+        write_outputs({label: measured[0].result for label, measured in results.items()}, args)
 
 
 def write_outputs(results: dict[str, LoadResult], args: argparse.Namespace) -> None:
+    """The first repeat's timeline and latency plots, and its reports as JSON."""
     from clients.loadgen.plots import plot_adapter_timeline, plot_latency_cdf
 
     plot_adapter_timeline(

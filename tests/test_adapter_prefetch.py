@@ -182,27 +182,29 @@ class OneSlot:
         return [self.held] if self.held else []
 
 
-def _drive(max_wait_s: float, steps: int, max_loras: int = 1):
-    """Adapter A's requests keep arriving (one per step) behind an earlier request for X; one slot.
-    Each step is 0.25 s on the scheduler's clock; returns the step X started and who overtook it."""
+def _drive(max_wait_s: float, steps: int, max_loras: int = 1, every: dict[str, int] | None = None):
+    """Requests of resident adapters keep arriving (adapter -> one every N steps; default A, every
+    step) behind an earlier request for X. Each step is 0.25 s on the scheduler's clock; returns the
+    step X started and (request, step) for every later arrival admitted before it."""
     now = [0.0]
     slots = OneSlot()
     slots.max_loras = max_loras
     scheduler = Scheduler(BlockManager(256, 4), 16, 256, slots, AdmissionOrder(max_wait_s), lambda: now[0])
-    first = Sequence("a0", [5] * 6, greedy(4), Handle("A"))
-    scheduler.add(first)
+    every = every or {"A": 1}
     x = Sequence("x", [6] * 6, greedy(4), Handle("X"))
     started, overtook = None, []
     for step in range(steps):
         if step == 1:
             scheduler.add(x)
-        scheduler.add(Sequence(f"a{step + 1}", [5] * 6, greedy(4), Handle("A")))
+        for key, period in every.items():
+            if step % period == 0:
+                scheduler.add(Sequence(f"{key}{step}", [5] * 6, greedy(4), Handle(key)))
         out = scheduler.schedule()
         for seq in out.scheduled:
             if seq is x and started is None:
                 started = step
-            elif started is None and step >= 1 and seq.num_computed_tokens == 0 and seq is not first:
-                overtook.append(seq.request_id)
+            elif started is None and step >= 1 and seq.num_computed_tokens == 0 and seq.arrival_time > 0:
+                overtook.append((seq.request_id, step))
         scheduler.postprocess(out, {id(s): 7 for s in out.scheduled if s.will_sample})
         for seq in list(scheduler.running):
             if seq.num_output_tokens >= seq.params.max_tokens:
@@ -214,10 +216,18 @@ def _drive(max_wait_s: float, steps: int, max_loras: int = 1):
 def test_resident_adapters_go_first_until_the_waiting_one_is_old_enough():
     started, overtook = _drive(max_wait_s=1.0, steps=20)
     assert overtook  # A's later requests went ahead while X could not get the slot
-    # X is 1 s old after 4 steps: then nothing more is admitted, the running A requests drain
-    # (4 tokens each) and X gets the slot: started within max_wait + one request's length.
+    # X is 1 s old after 4 steps: then A (the only adapter running) is drained, its running requests
+    # finish (4 tokens each) and X gets the slot: started within max_wait + one request's length.
     assert started is not None and 4 <= started <= 1 + 4 + 4 + 1
     assert _drive(max_wait_s=100.0, steps=20)[0] is None  # the age bound is what lets X in
+
+
+def test_a_starving_request_drains_one_adapter_while_the_others_keep_joining():
+    started, overtook = _drive(max_wait_s=1.0, steps=30, max_loras=2, every={"A": 1, "B": 3})
+    assert started is not None and started <= 1 + 4 + 4 + 1
+    starving_from = 1 + 4  # X arrived at step 1 and is 1 s (4 steps) old from step 5
+    assert any(rid.startswith("A") and step >= starving_from for rid, step in overtook)  # A still joins
+    assert not any(rid.startswith("B") and step > starving_from for rid, step in overtook)  # B drains
 
 
 def test_arrival_order_when_slots_are_not_short():

@@ -11,14 +11,18 @@ Arrival order, with two refinements:
   the running ones), requests that need no new slot copy go first - base-model requests and requests
   whose adapter is already resident - so the batch stays full while slots turn over.
 
-Age bounds all reordering: a request that has waited ``max_wait_s`` goes first, and while it cannot
-get a slot nothing behind it is admitted (the scheduler holds the line), so the running requests
-drain until a slot frees for it. No request waits on reordering past that bound plus the time the
-running requests take to finish.
+Age bounds all reordering: a request that has waited ``max_wait_s`` ("starving") goes first, and
+while it cannot get a slot one running adapter is drained for it: the one with the fewest running
+requests (then the fewest tokens left) is admitted nothing more, so its slot frees when those finish
+and the starving request takes it (nothing else can: when it does not fit, no other new adapter
+does). Requests of every other resident adapter keep joining, so the batch stays full. The drained
+adapter's request count never grows, so no request waits on reordering past the bound plus the time
+one adapter's running requests take to finish.
 """
 
 from __future__ import annotations
 
+from collections import Counter
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 
@@ -67,3 +71,14 @@ class AdmissionOrder:
             return (1 + needs_copy, -cached_blocks(seq) if cached_blocks is not None else 0)
 
         return sorted(candidates, key=rank)  # stable: arrival order within a rank
+
+    @staticmethod
+    def drain_victim(running: Iterable[Sequence]) -> str | None:
+        """The adapter whose slot frees soonest if it is admitted nothing more (None: none runs)."""
+        count: Counter[str] = Counter()
+        left: Counter[str] = Counter()
+        for seq in running:
+            if seq.adapter_key is not None:
+                count[seq.adapter_key] += 1
+                left[seq.adapter_key] += seq.params.max_tokens - seq.num_output_tokens
+        return min(count, key=lambda k: (count[k], left[k], k), default=None)

@@ -120,11 +120,14 @@ class Scheduler:
         now = self.clock()
         blocks = self.block_manager
         cached = (lambda s: len(cached_prefix(blocks, self.slots, s))) if blocks.cache is not None else None
+        draining = None  # an adapter admitted nothing this step, so that its slot frees for a starving one
         for seq in self.admission.order(self.waiting, self.slots, active, now, cached):
             if budget <= 0 or len(self.running) >= self.max_num_seqs:
                 break
             key = seq.adapter_key
             if key and self.slots is not None:
+                if key == draining:
+                    continue
                 state = self.slots.readiness(seq.adapter)
                 if state == "error":
                     self.waiting.remove(seq)
@@ -133,8 +136,8 @@ class Scheduler:
                 if state != "ready":
                     continue  # still loading off the critical path; others go ahead
                 if key not in active and not self.slots.fits(active | {key}):
-                    if self.admission.is_starving(seq, now):
-                        break  # it waited long enough: nothing behind it takes its turn
+                    if draining is None and self.admission.is_starving(seq, now):
+                        draining = self.admission.drain_victim(self.running)
                     continue  # slots are short: requests of resident adapters go ahead
             prefix = cached_prefix(blocks, self.slots, seq)
             num_new = min(len(seq) - len(prefix) * blocks.block_size, budget)

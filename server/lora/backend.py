@@ -22,14 +22,18 @@ class LoRABackend:
     """``plan`` once per step, ``apply`` per layer; subclasses provide ``sgmv``."""
 
     name = "abstract"
+    # Whether a static (padded decode) batch runs as fixed launches reading only the segment table,
+    # so a CUDA graph can replay it (the DoRA and lora_bias passes never are: they loop on the host).
+    capturable = False
 
     def __init__(self, max_loras: int) -> None:
         self.max_loras = max_loras
         self.batch = LoRABatch(max_loras)
 
-    def plan(self, seq_slots: Sequence[int], seq_num_tokens: Sequence[int]) -> None:
-        """Sequence i occupies the next ``seq_num_tokens[i]`` rows and uses slot ``seq_slots[i]`` (-1: none)."""
-        self.batch.set(seq_slots, seq_num_tokens)
+    def plan(self, seq_slots: Sequence[int], seq_num_tokens: Sequence[int], static: bool = False) -> None:
+        """Sequence i occupies the next ``seq_num_tokens[i]`` rows and uses slot ``seq_slots[i]`` (-1: none);
+        ``static``: a decode step padded to a graph bucket (see ``LoRABatch.set``)."""
+        self.batch.set(seq_slots, seq_num_tokens, static)
 
     def clear(self) -> None:
         """No batch: every row runs the base model (e.g. a plain forward outside the engine)."""
@@ -75,6 +79,7 @@ class TorchLoRABackend(LoRABackend):
 
 class TritonLoRABackend(LoRABackend):
     name = "triton"
+    capturable = True
 
     def sgmv(self, y, x, a, b, ranks) -> None:
         from server.lora.ops.sgmv_triton import sgmv_triton

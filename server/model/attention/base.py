@@ -82,9 +82,12 @@ class StepLayout:
         ]
 
     @classmethod
-    def from_spans(cls, spans: list[SeqSpan], block_size: int, device, static: bool = False) -> StepLayout:
-        """A layout from host spans (tests and tools; the engine fills persistent buffers instead)."""
-        width = max(len(s.block_table) for s in spans)
+    def from_spans(
+        cls, spans: list[SeqSpan], block_size: int, device, static: bool = False, max_blocks: int = 0
+    ) -> StepLayout:
+        """A layout from host spans (tests and tools; the engine fills persistent buffers instead), its
+        block tables ``max_blocks`` wide (at least the longest)."""
+        width = max(max_blocks, *(len(s.block_table) for s in spans))
         starts = [0]
         slots: list[int] = []
         for s in spans:

@@ -157,3 +157,49 @@ def test_engine_with_triton_attention_matches_transformers(tmp_path):
     seqs = [Sequence(f"r{i}", p, greedy(6)) for i, p in enumerate(prompts)]
     got = run_staggered(engine.core, seqs, join_every=2)
     assert [got[s.request_id] for s in seqs] == want
+
+
+def test_static_decode_with_triton_lora_matches_eager(tmp_path):
+    """Triton attention and Triton LoRA in static (graph-bucket) mode: the launches a CUDA graph would
+    replay, run eagerly, give the tokens of unpadded eager steps; a DoRA slot turns replay off."""
+    if not IN_CHILD:
+        pytest.skip("runs in the TRITON_INTERPRET=1 child")
+    sys.path.insert(0, str(Path(__file__).parent.parent))
+    from tests.engine_utils import (
+        CountingReplay,
+        build_test_runtime,
+        greedy,
+        random_prompts,
+        run_staggered,
+        with_decode_replay,
+    )
+    from tests.lora_fixtures import ALL_LINEAR, make_peft_adapter
+    from tests.model_factory import make_tiny_model
+
+    from server.engine.sequence import Sequence
+
+    model_dir = make_tiny_model(tmp_path / "tiny", "llama")
+    store = tmp_path / "store"
+    for i in range(2):
+        make_peft_adapter(model_dir, store / f"a{i}", r=8, target_modules=ALL_LINEAR, seed=i)
+    make_peft_adapter(model_dir, store / "dora", r=4, target_modules=ALL_LINEAR, use_dora=True, seed=5)
+
+    def run(names, replay):
+        rt = build_test_runtime(model_dir, adapter_store=store, attention_backend="triton", lora_backend="triton",
+                                max_loras=3, max_num_seqs=4, num_kv_blocks=48, block_size=4, device="cpu")  # fmt: skip
+        if replay is not None:
+            with_decode_replay(rt.engine, replay)
+        prompts = random_prompts([4, 9, 6], seed=2)
+        seqs = [Sequence(f"r{i}", p, greedy(5), rt.adapters.resolve(n) if n else None)
+                for i, (n, p) in enumerate(zip(names, prompts, strict=True))]  # fmt: skip
+        out = run_staggered(rt.engine.core, seqs)
+        rt.close()
+        return out
+
+    names = ["a0", None, "a1"]
+    replay = CountingReplay(needs_static_backends=True)
+    assert run(names, replay) == run(names, None)
+    assert replay.runs
+    with_dora = CountingReplay(needs_static_backends=True)
+    assert run(["a0", "dora", None], with_dora) == run(["a0", "dora", None], None)
+    assert not with_dora.runs  # DoRA's host-side pass cannot be replayed: eager steps instead

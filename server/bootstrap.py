@@ -49,7 +49,9 @@ class Runtime:
             self.lora.close()
 
 
-def build_attention(settings: Settings, geometry: ModelGeometry, device: str, dtype, num_blocks: int) -> AttentionBackend:
+def build_attention(
+    settings: Settings, geometry: ModelGeometry, device: str, dtype, num_blocks: int
+) -> AttentionBackend:
     """The attention backend with a KV cache of ``num_blocks`` usable blocks plus the padding block."""
     backend = attention_backend_class(settings.attention_backend, device)
     return backend(geometry, num_blocks + 1, settings.block_size, dtype, device)
@@ -69,7 +71,9 @@ def kv_cache_blocks(settings: Settings, model, slots, geometry: ModelGeometry, d
     for seq in step:
         seq.lora_slot = 0 if slots is not None else -1
     probe = build_attention(settings, geometry, device, dtype, sum(len(s.block_table) for s in step))
-    runner = ModelRunner(model, probe, slots, max_num_seqs=seqs, max_num_batched_tokens=tokens, max_model_len=tokens)
+    runner = ModelRunner(
+        model, probe, slots, max_num_seqs=seqs, max_num_batched_tokens=tokens, max_model_len=tokens
+    )
     peak = profile_activation_peak(runner, step) + sampler_bytes(seqs, geometry.vocab_size)
     del runner, probe
     torch.cuda.empty_cache()
@@ -109,7 +113,9 @@ def build_runtime(settings: Settings, model: torch.nn.Module | None = None, toke
     slots = lora.manager if lora is not None else None
     num_blocks = kv_cache_blocks(settings, model, slots, geometry, device, dtype)
     attention = build_attention(settings, geometry, device, dtype, num_blocks)
-    max_model_len = min(settings.max_model_len or geometry.max_position_embeddings, num_blocks * settings.block_size)
+    max_model_len = min(
+        settings.max_model_len or geometry.max_position_embeddings, num_blocks * settings.block_size
+    )
     runner = ModelRunner(
         model, attention, slots, max_num_seqs=settings.max_num_seqs,
         max_num_batched_tokens=settings.max_num_batched_tokens, max_model_len=max_model_len,
@@ -117,7 +123,10 @@ def build_runtime(settings: Settings, model: torch.nn.Module | None = None, toke
     )  # fmt: skip
     runner.capture_decode_graphs()
     scheduler = Scheduler(
-        BlockManager(num_blocks, settings.block_size), settings.max_num_seqs, settings.max_num_batched_tokens, slots
+        BlockManager(num_blocks, settings.block_size),
+        settings.max_num_seqs,
+        settings.max_num_batched_tokens,
+        slots,
     )
     core = LLMEngine(
         runner, scheduler, Sampler(device, settings.seed), tokenizer,

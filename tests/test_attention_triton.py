@@ -33,8 +33,21 @@ def test_triton_attention_under_interpreter():
     if not HAS_TRITON:
         pytest.skip("triton is not installed")
     env = {**os.environ, "TRITON_INTERPRET": "1", "OMP_NUM_THREADS": "1"}
-    cmd = [sys.executable, "-m", "pytest", "-q", "--noconftest", "-p", "no:cacheprovider", "-W", "ignore", __file__]
-    run = subprocess.run(cmd, env=env, cwd=Path(__file__).parent.parent, capture_output=True, text=True, timeout=600)
+    cmd = [
+        sys.executable,
+        "-m",
+        "pytest",
+        "-q",
+        "--noconftest",
+        "-p",
+        "no:cacheprovider",
+        "-W",
+        "ignore",
+        __file__,
+    ]
+    run = subprocess.run(
+        cmd, env=env, cwd=Path(__file__).parent.parent, capture_output=True, text=True, timeout=600
+    )
     out = (run.stdout + run.stderr)[-4000:]
     assert run.returncode == 0, out
     assert " passed" in out and "failed" not in out, out
@@ -75,7 +88,9 @@ def _spans(lengths: list[tuple[int, int]], first_block: int = 1) -> list[SeqSpan
     return spans
 
 
-def _step(backends, spans, *, static=False, scaling=None, window=None, softcap=None, head_dim=HEAD_DIM, width=0):
+def _step(
+    backends, spans, *, static=False, scaling=None, window=None, softcap=None, head_dim=HEAD_DIM, width=0
+):
     tokens = sum(s.num_tokens for s in spans)
     g = torch.Generator().manual_seed(len(spans) + tokens)
     q = torch.randn(1, tokens, HEADS, head_dim, generator=g).transpose(1, 2)  # HF's strided layout
@@ -143,10 +158,9 @@ def test_engine_with_triton_attention_matches_transformers(tmp_path):
     if not IN_CHILD:
         pytest.skip("runs in the TRITON_INTERPRET=1 child")
     sys.path.insert(0, str(Path(__file__).parent.parent))
+    from server.engine.sequence import Sequence
     from tests.engine_utils import build_engine, greedy, random_prompts, reference_greedy, run_staggered
     from tests.model_factory import make_tiny_model
-
-    from server.engine.sequence import Sequence
 
     model_dir = make_tiny_model(tmp_path / "tiny", "llama")
     prompts = random_prompts([5, 23, 2, 14])
@@ -165,6 +179,7 @@ def test_static_decode_with_triton_lora_matches_eager(tmp_path):
     if not IN_CHILD:
         pytest.skip("runs in the TRITON_INTERPRET=1 child")
     sys.path.insert(0, str(Path(__file__).parent.parent))
+    from server.engine.sequence import Sequence
     from tests.engine_utils import (
         CountingReplay,
         build_test_runtime,
@@ -175,8 +190,6 @@ def test_static_decode_with_triton_lora_matches_eager(tmp_path):
     )
     from tests.lora_fixtures import ALL_LINEAR, make_peft_adapter
     from tests.model_factory import make_tiny_model
-
-    from server.engine.sequence import Sequence
 
     model_dir = make_tiny_model(tmp_path / "tiny", "llama")
     store = tmp_path / "store"

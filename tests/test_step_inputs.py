@@ -41,7 +41,12 @@ def test_prepare_writes_every_input():
     assert layout.device.context_lens.tolist() == [9, 6, 10]
     tables = layout.device.block_tables.tolist()
     assert [tables[0][:3], tables[1][:2], tables[2][:3]] == [[7, 3, 5], [2, 8], [1, 4, 6]]
-    assert (layout.num_seqs, layout.num_tokens, layout.max_query_len, layout.max_context_len) == (3, 16, 9, 10)
+    assert (layout.num_seqs, layout.num_tokens, layout.max_query_len, layout.max_context_len) == (
+        3,
+        16,
+        9,
+        10,
+    )
     assert step.logits_rows.tolist() == [8, 9] and step.num_sampled == 2  # the chunk samples nothing
     assert (step.lora_slots, step.lora_tokens) == ([1, -1, -1], [9, 1, 6])
     assert [(s.start, s.num_tokens, s.context_len, s.block_table) for s in layout.spans] == [

@@ -44,13 +44,19 @@ class ModelRunner:
         self.lora = lora
         bs = attention.block_size
         self.inputs = StepInputs(
-            StepLimits(max_num_seqs, max_num_batched_tokens, -(-max_model_len // bs), bs, attention.padding_block),
+            StepLimits(
+                max_num_seqs, max_num_batched_tokens, -(-max_model_len // bs), bs, attention.padding_block
+            ),
             attention.device,
         )
         if lora is not None:
             lora.bind_step_buffers(*self.inputs.lora_segment_views())
         self.graphs = graphs
-        if graphs is not None and graphs.strategy.needs_static_backends and not attention.supports_cuda_graphs:
+        if (
+            graphs is not None
+            and graphs.strategy.needs_static_backends
+            and not attention.supports_cuda_graphs
+        ):
             graphs.disable(f"attention backend '{attention.name}' cannot be captured")
 
     @property

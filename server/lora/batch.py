@@ -76,7 +76,12 @@ class LoRABatch:
                 raise ValueError(f"invalid sequence: slot {slot} (max_loras={self.max_loras}), {n} tokens")
             if slot >= 0 and n > 0:
                 last = segments[-1] if segments else None
-                if last and last[2] == slot and last[1] == row and (limit is None or row + n - last[0] <= limit):
+                if (
+                    last
+                    and last[2] == slot
+                    and last[1] == row
+                    and (limit is None or row + n - last[0] <= limit)
+                ):
                     segments[-1] = (last[0], row + n, slot)
                 else:
                     segments.append((row, row + n, slot))

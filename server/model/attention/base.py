@@ -97,7 +97,9 @@ class StepLayout:
         host = StepTensors(
             torch.tensor(starts, dtype=torch.int32),
             torch.tensor([s.context_len for s in spans], dtype=torch.int32),
-            torch.tensor([s.block_table + [0] * (width - len(s.block_table)) for s in spans], dtype=torch.int32),
+            torch.tensor(
+                [s.block_table + [0] * (width - len(s.block_table)) for s in spans], dtype=torch.int32
+            ),
             torch.tensor(slots, dtype=torch.int32),
         )
         on_device = StepTensors(*(t.to(device) for t in vars(host).values()))
@@ -145,7 +147,7 @@ class AttentionBackend(ABC):
         elem = torch.tensor([], dtype=dtype).element_size()
         return 2 * geometry.num_layers * block_size * geometry.num_kv_heads * geometry.head_dim * elem
 
-    def check_model(self, geometry: ModelGeometry) -> None:
+    def check_model(self, geometry: ModelGeometry) -> None:  # noqa: B027 - optional hook, no check by default
         """Raises ``UnsupportedModelError`` naming what this backend cannot do for the model."""
 
     @abstractmethod

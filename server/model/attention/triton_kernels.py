@@ -71,15 +71,15 @@ def _scores(q, k, scale_log2, softcap, HAS_SOFTCAP: tl.constexpr, PRECISION: tl.
 
 
 @triton.jit
-def _online_update(s, m, l, acc, v, PRECISION: tl.constexpr):
+def _online_update(s, m, den, acc, v, PRECISION: tl.constexpr):
     """One tile of online softmax: new running max, denominator and weighted sum (masked = -inf)."""
     m_new = tl.maximum(m, tl.max(s, 1))
     m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
     p = tl.exp2(s - m_safe[:, None])
     alpha = tl.exp2(m - m_safe)
-    l = l * alpha + tl.sum(p, 1)
+    den = den * alpha + tl.sum(p, 1)
     acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=PRECISION)
-    return m_new, l, acc
+    return m_new, den, acc
 
 
 @triton.jit
@@ -110,26 +110,30 @@ def _decode_split_kernel(
         q = tl.load(q_ptr + heads[:, None] * stride_qh + row * stride_qt + d[None, :],
                     mask=g_mask[:, None] & d_mask[None, :], other=0.0)  # fmt: skip
         m = tl.full((PAD_G,), float("-inf"), tl.float32)
-        l = tl.zeros((PAD_G,), tl.float32)
+        den = tl.zeros((PAD_G,), tl.float32)
         acc = tl.zeros((PAD_G, BLOCK_D), tl.float32)
         table_row = table_ptr + seq * stride_bt
         for t0 in range(start, end, BLOCK_N):
             tokens = t0 + tl.arange(0, BLOCK_N)
             valid = tokens < end
-            k = _kv_tile(k_cache_ptr, table_row, tokens, valid, kvh, stride_cs, stride_ch, d, d_mask, BLOCK_SIZE)
-            v = _kv_tile(v_cache_ptr, table_row, tokens, valid, kvh, stride_cs, stride_ch, d, d_mask, BLOCK_SIZE)
+            k = _kv_tile(
+                k_cache_ptr, table_row, tokens, valid, kvh, stride_cs, stride_ch, d, d_mask, BLOCK_SIZE
+            )
+            v = _kv_tile(
+                v_cache_ptr, table_row, tokens, valid, kvh, stride_cs, stride_ch, d, d_mask, BLOCK_SIZE
+            )
             s = _scores(q, k, scale_log2, softcap, HAS_SOFTCAP, PRECISION)
             s = tl.where(valid[None, :], s, float("-inf"))
-            m, l, acc = _online_update(s, m, l, acc, v, PRECISION)
+            m, den, acc = _online_update(s, m, den, acc, v, PRECISION)
         if DIRECT:
-            out = acc / tl.maximum(l, 1e-30)[:, None]
+            out = acc / tl.maximum(den, 1e-30)[:, None]
             ptrs = out_ptr + row * stride_ot + heads[:, None] * stride_oh + d[None, :]
             tl.store(ptrs, out.to(out_ptr.dtype.element_ty), mask=g_mask[:, None] & d_mask[None, :])
         else:
             part = (seq * (GROUP * tl.num_programs(1)) + heads) * num_splits + split
             tl.store(part_acc_ptr + part[:, None] * BLOCK_D + d[None, :], acc, mask=g_mask[:, None])
             tl.store(part_ml_ptr + part * 2, m, mask=g_mask)
-            tl.store(part_ml_ptr + part * 2 + 1, l, mask=g_mask)
+            tl.store(part_ml_ptr + part * 2 + 1, den, mask=g_mask)
 
 
 @triton.jit
@@ -146,7 +150,7 @@ def _decode_merge_kernel(
         lo = tl.maximum(ctx - window, 0)
     d = tl.arange(0, BLOCK_D)
     m = tl.full((BLOCK_D,), float("-inf"), tl.float32)  # replicated over d: vector loop-carried state
-    l = tl.zeros((BLOCK_D,), tl.float32)
+    den = tl.zeros((BLOCK_D,), tl.float32)
     acc = tl.zeros((BLOCK_D,), tl.float32)
     base = (seq * tl.num_programs(1) + head) * num_splits
     for split in range(lo // SPLIT, (ctx + SPLIT - 1) // SPLIT):
@@ -157,11 +161,13 @@ def _decode_merge_kernel(
         alpha = tl.exp2(m - m_new)
         beta = tl.exp2(m_s - m_new)
         acc = acc * alpha + acc_s * beta
-        l = l * alpha + l_s * beta
+        den = den * alpha + l_s * beta
         m = m_new
     row = tl.load(qstart_ptr + seq).to(tl.int64)
-    out = acc / tl.maximum(l, 1e-30)
-    tl.store(out_ptr + row * stride_ot + head * stride_oh + d, out.to(out_ptr.dtype.element_ty), mask=d < HEAD_DIM)
+    out = acc / tl.maximum(den, 1e-30)
+    tl.store(
+        out_ptr + row * stride_ot + head * stride_oh + d, out.to(out_ptr.dtype.element_ty), mask=d < HEAD_DIM
+    )
 
 
 @triton.jit
@@ -195,20 +201,24 @@ def _prefill_kernel(
             lo = tl.maximum(ctx - q_len + mblk * BLOCK_M - window + 1, 0)
             lo = (lo // BLOCK_N) * BLOCK_N
         m = tl.full((BLOCK_M,), float("-inf"), tl.float32)
-        l = tl.zeros((BLOCK_M,), tl.float32)
+        den = tl.zeros((BLOCK_M,), tl.float32)
         acc = tl.zeros((BLOCK_M, BLOCK_D), tl.float32)
         table_row = table_ptr + seq * stride_bt
         for t0 in range(lo, hi, BLOCK_N):
             tokens = t0 + tl.arange(0, BLOCK_N)
             valid = tokens < hi
-            k = _kv_tile(k_cache_ptr, table_row, tokens, valid, kvh, stride_cs, stride_ch, d, d_mask, BLOCK_SIZE)
-            v = _kv_tile(v_cache_ptr, table_row, tokens, valid, kvh, stride_cs, stride_ch, d, d_mask, BLOCK_SIZE)
+            k = _kv_tile(
+                k_cache_ptr, table_row, tokens, valid, kvh, stride_cs, stride_ch, d, d_mask, BLOCK_SIZE
+            )
+            v = _kv_tile(
+                v_cache_ptr, table_row, tokens, valid, kvh, stride_cs, stride_ch, d, d_mask, BLOCK_SIZE
+            )
             s = _scores(q, k, scale_log2, softcap, HAS_SOFTCAP, PRECISION)
             seen = (tokens[None, :] <= q_pos[:, None]) & valid[None, :] & row_mask[:, None]
             if HAS_WINDOW:
                 seen = seen & (tokens[None, :] > q_pos[:, None] - window)
-            m, l, acc = _online_update(tl.where(seen, s, float("-inf")), m, l, acc, v, PRECISION)
-        out = acc / tl.maximum(l, 1e-30)[:, None]
+            m, den, acc = _online_update(tl.where(seen, s, float("-inf")), m, den, acc, v, PRECISION)
+        out = acc / tl.maximum(den, 1e-30)[:, None]
         ptrs = out_ptr + q_rows[:, None] * stride_ot + head * stride_oh + d[None, :]
         tl.store(ptrs, out.to(out_ptr.dtype.element_ty), mask=row_mask[:, None] & d_mask[None, :])
 
@@ -250,7 +260,9 @@ def paged_decode(out, query, k_cache, v_cache, block_tables, context_lens, query
     direct = num_splits == 1
     part_acc = part_ml = out  # unused when direct
     if not direct:
-        part_acc = torch.empty(num_seqs * heads * num_splits, meta["BLOCK_D"], dtype=torch.float32, device=out.device)
+        part_acc = torch.empty(
+            num_seqs * heads * num_splits, meta["BLOCK_D"], dtype=torch.float32, device=out.device
+        )
         part_ml = torch.empty(num_seqs * heads * num_splits * 2, dtype=torch.float32, device=out.device)
     _decode_split_kernel[(num_seqs, kv_heads, num_splits)](
         query, kc, vc, block_tables, context_lens, query_start, out, part_acc, part_ml,

@@ -49,7 +49,16 @@ class TritonPagedAttention(AttentionBackend):
         store_kv(_unit_stride(key[0]), _unit_stride(value[0]), cache[0], cache[1], meta.slot_mapping)
         q = _unit_stride(query[0])  # [H, T, D]
         out = torch.empty(q.shape[1], q.shape[0], q.shape[2], dtype=q.dtype, device=q.device)  # [T, H, D]
-        args = (out, q, cache[0], cache[1], meta.block_tables, meta.context_lens, meta.query_start, layout.num_seqs)
+        args = (
+            out,
+            q,
+            cache[0],
+            cache[1],
+            meta.block_tables,
+            meta.context_lens,
+            meta.query_start,
+            layout.num_seqs,
+        )
         if layout.is_decode:
             paged_decode(*args, self.num_splits, scaling, softcap, sliding_window)
         else:

@@ -1,7 +1,7 @@
 """Triton paged attention, run on CPU by Triton's interpreter, against the torch reference backend.
 
-Like tests/test_lora_triton.py: the interpreter must be on before triton is first imported, so the
-parent test starts a child pytest on this file with ``TRITON_INTERPRET=1`` and ``--noconftest``.
+Like tests/test_lora_triton.py, the kernel tests run in a child pytest under Triton's interpreter
+(``tests/triton_child.py``).
 Shapes are tiny (the interpreter runs every program in numpy) but cover what breaks paged kernels:
 ragged lengths, GQA, a cached prefix, block boundaries and a partial last block, contexts longer
 than one decode split, sliding windows, soft-capping, a static (graph-bucket) plan, and a whole
@@ -10,53 +10,22 @@ engine on the tiny model against transformers' greedy output.
 
 from __future__ import annotations
 
-import importlib.util
-import os
-import subprocess
-import sys
-from pathlib import Path
-
 import pytest
 import torch
 
 from server.model.attention import SeqSpan, StepLayout
 from server.model.attention.torch_paged import TorchPagedAttention
 from server.model.geometry import ModelGeometry
-
-IN_CHILD = os.environ.get("TRITON_INTERPRET") == "1"
-HAS_TRITON = importlib.util.find_spec("triton") is not None
+from tests.triton_child import only_in_child, run_child
 
 
 def test_triton_attention_under_interpreter():
-    if IN_CHILD:
-        pytest.skip("this is the child run")
-    if not HAS_TRITON:
-        pytest.skip("triton is not installed")
-    env = {**os.environ, "TRITON_INTERPRET": "1", "OMP_NUM_THREADS": "1"}
-    cmd = [
-        sys.executable,
-        "-m",
-        "pytest",
-        "-q",
-        "--noconftest",
-        "-p",
-        "no:cacheprovider",
-        "-W",
-        "ignore",
-        __file__,
-    ]
-    run = subprocess.run(
-        cmd, env=env, cwd=Path(__file__).parent.parent, capture_output=True, text=True, timeout=600
-    )
-    out = (run.stdout + run.stderr)[-4000:]
-    assert run.returncode == 0, out
-    assert " passed" in out and "failed" not in out, out
+    run_child(__file__)
 
 
 @pytest.fixture
 def triton_backend():
-    if not IN_CHILD:
-        pytest.skip("runs in the TRITON_INTERPRET=1 child of test_triton_attention_under_interpreter")
+    only_in_child()
     from server.model.attention.triton_paged import TritonPagedAttention
 
     return TritonPagedAttention
@@ -155,9 +124,7 @@ def test_static_plan_is_bit_identical_to_eager(triton_backend):
 def test_engine_with_triton_attention_matches_transformers(tmp_path):
     """The whole path (step buffers, plan, store, prefill, decode) on the tiny model, chunked prefill
     and staggered joins included, against transformers' own greedy generate."""
-    if not IN_CHILD:
-        pytest.skip("runs in the TRITON_INTERPRET=1 child")
-    sys.path.insert(0, str(Path(__file__).parent.parent))
+    only_in_child()
     from server.engine.sequence import Sequence
     from tests.engine_utils import build_engine, greedy, random_prompts, reference_greedy, run_staggered
     from tests.model_factory import make_tiny_model
@@ -176,9 +143,7 @@ def test_engine_with_triton_attention_matches_transformers(tmp_path):
 def test_static_decode_with_triton_lora_matches_eager(tmp_path):
     """Triton attention and Triton LoRA in static (graph-bucket) mode: the launches a CUDA graph would
     replay, run eagerly, give the tokens of unpadded eager steps; a DoRA slot turns replay off."""
-    if not IN_CHILD:
-        pytest.skip("runs in the TRITON_INTERPRET=1 child")
-    sys.path.insert(0, str(Path(__file__).parent.parent))
+    only_in_child()
     from server.engine.sequence import Sequence
     from tests.engine_utils import (
         CountingReplay,

@@ -8,14 +8,13 @@ on CPU); ``triton`` runs SGMV kernels (CUDA, or the Triton interpreter with ``TR
 
 from __future__ import annotations
 
-import importlib.util
-import os
 from collections.abc import Sequence
 
 import torch
 
 from server.lora.batch import LoRABatch
 from server.lora.slot_weights import SlotWeights
+from server.triton_support import triton_unavailable
 
 
 class LoRABackend:
@@ -92,11 +91,7 @@ BACKENDS: dict[str, type[LoRABackend]] = {"torch": TorchLoRABackend, "triton": T
 
 def triton_available(device: torch.device | str) -> bool:
     """Triton runs on CUDA devices, or anywhere under its interpreter (``TRITON_INTERPRET=1``)."""
-    if importlib.util.find_spec("triton") is None:
-        return False
-    if os.environ.get("TRITON_INTERPRET", "0") not in ("", "0"):
-        return True
-    return torch.device(device).type == "cuda"
+    return triton_unavailable(device) is None
 
 
 def make_lora_backend(requested: str, device: torch.device | str, max_loras: int) -> LoRABackend:

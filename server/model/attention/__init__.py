@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import importlib
 import importlib.util
-import os
 
 import torch
 
@@ -19,6 +18,7 @@ from server.model.attention.base import (
     StepTensors,
     UnsupportedModelError,
 )
+from server.triton_support import triton_unavailable
 
 BACKENDS: dict[str, str] = {  # name -> "module:Class"
     "torch": "server.model.attention.torch_paged:TorchPagedAttention",
@@ -27,22 +27,14 @@ BACKENDS: dict[str, str] = {  # name -> "module:Class"
 }
 
 
-def _importable(module: str) -> bool:
-    return importlib.util.find_spec(module) is not None
-
-
 def available(name: str, device: str | torch.device) -> str | None:
     """None if backend ``name`` can run on ``device``, else why not."""
-    cuda = torch.device(device).type == "cuda"
     if name == "triton":
-        interpreted = os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
-        if not _importable("triton"):
-            return "triton is not installed"
-        return None if cuda or interpreted else "needs a CUDA device (or TRITON_INTERPRET=1)"
+        return triton_unavailable(device)
     if name == "flashinfer":
-        if not _importable("flashinfer"):
+        if importlib.util.find_spec("flashinfer") is None:
             return "flashinfer is not installed (pip install flashinfer-python)"
-        return None if cuda else "needs a CUDA device"
+        return None if torch.device(device).type == "cuda" else "needs a CUDA device"
     return None
 
 

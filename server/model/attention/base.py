@@ -150,9 +150,13 @@ class AttentionBackend(ABC):
     def check_model(self, geometry: ModelGeometry) -> None:  # noqa: B027 - optional hook, no check by default
         """Raises ``UnsupportedModelError`` naming what this backend cannot do for the model."""
 
-    @abstractmethod
     def allocate_kv_cache(self, dtype: torch.dtype) -> list[torch.Tensor]:
-        """One cache tensor per layer, in this backend's layout."""
+        """One cache tensor per layer, in this backend's layout. By default
+        ``[2 (K, V), num_blocks, block_size, kv_heads, head_dim]``, which the Triton and FlashInfer
+        ("NHD") kernels read as they are."""
+        g = self.geometry
+        shape = (2, self.num_blocks, self.block_size, g.num_kv_heads, g.head_dim)
+        return [torch.zeros(shape, dtype=dtype, device=self.device) for _ in range(g.num_layers)]
 
     @abstractmethod
     def plan(self, layout: StepLayout) -> None:

@@ -58,11 +58,6 @@ class FlashInferPagedAttention(AttentionBackend):
         self._flashinfer = importlib.import_module("flashinfer")
         self._wrappers: dict[tuple, object] = {}
 
-    def allocate_kv_cache(self, dtype: torch.dtype) -> list[torch.Tensor]:
-        g = self.geometry
-        shape = (2, self.num_blocks, self.block_size, g.num_kv_heads, g.head_dim)
-        return [torch.zeros(shape, dtype=dtype, device=self.device) for _ in range(g.num_layers)]
-
     def plan(self, layout: StepLayout) -> None:
         self.layout = layout
         self.csr = paged_kv_csr(layout)

@@ -83,6 +83,34 @@ def _online_update(s, m, den, acc, v, PRECISION: tl.constexpr):
 
 
 @triton.jit
+def _attend(
+    q, q_pos, row_mask, k_cache_ptr, v_cache_ptr, table_row, kvh, lo, hi, stride_cs, stride_ch, d, d_mask,
+    scale_log2, softcap, window,
+    ROWS: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_SIZE: tl.constexpr,
+    MASK_ROWS: tl.constexpr, HAS_WINDOW: tl.constexpr, HAS_SOFTCAP: tl.constexpr, PRECISION: tl.constexpr,
+):  # fmt: skip
+    """Online softmax of q's rows over context tokens [lo, hi), read through the block table: returns
+    (running max, denominator, weighted sum). ``MASK_ROWS``: per-row causal (and window) masks from
+    ``q_pos`` (prefill); otherwise every token of the range is visible to every row (decode)."""
+    m = tl.full((ROWS,), float("-inf"), tl.float32)
+    den = tl.zeros((ROWS,), tl.float32)
+    acc = tl.zeros((ROWS, BLOCK_D), tl.float32)
+    for t0 in range(lo, hi, BLOCK_N):
+        tokens = t0 + tl.arange(0, BLOCK_N)
+        valid = tokens < hi
+        k = _kv_tile(k_cache_ptr, table_row, tokens, valid, kvh, stride_cs, stride_ch, d, d_mask, BLOCK_SIZE)
+        v = _kv_tile(v_cache_ptr, table_row, tokens, valid, kvh, stride_cs, stride_ch, d, d_mask, BLOCK_SIZE)
+        s = _scores(q, k, scale_log2, softcap, HAS_SOFTCAP, PRECISION)
+        seen = valid[None, :]
+        if MASK_ROWS:
+            seen = seen & (tokens[None, :] <= q_pos[:, None]) & row_mask[:, None]
+            if HAS_WINDOW:
+                seen = seen & (tokens[None, :] > q_pos[:, None] - window)
+        m, den, acc = _online_update(tl.where(seen, s, float("-inf")), m, den, acc, v, PRECISION)
+    return m, den, acc
+
+
+@triton.jit
 def _decode_split_kernel(
     q_ptr, k_cache_ptr, v_cache_ptr, table_ptr, ctx_ptr, qstart_ptr, out_ptr, part_acc_ptr, part_ml_ptr,
     stride_qh, stride_qt, stride_cs, stride_ch, stride_bt, stride_ot, stride_oh,
@@ -109,22 +137,11 @@ def _decode_split_kernel(
         g_mask = g < GROUP
         q = tl.load(q_ptr + heads[:, None] * stride_qh + row * stride_qt + d[None, :],
                     mask=g_mask[:, None] & d_mask[None, :], other=0.0)  # fmt: skip
-        m = tl.full((PAD_G,), float("-inf"), tl.float32)
-        den = tl.zeros((PAD_G,), tl.float32)
-        acc = tl.zeros((PAD_G, BLOCK_D), tl.float32)
-        table_row = table_ptr + seq * stride_bt
-        for t0 in range(start, end, BLOCK_N):
-            tokens = t0 + tl.arange(0, BLOCK_N)
-            valid = tokens < end
-            k = _kv_tile(
-                k_cache_ptr, table_row, tokens, valid, kvh, stride_cs, stride_ch, d, d_mask, BLOCK_SIZE
-            )
-            v = _kv_tile(
-                v_cache_ptr, table_row, tokens, valid, kvh, stride_cs, stride_ch, d, d_mask, BLOCK_SIZE
-            )
-            s = _scores(q, k, scale_log2, softcap, HAS_SOFTCAP, PRECISION)
-            s = tl.where(valid[None, :], s, float("-inf"))
-            m, den, acc = _online_update(s, m, den, acc, v, PRECISION)
+        m, den, acc = _attend(
+            q, g, g_mask, k_cache_ptr, v_cache_ptr, table_ptr + seq * stride_bt, kvh, start, end, stride_cs,
+            stride_ch, d, d_mask, scale_log2, softcap, window, PAD_G, BLOCK_D, BLOCK_N, BLOCK_SIZE,
+            False, HAS_WINDOW, HAS_SOFTCAP, PRECISION,
+        )  # fmt: skip
         if DIRECT:
             out = acc / tl.maximum(den, 1e-30)[:, None]
             ptrs = out_ptr + row * stride_ot + heads[:, None] * stride_oh + d[None, :]
@@ -200,24 +217,11 @@ def _prefill_kernel(
         if HAS_WINDOW:
             lo = tl.maximum(ctx - q_len + mblk * BLOCK_M - window + 1, 0)
             lo = (lo // BLOCK_N) * BLOCK_N
-        m = tl.full((BLOCK_M,), float("-inf"), tl.float32)
-        den = tl.zeros((BLOCK_M,), tl.float32)
-        acc = tl.zeros((BLOCK_M, BLOCK_D), tl.float32)
-        table_row = table_ptr + seq * stride_bt
-        for t0 in range(lo, hi, BLOCK_N):
-            tokens = t0 + tl.arange(0, BLOCK_N)
-            valid = tokens < hi
-            k = _kv_tile(
-                k_cache_ptr, table_row, tokens, valid, kvh, stride_cs, stride_ch, d, d_mask, BLOCK_SIZE
-            )
-            v = _kv_tile(
-                v_cache_ptr, table_row, tokens, valid, kvh, stride_cs, stride_ch, d, d_mask, BLOCK_SIZE
-            )
-            s = _scores(q, k, scale_log2, softcap, HAS_SOFTCAP, PRECISION)
-            seen = (tokens[None, :] <= q_pos[:, None]) & valid[None, :] & row_mask[:, None]
-            if HAS_WINDOW:
-                seen = seen & (tokens[None, :] > q_pos[:, None] - window)
-            m, den, acc = _online_update(tl.where(seen, s, float("-inf")), m, den, acc, v, PRECISION)
+        m, den, acc = _attend(
+            q, q_pos, row_mask, k_cache_ptr, v_cache_ptr, table_ptr + seq * stride_bt, kvh, lo, hi, stride_cs,
+            stride_ch, d, d_mask, scale_log2, softcap, window, BLOCK_M, BLOCK_D, BLOCK_N, BLOCK_SIZE,
+            True, HAS_WINDOW, HAS_SOFTCAP, PRECISION,
+        )  # fmt: skip
         out = acc / tl.maximum(den, 1e-30)[:, None]
         ptrs = out_ptr + q_rows[:, None] * stride_ot + head * stride_oh + d[None, :]
         tl.store(ptrs, out.to(out_ptr.dtype.element_ty), mask=row_mask[:, None] & d_mask[None, :])

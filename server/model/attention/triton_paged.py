@@ -30,11 +30,6 @@ class TritonPagedAttention(AttentionBackend):
                 f"attention backend 'triton' supports head_dim <= {MAX_HEAD_DIM}, the model has {geometry.head_dim}"
             )
 
-    def allocate_kv_cache(self, dtype: torch.dtype) -> list[torch.Tensor]:
-        g = self.geometry
-        shape = (2, self.num_blocks, self.block_size, g.num_kv_heads, g.head_dim)
-        return [torch.zeros(shape, dtype=dtype, device=self.device) for _ in range(g.num_layers)]
-
     def plan(self, layout: StepLayout) -> None:
         self.layout = layout
         if layout.is_decode:

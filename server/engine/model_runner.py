@@ -80,9 +80,13 @@ class ModelRunner:
     def capture_decode_graphs(self) -> None:
         """Records (or, for eager replay, registers) the decode forward of every bucket. Call once,
         after the KV cache exists and before serving."""
-        if self.graphs is None or not self.graphs.active:
+        graphs = self.graphs
+        if graphs is None or not graphs.active:
             return
-        self.graphs.capture_all(self._prepare_dummy_decode, self._bucket_forward)
+        if graphs.strategy.needs_static_backends and self.lora is not None and not self.lora.graph_safe():
+            graphs.disable("the LoRA backend's launches cannot be captured (use lora_backend 'triton')")
+            return
+        graphs.capture_all(self._prepare_dummy_decode, self._bucket_forward)
 
     def _decode_bucket(self, seqs: list[Sequence]) -> int | None:
         graphs = self.graphs

@@ -100,8 +100,8 @@ def build_runtime(settings: Settings, model: torch.nn.Module | None = None, toke
     """What ``settings`` describes. ``model``/``tokenizer``: an already built model (its attention
     already routed to ``hf_bridge``), e.g. a random-weight one built on the GPU by a benchmark."""
     device, dtype = settings.resolved_device(), settings.resolved_dtype()
-    if device.startswith("cuda"):
-        torch.cuda.set_device(torch.device(device))  # --device cuda:N: kernels and graphs land there
+    if torch.device(device).index is not None:  # --device cuda:N: kernels, graphs and memory figures there
+        torch.cuda.set_device(torch.device(device))
     torch.manual_seed(settings.seed)
     tokenizer = tokenizer if tokenizer is not None else load_tokenizer(settings.model)
     model = model if model is not None else load_model(settings.model, device, dtype)

@@ -81,6 +81,13 @@ def test_decode_padded_to_a_bucket():
     assert step.num_sampled == 4
 
 
+def test_a_step_of_padding_only_is_a_decode_step():
+    """What graph capture records: the decode kernels, not a prefill over nothing."""
+    layout = StepInputs(LIMITS, "cpu").prepare([], pad_to=4).layout
+    assert layout.is_decode and layout.static and layout.num_seqs == 4
+    assert layout.device.context_lens.tolist() == [1, 1, 1, 1]
+
+
 def test_limits_are_enforced():
     inputs = StepInputs(LIMITS, "cpu")
     with pytest.raises(ValueError, match="buffers hold 8"):

@@ -114,10 +114,10 @@ class StepInputs:
         if num_rows > self.limits.max_num_seqs:
             raise ValueError(f"{num_rows} sequences in one step; the buffers hold {self.limits.max_num_seqs}")
         tokens, sampled, max_query, max_context = self._fill(seqs)
-        if pad_to is not None:
+        if pad_to is not None:  # a decode step, even when it holds only padding (graph capture)
             self._pad(len(seqs), pad_to)
             tokens, sampled = pad_to, list(range(pad_to))
-            max_context = max(max_context, 1)
+            max_query, max_context = 1, max(max_context, 1)
         keep = sampled or [tokens - 1]  # chunks only: K/V are still written, one row is computed
         self._np["logits_rows"][: len(keep)] = keep
         dev = self.buffers.device_view

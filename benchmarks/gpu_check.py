@@ -147,7 +147,7 @@ def http_smoke(plan, deadline) -> tuple[dict, list[str]]:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
     cmd = [sys.executable, "-m", "server", "serve", "--port", str(port), "--device", plan.device,
-           "--gpu-memory-utilization", "0.3", "--attention-backend", plan.attention_backend,
+           "--gpu-memory-utilization", "0.3", "--max-num-seqs", "16", "--attention-backend", plan.attention_backend,
            "--lora-backend", plan.lora_backend]  # fmt: skip
     log = Path(tempfile.mkstemp(suffix=".log")[1])
     url, result = f"http://127.0.0.1:{port}", {}
@@ -243,7 +243,7 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     report = Report(args.out)
     total = Deadline(args.budget)
-    shares = {"env": 0.03, "kernels": 0.11, "engine": 0.16, "http": 0.06, "bench-1b": 0.2, "bench-8b": 0.44}
+    shares = {"env": 0.03, "kernels": 0.11, "engine": 0.16, "http": 0.08, "bench-1b": 0.2, "bench-8b": 0.42}
     with tempfile.TemporaryDirectory() as tmp:
         parts = {
             "env": lambda d: environment(plan),

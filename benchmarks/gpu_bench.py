@@ -179,7 +179,12 @@ def bench_shape(plan, part: str, tmp: Path, deadline, env: dict) -> tuple[dict, 
 def _points(plan, rt, config, adapters: list, deadline, env: dict) -> dict:
     peak = (env.get("peak_bandwidth_tb_s") or 0) * 1e12
     points = {}
-    first = [(2048, 64, 64), (2048, 64, 8), (2048, 64, 0), (512, 1, 0)]  # the targets' points, before any skip
+    first = [
+        (2048, 64, 64),
+        (2048, 64, 8),
+        (2048, 64, 0),
+        (512, 1, 0),
+    ]  # the targets' points, before any skip
     order = sorted(plan.points(), key=lambda p: first.index(p) if p in first else len(first))
     for ctx, batch, distinct in order:
         key = f"b{batch}_c{ctx}_a{distinct}"
@@ -201,7 +206,12 @@ def bench_markdown(r: dict) -> list[str]:
           "| context | batch | distinct adapters | step ms | tokens/s | vs base | HBM roofline |",
           "|---:|---:|---:|---:|---:|---:|---:|"]  # fmt: skip
     points = r.get("points", {})
-    for key, p in points.items():
+
+    def context_batch_adapters(item):
+        b, c, a = (int(x[1:]) for x in item[0].split("_"))
+        return c, b, a
+
+    for key, p in sorted(points.items(), key=context_batch_adapters):
         b, c, a = (int(x[1:]) for x in key.split("_"))
         if not isinstance(p, dict):
             md.append(f"| {c} | {b} | {a} | {p} | | | |")

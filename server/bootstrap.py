@@ -83,9 +83,8 @@ def build_runtime(settings: Settings) -> Runtime:
         slots,
     )
     name = settings.served_model_name or Path(settings.model).resolve().name
-    engine = AsyncEngine(
-        core, ServedModel(name, tokenizer, max_model_len, geometry.vocab_size), settings.max_queue_len
-    )
+    served = ServedModel(name, tokenizer, max_model_len, geometry.vocab_size)
+    engine = AsyncEngine(core, served, settings.max_queue_len, settings.engine_step_timeout_s)
     adapters = AdapterService(settings, store, lora, name, engine.stats)
     log.info("built %s on %s (%s), attention %s, %d KV blocks", name, device, dtype, attention.name,
              attention.num_blocks)  # fmt: skip

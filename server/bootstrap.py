@@ -25,7 +25,7 @@ from server.model.attention import AttentionBackend, attention_backend_class
 from server.model.geometry import ModelGeometry
 from server.model.loader import eos_token_ids, load_model, load_tokenizer
 from server.service.adapter_service import AdapterService
-from server.store import AdapterStore
+from server.store import AdapterStore, recover_dir
 
 log = logging.getLogger(__name__)
 
@@ -62,6 +62,8 @@ def build_runtime(settings: Settings) -> Runtime:
     model = load_model(settings.model, device, dtype)
     geometry = ModelGeometry.of(model.config)
     store = AdapterStore(settings.adapter_store)
+    recover_dir(store.root)  # what a crash left: staging and trash directories, half-done exports
+    recover_dir(settings.export_dir)
     lora = build_lora(model, settings, store)
     slots = lora.manager if lora is not None else None
     attention = build_attention(settings, geometry, device, dtype)

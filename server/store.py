@@ -42,6 +42,7 @@ log = logging.getLogger(__name__)
 CONFIG_FILE = "adapter_config.json"
 WEIGHTS_FILE = "adapter_model.safetensors"
 ADAPTER_FILES = (CONFIG_FILE, WEIGHTS_FILE)
+MAX_CONFIG_BYTES = 1 << 20  # PEFT configs are a few kB; a larger one is only there to be slow to parse
 
 # Letters, digits, '.', '_', '-', starting with a letter or digit: no separators, no '..', no hidden
 # names, so a valid name joined to a root can never leave it.
@@ -266,8 +267,10 @@ class AdapterStore:
         path = self.path_of(name)
         files = sorted(p for p in path.rglob("*") if p.is_file())
         try:
+            if (path / CONFIG_FILE).stat().st_size > MAX_CONFIG_BYTES:
+                raise ValueError("oversize config")
             config = json.loads((path / CONFIG_FILE).read_text("utf-8"))
-        except (OSError, ValueError):
+        except (OSError, ValueError, RecursionError):
             config = {}
         return StoredAdapter(
             name=name,

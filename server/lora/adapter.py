@@ -23,9 +23,8 @@ from server.confined import PathEscapeError, open_confined
 from server.lora.errors import AdapterError
 from server.lora.peft_config import LoraConfigView, PatternError, parse_lora_config
 from server.lora.spec import BaseModelSpec, LinearSpec
-from server.store import CONFIG_FILE, WEIGHTS_FILE
+from server.store import CONFIG_FILE, MAX_CONFIG_BYTES, WEIGHTS_FILE
 
-MAX_CONFIG_BYTES = 1 << 20  # PEFT configs are a few kB; a larger one is only there to be slow to parse
 _TENSORS_PER_MODULE = 4  # lora_A, lora_B, lora_B.bias or magnitude, plus slack for the older magnitude key
 _HEADER_BYTES_PER_TENSOR = 512  # a header entry is ~130 bytes: key, dtype, shape, offsets
 _HEADER_SLACK_BYTES = 64 * 1024  # __metadata__

@@ -29,17 +29,21 @@ def free_port() -> int:
 class ServerProcess:
     """``ServerProcess(args, log_path).start()``; ``module`` may name a test launcher with the same CLI."""
 
-    def __init__(self, args: list[str], log_path: Path, module: str = "server") -> None:
+    def __init__(
+        self, args: list[str], log_path: Path, module: str = "server", env: dict[str, str] | None = None
+    ) -> None:
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         self.log_path = Path(log_path)
         self.cmd = [sys.executable, "-m", module, "serve", *args, "--port", str(self.port)]
         self.proc: subprocess.Popen | None = None
+        self.env = {**os.environ, "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", **(env or {})}
 
     def start(self, ready_timeout: float = 120.0) -> ServerProcess:
-        env = {**os.environ, "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1"}
         with open(self.log_path, "ab") as log:
-            self.proc = subprocess.Popen(self.cmd, cwd=REPO, env=env, stdout=log, stderr=subprocess.STDOUT)
+            self.proc = subprocess.Popen(
+                self.cmd, cwd=REPO, env=self.env, stdout=log, stderr=subprocess.STDOUT
+            )
         deadline = time.monotonic() + ready_timeout
         while time.monotonic() < deadline:
             assert self.proc.poll() is None, self.log()

@@ -73,9 +73,9 @@ def test_a_failing_step_fails_only_its_requests_and_frees_everything(env, point,
     core, manager = rt.engine.core, rt.lora.manager
     faults = InjectedFaults().raise_at(point, exc, when=first_token_is(POISON))
     core.faults = faults
-    # before: runs alone and finishes; then the poisoned step holds "poison" (adapter b) and "peer"
-    # (adapter a); "waiter" queues behind them (max_num_seqs=2); "after" comes once all that is over.
-    before = _drive(core, [_seq(rt, "before", "a", PROMPTS["a"])])
+    # before: both adapters load and serve; then the poisoned step holds "poison" (adapter b) and
+    # "peer" (adapter a); "waiter" queues behind them (max_num_seqs=2); "after" comes once all is over.
+    before = _drive(core, [_seq(rt, "before", "a", PROMPTS["a"]), _seq(rt, "before-b", "b", PROMPTS["b"])])
     poisoned = [
         _seq(rt, "poison", "b", [POISON, *PROMPTS["b"]]),
         _seq(rt, "peer", "a", PROMPTS["a"]),
@@ -91,6 +91,7 @@ def test_a_failing_step_fails_only_its_requests_and_frees_everything(env, point,
         assert ("out of device memory" in last.error) == (kind is ErrorKind.OUT_OF_MEMORY)
     for outputs, rid, adapter in [
         (before, "before", "a"),
+        (before, "before-b", "b"),
         (during, "waiter", "base"),
         (after, "after-a", "a"),
         (after, "after-b", "b"),

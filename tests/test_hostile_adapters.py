@@ -22,7 +22,7 @@ from server.config import Settings
 from server.lora.adapter import AdapterError, load_peft_adapter
 from server.lora.spec import BaseModelSpec
 from tests.api_harness import LiveServer
-from tests.lora_fixtures import ALL_LINEAR, load_base, make_peft_adapter
+from tests.lora_fixtures import ALL_LINEAR, make_peft_adapter
 
 # Exponential for the stdlib ``re`` on a module name (seconds to minutes, GIL held throughout), and
 # past any timeout for ``regex`` too; a valid pattern in both.
@@ -31,8 +31,8 @@ PREFIX = "base_model.model."
 
 
 @pytest.fixture(scope="module")
-def spec(tiny_llama_dir) -> BaseModelSpec:
-    return BaseModelSpec.from_model(load_base(tiny_llama_dir))
+def spec(tiny_llama_spec) -> BaseModelSpec:
+    return tiny_llama_spec
 
 
 @pytest.fixture(scope="module")

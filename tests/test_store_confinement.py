@@ -19,10 +19,9 @@ from server.config import Settings
 from server.confined import PathEscapeError, open_confined
 from server.lora.adapter import load_peft_adapter
 from server.lora.errors import AdapterError
-from server.lora.spec import BaseModelSpec
 from server.store import AdapterStore
 from tests.api_harness import LiveServer, greedy_ids, peft_model, token_ids_of
-from tests.lora_fixtures import load_base, make_peft_adapter
+from tests.lora_fixtures import make_peft_adapter
 
 WEIGHTS, CONFIG = "adapter_model.safetensors", "adapter_config.json"
 PROMPT = [4, 8, 15, 16]
@@ -69,15 +68,14 @@ def test_links_out_of_the_store_are_not_adapters_and_are_logged_once(env, caplog
     assert len(warnings) == len(ESCAPING)
 
 
-def test_a_link_swapped_in_after_the_listing_is_caught_at_open(env, tmp_path):
+def test_a_link_swapped_in_after_the_listing_is_caught_at_open(env, tiny_llama_spec, tmp_path):
     store = AdapterStore(tmp_path / "store")
     victim = shutil.copytree(env["made"]["x"], store.root / "victim")
     assert store.exists("victim")  # the listing check passed ...
     os.remove(victim / WEIGHTS)  # ... then the file becomes a link out of the store
     os.symlink(env["outside"] / WEIGHTS, victim / WEIGHTS)
-    spec = BaseModelSpec.from_model(load_base(env["model"]))
     with pytest.raises(AdapterError, match=r"adapter_model.safetensors refused: .* outside"):
-        load_peft_adapter(victim, "victim", spec, 64, store.root)
+        load_peft_adapter(victim, "victim", tiny_llama_spec, 64, store.root)
     os.remove(victim / WEIGHTS)  # a FIFO swapped in as the weights cannot block the open
     os.mkfifo(victim / WEIGHTS)
     result: dict = {}

@@ -133,13 +133,13 @@ def _process_gone(pid: int) -> bool:
 
 
 def _left_behind(path: Path) -> bool:
-    """Whether the process that made the temporary entry ``path`` is gone: one of this host that no
-    longer runs, or - for another host's - nothing touched it for ``LEFTOVER_MAX_AGE_S``."""
+    """Whether the process that made the temporary entry ``path`` is gone: it was of this host and no
+    longer runs, or nothing touched the entry for ``LEFTOVER_MAX_AGE_S`` (another host's; a reused pid)."""
     match = _TEMP_RE.match(path.name)
     if match is None:
         return False
-    if match["host"] == socket.gethostname():
-        return _process_gone(int(match["pid"]))
+    if match["host"] == socket.gethostname() and _process_gone(int(match["pid"])):
+        return True
     with contextlib.suppress(OSError):
         newest = max([path.lstat().st_mtime, *(p.lstat().st_mtime for p in path.iterdir())])
         return time.time() - newest > LEFTOVER_MAX_AGE_S
@@ -158,12 +158,15 @@ def recover_dir(directory: Path) -> list[str]:
         if not (entry.name.startswith(".trash-") or _left_behind(entry)):
             continue
         original = directory / entry.name[1:].rpartition(".old-")[0] if ".old-" in entry.name else None
-        if original is not None and not original.exists():
-            os.rename(entry, original)
-            done.append(f"restored {original.name} from {entry.name}")
-        else:
-            shutil.rmtree(entry, ignore_errors=True)
-            done.append(f"removed {entry.name}")
+        try:
+            if original is not None and not original.exists():
+                os.rename(entry, original)
+                done.append(f"restored {original.name} from {entry.name}")
+            else:
+                shutil.rmtree(entry)
+                done.append(f"removed {entry.name}")
+        except OSError as exc:  # a read-only volume, a racing replica: serving goes on regardless
+            log.warning("%s: could not clear %s (%s)", directory, entry.name, exc)
     for line in done:
         log.info("%s: %s (left by an earlier crash)", directory, line)
     return done

@@ -168,3 +168,16 @@ def test_a_hung_step_fails_health_and_readiness_until_it_ends(env):
         assert result["r"].status_code == 200  # a slow step is not a failed one
         assert httpx.get(f"{srv.url}/health").status_code == 200
         assert httpx.get(f"{srv.url}/ready").status_code == 200
+
+
+def test_out_of_memory_is_recognised_however_the_library_raises_it():
+    from server.engine.llm_engine import classify_step_error
+
+    for exc in (
+        torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB"),
+        RuntimeError("CUDA error: out of memory"),
+        RuntimeError("CUDA error: CUBLAS_STATUS_ALLOC_FAILED when calling `cublasCreate(handle)`"),
+    ):
+        assert classify_step_error(exc)[0] is ErrorKind.OUT_OF_MEMORY, exc
+    for exc in (RuntimeError("shape mismatch"), ValueError("out of memory"), KeyError("x")):
+        assert classify_step_error(exc)[0] is ErrorKind.INTERNAL, exc

@@ -50,8 +50,13 @@ class StepCounters:
 
 
 def classify_step_error(exc: Exception) -> tuple[ErrorKind, str]:
-    """What a step's exception means for its requests: device out of memory (503, retry) or internal."""
-    if isinstance(exc, torch.OutOfMemoryError):
+    """What a step's exception means for its requests: device out of memory (503, retry) - the
+    allocator's ``torch.OutOfMemoryError``, or a library's "out of memory" RuntimeError (cuBLAS,
+    a kernel launch) - or internal (500). The one place OOM is recognised."""
+    message = str(exc).lower()
+    if isinstance(exc, torch.OutOfMemoryError) or (
+        type(exc) is RuntimeError and ("out of memory" in message or "cublas_status_alloc_failed" in message)
+    ):
         first_line = (str(exc).splitlines() or [""])[0]
         return ErrorKind.OUT_OF_MEMORY, f"out of device memory in the engine step, retry later ({first_line})"
     return ErrorKind.INTERNAL, f"internal error in engine step: {exc}"

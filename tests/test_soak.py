@@ -129,9 +129,10 @@ class Workload:
                 httpx.Client(timeout=60) as c,
                 c.stream("POST", f"{self.url}/v1/completions", json=body) as r,
             ):
+                text = r.read().decode() if r.status_code != 200 else ""  # an error before the stream
                 for _ in zip(range(rng.randint(1, 4)), r.iter_lines(), strict=False):
                     pass
-                self.tally.record("disconnect", r.status_code, "", time.monotonic() - start)
+                self.tally.record("disconnect", r.status_code, text, time.monotonic() - start)
 
     def invalid(self, seed: int) -> None:
         rng = random.Random(seed)

@@ -27,7 +27,7 @@ from server.model.attention import AttentionBackend, attention_backend_class
 from server.model.geometry import ModelGeometry
 from server.model.loader import check_serving_model, eos_token_ids, load_model, load_tokenizer
 from server.service.adapter_service import AdapterService
-from server.store import AdapterStore
+from server.store import AdapterStore, recover_dir
 
 log = logging.getLogger(__name__)
 
@@ -109,6 +109,8 @@ def build_runtime(settings: Settings, model: torch.nn.Module | None = None, toke
     dtype = next(model.parameters()).dtype  # a prebuilt model's own
     geometry = ModelGeometry.of(model.config)
     store = AdapterStore(settings.adapter_store)
+    recover_dir(store.root)  # what a crash left: staging and trash directories, half-done exports
+    recover_dir(settings.export_dir)
     lora = build_lora(model, settings, store)
     slots = lora.manager if lora is not None else None
     num_blocks = kv_cache_blocks(settings, model, slots, geometry, device, dtype)
@@ -133,9 +135,8 @@ def build_runtime(settings: Settings, model: torch.nn.Module | None = None, toke
         EngineLimits(max_model_len, eos_token_ids(model, tokenizer)), slots,
     )  # fmt: skip
     name = settings.served_model_name or Path(settings.model).resolve().name
-    engine = AsyncEngine(
-        core, ServedModel(name, tokenizer, max_model_len, geometry.vocab_size), settings.max_queue_len
-    )
+    served = ServedModel(name, tokenizer, max_model_len, geometry.vocab_size)
+    engine = AsyncEngine(core, served, settings.max_queue_len, settings.engine_step_timeout_s)
     adapters = AdapterService(settings, store, lora, name, engine.stats)
     graphs = runner.graphs
     replay = "off" if graphs is None else graphs.strategy.name if graphs.active else graphs.disabled_reason

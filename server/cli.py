@@ -42,24 +42,30 @@ def _scalar_type(tp):
     return tp if tp in (int, float, Path) else str
 
 
+def flags_of(name: str) -> list[str]:
+    """``drain_timeout_s`` -> ``--drain-timeout-s`` and, for a seconds field, ``--drain-timeout`` too."""
+    flag = "--" + name.replace("_", "-")
+    return [flag, flag.removesuffix("-s")] if name.endswith("_s") else [flag]
+
+
 def add_settings_flags(parser: argparse.ArgumentParser) -> None:
     for name, info in Settings.model_fields.items():
-        flag = "--" + name.replace("_", "-")
+        flags = flags_of(name)
         kind, args = _field_kind(info.annotation)
         help_text = (info.description or "") + f" [env LORAPLEX_{name.upper()}]"
-        if "key" in name:
+        if "key" in name and kind != "bool":
             help_text += " (prefer the env var: flags show in the process list)"
         common = dict(dest=name, default=None, help=help_text)
         if kind == "bool":
-            parser.add_argument(flag, action=argparse.BooleanOptionalAction, **common)
+            parser.add_argument(*flags, action=argparse.BooleanOptionalAction, **common)
         elif kind == "choice":
-            parser.add_argument(flag, choices=list(args), **common)
+            parser.add_argument(*flags, choices=list(args), **common)
         elif kind == "list":
-            parser.add_argument(flag, nargs="*", type=_scalar_type(args[0] if args else str), **common)
+            parser.add_argument(*flags, nargs="*", type=_scalar_type(args[0] if args else str), **common)
         elif kind == "dict":
-            parser.add_argument(flag, type=json.loads, metavar="JSON", **common)
+            parser.add_argument(*flags, type=json.loads, metavar="JSON", **common)
         else:
-            parser.add_argument(flag, type=_scalar_type(args[0]), **common)
+            parser.add_argument(*flags, type=_scalar_type(args[0]), **common)
 
 
 def settings_from_args(ns: argparse.Namespace) -> Settings:
@@ -103,9 +109,8 @@ def is_loopback(host: str) -> bool:
 
 
 def cmd_serve(ns: argparse.Namespace) -> int:
-    import uvicorn
-
     from server.api.app import create_app
+    from server.api.serving import serve
 
     settings = settings_from_args(ns)
     logging.basicConfig(level=ns.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
@@ -115,13 +120,7 @@ def cmd_serve(ns: argparse.Namespace) -> int:
             "anyone who can reach it may upload, load, merge and delete adapters",
             settings.host,
         )
-    uvicorn.run(
-        create_app(settings),
-        host=settings.host,
-        port=settings.port,
-        log_level=ns.log_level,
-        timeout_graceful_shutdown=int(settings.drain_timeout_s) + 1,
-    )
+    serve(create_app(settings), settings.host, settings.port, ns.log_level)
     return 0
 
 

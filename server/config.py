@@ -51,6 +51,12 @@ class Settings(BaseSettings):
         "weights, adapter slots and the profiled activation peak leave of it.",
     )
     max_queue_len: int = Field(1024, ge=1, description="Waiting requests before 429.")
+    engine_step_timeout_s: float = Field(
+        300.0,
+        ge=0,
+        description="A step running longer than this makes /health fail (Kubernetes restarts the pod) "
+        "and /ready 503; 0 = off.",
+    )
     attention_backend: Literal["auto", "torch", "triton", "flashinfer"] = Field(
         "auto",
         description="Paged attention: 'auto' = flashinfer if installed on CUDA, else triton on CUDA, "
@@ -84,7 +90,15 @@ class Settings(BaseSettings):
     )
     max_body_bytes: int = Field(8 * 1024 * 1024, ge=1024)
     drain_timeout_s: float = Field(
-        30.0, ge=0, description="On shutdown, how long running requests may take to finish before abort."
+        30.0,
+        ge=0,
+        description="On SIGTERM, how long running requests may take to finish; those still running then "
+        "end with a 503 error (streams: an error event and [DONE]).",
+    )
+    metrics_require_key: bool = Field(
+        False,
+        description="Put /metrics behind the API keys (off: the inference gateway scrapes it; its labels "
+        "name adapters).",
     )
 
     @field_validator("device")

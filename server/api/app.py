@@ -74,6 +74,8 @@ async def _boot(state: AppState, runtime: Runtime | None) -> None:
 
             runtime = await asyncio.to_thread(build_runtime, state.settings)
         state.runtime = runtime
+        if state.draining:
+            return  # SIGTERM came while the model loaded: nothing left to start
         if not runtime.engine.ready:
             await runtime.engine.start()
         log.info("engine ready: serving %s", runtime.engine.served.name)

@@ -93,7 +93,12 @@ _STATUS_OF_EXCEPTION: dict[type[Exception], int] = {
     LoRADisabledError: 400,
     PathNotAllowedError: 400,
 }
-STATUS_OF_ERROR_KIND = {ErrorKind.ADAPTER_UNAVAILABLE: 400, ErrorKind.INTERNAL: 500}
+STATUS_OF_ERROR_KIND = {
+    ErrorKind.ADAPTER_UNAVAILABLE: 400,
+    ErrorKind.INTERNAL: 500,
+    ErrorKind.OUT_OF_MEMORY: 503,
+    ErrorKind.SHUTTING_DOWN: 503,
+}
 
 
 def api_error_from(exc: EngineError | AdapterServiceError) -> APIError:

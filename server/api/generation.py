@@ -190,4 +190,6 @@ class RequestGroup:
 
 def raise_if_failed(choice: Choice) -> None:
     if choice.finished and choice.error is not None:
-        raise APIError(STATUS_OF_ERROR_KIND.get(choice.error_kind, 500), choice.error)
+        status = STATUS_OF_ERROR_KIND.get(choice.error_kind, 500)
+        headers = {"Retry-After": "1"} if status == 503 else None
+        raise APIError(status, choice.error, headers=headers)

@@ -6,11 +6,14 @@ Only the engine thread calls ``step``; everything here is single-threaded by des
 from __future__ import annotations
 
 import logging
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+
+import torch
 
 from server.engine.adapter_slots import AdapterSlots
 from server.engine.block_manager import BlockManager
 from server.engine.detokenizer import IncrementalDetokenizer
+from server.engine.faults import NO_FAULTS, FaultPoint, StepFaults
 from server.engine.model_runner import ModelRunner
 from server.engine.sampler import Sampler
 from server.engine.scheduler import Scheduler, SchedulerOutput
@@ -34,6 +37,35 @@ class StepCounters:
     last_batch_size: int = 0
     scheduled_seqs: int = 0
     batched_tokens: int = 0
+    failed_steps: dict[str, int] = field(default_factory=dict)  # ErrorKind value -> count
+
+    def record(self, out: SchedulerOutput) -> None:
+        self.steps += 1
+        self.last_batch_size = len(out.scheduled)
+        self.scheduled_seqs += len(out.scheduled)
+        self.batched_tokens += out.num_tokens
+
+    def record_failure(self, kind: ErrorKind) -> None:
+        self.failed_steps[kind.value] = self.failed_steps.get(kind.value, 0) + 1
+
+
+def classify_step_error(exc: Exception) -> tuple[ErrorKind, str]:
+    """What a step's exception means for its requests: device out of memory (503, retry) - the
+    allocator's ``torch.OutOfMemoryError``, or a library's "out of memory" RuntimeError (cuBLAS,
+    a kernel launch) - or internal (500). The one place OOM is recognised."""
+    message = str(exc).lower()
+    if isinstance(exc, torch.OutOfMemoryError) or (
+        type(exc) is RuntimeError and ("out of memory" in message or "cublas_status_alloc_failed" in message)
+    ):
+        first_line = (str(exc).splitlines() or [""])[0]
+        return ErrorKind.OUT_OF_MEMORY, f"out of device memory in the engine step, retry later ({first_line})"
+    return ErrorKind.INTERNAL, f"internal error in engine step: {exc}"
+
+
+def release_cached_device_memory() -> None:
+    """After an out-of-memory step, hand the allocator's cached blocks back so the next step can fit."""
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
 
 
 class LLMEngine:
@@ -53,6 +85,7 @@ class LLMEngine:
         self.limits = limits
         self.slots = slots
         self.counters = StepCounters()
+        self.faults: StepFaults = NO_FAULTS  # tests inject failures here: see server/engine/faults.py
 
     @property
     def block_manager(self) -> BlockManager:
@@ -83,28 +116,33 @@ class LLMEngine:
         if not out.scheduled:
             return results
         try:
-            seqs = self._assign_slots(out)
-            logits = self.runner.run(seqs)
-            sampling = [s for s in seqs if s.will_sample]
-            tokens, logprobs = self.sampler(logits, sampling) if sampling else ([], None)
+            self._run_batch(out, results)
         except Exception as exc:  # one bad step fails its own requests, the engine keeps serving
-            log.exception("engine step failed; failing the %d requests in it", len(out.scheduled))
-            message = f"internal error in engine step: {exc}"
-            return results + [(s, self._fail(s, message, ErrorKind.INTERNAL)) for s in out.scheduled]
-        self._count(out)
+            kind, message = classify_step_error(exc)
+            log.exception("engine step failed (%s); failing the %d requests in it", kind.value,
+                          len(out.scheduled))  # fmt: skip
+            self.counters.record_failure(kind)
+            if kind is ErrorKind.OUT_OF_MEMORY:
+                release_cached_device_memory()
+            results += [(s, self._fail(s, message, kind)) for s in out.scheduled if not s.is_finished]
+        return results
+
+    def _run_batch(self, out: SchedulerOutput, results: list[tuple[Sequence, RequestOutput]]) -> None:
+        """Activate -> forward -> sample -> postprocess; appends each sequence's output to ``results``."""
+        self.faults.at(FaultPoint.ACTIVATE, out.scheduled)
+        seqs = self._assign_slots(out)
+        self.faults.at(FaultPoint.FORWARD, seqs)
+        logits = self.runner.run(seqs)
+        sampling = [s for s in seqs if s.will_sample]
+        tokens, logprobs = self.sampler(logits, sampling) if sampling else ([], None)
+        self.faults.at(FaultPoint.SAMPLED, sampling)
+        self.counters.record(out)
         self.scheduler.postprocess(out, {id(s): t for s, t in zip(sampling, tokens, strict=True)})
+        self.faults.at(FaultPoint.POSTPROCESS, sampling)
         for i, seq in enumerate(sampling):
             if logprobs is not None and seq.params.logprobs:
                 seq.logprobs.append(logprobs[i])
             results.append((seq, self._process_token(seq, tokens[i])))
-        return results
-
-    def _count(self, out: SchedulerOutput) -> None:
-        c = self.counters
-        c.steps += 1
-        c.last_batch_size = len(out.scheduled)
-        c.scheduled_seqs += len(out.scheduled)
-        c.batched_tokens += out.num_tokens
 
     def _assign_slots(self, out: SchedulerOutput) -> list[Sequence]:
         """Activates the step's adapters and orders sequences by slot so LoRA segments are long."""
@@ -173,4 +211,5 @@ class LLMEngine:
             last_batch_size=c.last_batch_size,
             num_scheduled_seqs_total=c.scheduled_seqs,
             num_batched_tokens_total=c.batched_tokens,
+            failed_steps=dict(c.failed_steps),
         )

@@ -22,7 +22,9 @@ class ErrorKind(str, Enum):
     """Why a request ended with ``FinishReason.ERROR``."""
 
     ADAPTER_UNAVAILABLE = "adapter_unavailable"  # its adapter could not be loaded: the request's fault
-    INTERNAL = "internal"  # the engine step failed
+    INTERNAL = "internal"  # the engine step failed (a kernel error, a NaN guard, a bug)
+    OUT_OF_MEMORY = "out_of_memory"  # the device ran out of memory in the step: retrying may succeed
+    SHUTTING_DOWN = "shutting_down"  # still running when the shutdown drain deadline passed
 
 
 @dataclass
@@ -136,3 +138,4 @@ class EngineStats:
     last_batch_size: int = 0  # sequences in the latest step
     num_scheduled_seqs_total: int = 0
     num_batched_tokens_total: int = 0
+    failed_steps: dict[str, int] = field(default_factory=dict)  # ErrorKind value -> steps that raised

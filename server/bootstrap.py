@@ -26,6 +26,7 @@ from server.model.geometry import ModelGeometry
 from server.model.loader import eos_token_ids, load_model, load_tokenizer
 from server.service.adapter_service import AdapterService
 from server.store import AdapterStore
+from server.structured.compiler import GrammarCompiler
 
 log = logging.getLogger(__name__)
 
@@ -40,11 +41,13 @@ class Runtime:
     lora: LoRAStack | None
     device: torch.device
     dtype: torch.dtype
+    grammars: GrammarCompiler  # structured outputs: compiles off the engine thread, cached
 
     def close(self) -> None:
-        """Releases what outlives the engine thread (the adapter loader pool)."""
+        """Releases what outlives the engine thread (the adapter loader and grammar pools)."""
         if self.lora is not None:
             self.lora.close()
+        self.grammars.close()
 
 
 def build_attention(settings: Settings, geometry: ModelGeometry, device: str, dtype) -> AttentionBackend:
@@ -74,12 +77,13 @@ def build_runtime(settings: Settings) -> Runtime:
         settings.max_num_batched_tokens,
         slots,
     )
+    eos_ids = eos_token_ids(model, tokenizer)
     core = LLMEngine(
         ModelRunner(model, attention, slots),
         scheduler,
-        Sampler(device, settings.seed),
+        Sampler(device, settings.seed, eos_ids),
         tokenizer,
-        EngineLimits(max_model_len, eos_token_ids(model, tokenizer)),
+        EngineLimits(max_model_len, eos_ids),
         slots,
     )
     name = settings.served_model_name or Path(settings.model).resolve().name
@@ -89,4 +93,5 @@ def build_runtime(settings: Settings) -> Runtime:
     adapters = AdapterService(settings, store, lora, name, engine.stats)
     log.info("built %s on %s (%s), attention %s, %d KV blocks", name, device, dtype, attention.name,
              attention.num_blocks)  # fmt: skip
-    return Runtime(settings, engine, adapters, lora, torch.device(device), dtype)
+    grammars = GrammarCompiler(tokenizer, geometry.vocab_size, eos_ids)
+    return Runtime(settings, engine, adapters, lora, torch.device(device), dtype, grammars)

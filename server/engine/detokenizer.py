@@ -27,8 +27,9 @@ class IncrementalDetokenizer:
     def _decode(self, ids: list[int]) -> str:
         return self.tokenizer.decode(ids, skip_special_tokens=True, clean_up_tokenization_spaces=False)
 
-    def add_tokens(self, new_ids: list[int]) -> str | None:
-        """Appends tokens; returns the matched stop string if generation must stop here."""
+    def add_tokens(self, new_ids: list[int], check_stop: bool = True) -> str | None:
+        """Appends tokens; returns the matched stop string if generation must stop here (only looked
+        for when ``check_stop``: not before the request's ``min_tokens``)."""
         self.tokens.extend(new_ids)
         prefix_text = self._decode(self.tokens[self.prefix_offset : self.read_offset])
         new_text = self._decode(self.tokens[self.prefix_offset :])
@@ -37,7 +38,7 @@ class IncrementalDetokenizer:
             self.text += new_text[len(prefix_text) :]
             self.prefix_offset = self.read_offset
             self.read_offset = len(self.tokens)
-            for stop in self.stop:
+            for stop in self.stop if check_stop else ():
                 at = self.text.find(stop, search_from)
                 if at != -1:
                     self.text = self.text[:at]

@@ -12,7 +12,7 @@ from server.engine.adapter_slots import AdapterSlots
 from server.engine.block_manager import BlockManager
 from server.engine.detokenizer import IncrementalDetokenizer
 from server.engine.model_runner import ModelRunner
-from server.engine.sampler import Sampler
+from server.engine.sampler import Sampler, SamplerOutput, score_prompts
 from server.engine.scheduler import Scheduler, SchedulerOutput
 from server.engine.sequence import Sequence
 from server.engine.types import EngineStats, ErrorKind, FinishReason, RequestOutput
@@ -86,17 +86,19 @@ class LLMEngine:
             seqs = self._assign_slots(out)
             logits = self.runner.run(seqs)
             sampling = [s for s in seqs if s.will_sample]
-            tokens, logprobs = self.sampler(logits, sampling) if sampling else ([], None)
+            score_prompts(logits[len(sampling) :], seqs)
+            sampled = self.sampler(logits[: len(sampling)], sampling) if sampling else SamplerOutput([])
         except Exception as exc:  # one bad step fails its own requests, the engine keeps serving
             log.exception("engine step failed; failing the %d requests in it", len(out.scheduled))
             message = f"internal error in engine step: {exc}"
             return results + [(s, self._fail(s, message, ErrorKind.INTERNAL)) for s in out.scheduled]
         self._count(out)
-        self.scheduler.postprocess(out, {id(s): t for s, t in zip(sampling, tokens, strict=True)})
+        self.scheduler.postprocess(out, {id(s): t for s, t in zip(sampling, sampled.tokens, strict=True)})
         for i, seq in enumerate(sampling):
-            if logprobs is not None and seq.params.logprobs:
-                seq.logprobs.append(logprobs[i])
-            results.append((seq, self._process_token(seq, tokens[i])))
+            if seq.params.logprobs:
+                seq.logprobs.append(sampled.logprobs[i])
+                seq.top_logprobs.append(sampled.top_logprobs[i])
+            results.append((seq, self._process_token(seq, sampled.tokens[i])))
         return results
 
     def _count(self, out: SchedulerOutput) -> None:
@@ -124,11 +126,14 @@ class LLMEngine:
     def _process_token(self, seq: Sequence, token: int) -> RequestOutput:
         params = seq.params
         reason = None
-        stop_hit = seq.detokenizer.add_tokens([token])
+        may_stop = seq.num_output_tokens >= params.min_tokens
+        stop_hit = seq.detokenizer.add_tokens([token], check_stop=may_stop)
+        grammar_done = seq.matcher is not None and seq.matcher.accept(token) and seq.matcher.is_finished()
         if (
             (not params.ignore_eos and token in self.limits.eos_token_ids)
             or token in params.stop_token_ids
             or stop_hit is not None
+            or grammar_done
         ):
             reason = FinishReason.STOP
         elif seq.num_output_tokens >= params.max_tokens or len(seq) >= self.limits.max_model_len:
@@ -145,7 +150,7 @@ class LLMEngine:
     def _output(self, seq: Sequence, new_ids: list[int]) -> RequestOutput:
         finished = seq.is_finished
         text = seq.detokenizer.flush(finished) if seq.detokenizer is not None else ""
-        return RequestOutput(
+        out = RequestOutput(
             request_id=seq.request_id,
             new_token_ids=new_ids,
             new_text=text,
@@ -155,8 +160,13 @@ class LLMEngine:
             num_output_tokens=seq.num_output_tokens,
             error=seq.error,
             error_kind=seq.error_kind,
-            logprobs=seq.logprobs[-len(new_ids) :] if seq.params.logprobs and new_ids else None,
         )
+        if seq.params.logprobs and new_ids:
+            out.logprobs = seq.logprobs[-len(new_ids) :]
+            out.top_logprobs = seq.top_logprobs[-len(new_ids) :]
+        if seq.params.prompt_logprobs and seq.num_output_tokens == len(new_ids):  # the first increment
+            out.prompt_logprobs, out.prompt_top_logprobs = seq.prompt_logprobs, seq.prompt_top_logprobs
+        return out
 
     def stats(self) -> EngineStats:
         running, waiting, c = self.scheduler.running, self.scheduler.waiting, self.counters

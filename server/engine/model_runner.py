@@ -50,10 +50,21 @@ class ModelRunner:
                 sample_rows.append(row + n - 1)
         return ids, positions, StepLayout(spans, slots), sample_rows
 
+    @staticmethod
+    def prompt_logprob_rows(seqs: list[Sequence]) -> list[int]:
+        """Rows whose logits score a prompt token (requests asking for prompt logprobs), in order."""
+        rows, row = [], 0
+        for seq in seqs:
+            rows.extend(row + p - seq.num_computed_tokens for p in seq.prompt_logprob_positions())
+            row += seq.num_new_tokens
+        return rows
+
     @torch.inference_mode()
     def run(self, seqs: list[Sequence]) -> torch.Tensor:
-        """Runs one step; returns logits [num sampling seqs, vocab] in ``seqs`` order (float32)."""
+        """Runs one step; returns float32 logits [num sampling seqs + num prompt-logprob rows, vocab]:
+        first one row per sampling sequence in ``seqs`` order, then ``prompt_logprob_rows(seqs)``."""
         ids, positions, layout, sample_rows = self.layout(seqs)
+        sample_rows += self.prompt_logprob_rows(seqs)
         self.attention.plan(layout)
         if self.lora is not None:
             self.lora.prepare_batch([s.lora_slot for s in seqs], [s.num_new_tokens for s in seqs])

@@ -1,0 +1,83 @@
+"""vLLM's ``/tokenize`` and ``/detokenize``: the served tokenizer (and chat template), as vLLM answers.
+
+Both run on the API's tokenizer thread. ``model``, when given, must be one the key may use, as for
+generation (adapters share the base model's tokenizer).
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+from fastapi import APIRouter, Depends
+from fastapi.responses import JSONResponse
+
+from server.api.auth import Principal, require_key
+from server.api.errors import APIError
+from server.api.schemas import DetokenizeRequest, TokenizeRequest
+from server.api.state import AppState, app_state
+from server.service.resolve import not_found
+
+if TYPE_CHECKING:
+    from server.bootstrap import Runtime
+
+router = APIRouter(tags=["tokenizer"])
+
+
+def _check_model(rt: Runtime, principal: Principal, model: str | None) -> None:
+    if model is None or model == rt.engine.served.name:
+        return
+    if not principal.can_use(model):
+        raise not_found(model)
+    rt.adapters.resolve(model)  # unknown: 404
+
+
+def _tokenize(tokenizer, body: TokenizeRequest) -> list[int]:
+    if body.prompt is not None:
+        add_special = True if body.add_special_tokens is None else body.add_special_tokens
+        return tokenizer.encode(body.prompt, add_special_tokens=add_special)
+    if not getattr(tokenizer, "chat_template", None):
+        raise APIError(400, "the model's tokenizer has no chat template", param="messages")
+    messages = [{"role": m.role, "content": m.text()} for m in body.messages]
+    try:
+        text = tokenizer.apply_chat_template(
+            messages, tokenize=False, add_generation_prompt=body.add_generation_prompt
+        )
+    except Exception as exc:  # the messages' fault, as for chat completions
+        raise APIError(400, f"chat template rejected the messages: {exc}", param="messages") from None
+    return tokenizer.encode(text, add_special_tokens=bool(body.add_special_tokens))
+
+
+@router.post("/tokenize")
+async def tokenize(
+    body: TokenizeRequest, state: AppState = Depends(app_state), principal: Principal = Depends(require_key)
+) -> JSONResponse:
+    rt = state.ready_runtime()
+    _check_model(rt, principal, body.model)
+    tokenizer = rt.engine.served.tokenizer
+    ids = await state.on_tokenizer_thread(_tokenize, tokenizer, body)
+    strs = (
+        await state.on_tokenizer_thread(tokenizer.convert_ids_to_tokens, ids)
+        if body.return_token_strs
+        else None
+    )
+    return JSONResponse(
+        {
+            "count": len(ids),
+            "max_model_len": rt.engine.served.max_model_len,
+            "tokens": ids,
+            "token_strs": strs,
+        }
+    )
+
+
+@router.post("/detokenize")
+async def detokenize(
+    body: DetokenizeRequest, state: AppState = Depends(app_state), principal: Principal = Depends(require_key)
+) -> JSONResponse:
+    rt = state.ready_runtime()
+    _check_model(rt, principal, body.model)
+    vocab = rt.engine.served.vocab_size
+    if any(t >= vocab for t in body.tokens):
+        raise APIError(400, f"token ids must be in [0, {vocab})", param="tokens")
+    text = await state.on_tokenizer_thread(rt.engine.served.tokenizer.decode, body.tokens)
+    return JSONResponse({"prompt": text})

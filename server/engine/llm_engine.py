@@ -128,7 +128,11 @@ class LLMEngine:
         reason = None
         may_stop = seq.num_output_tokens >= params.min_tokens
         stop_hit = seq.detokenizer.add_tokens([token], check_stop=may_stop)
-        grammar_done = seq.matcher is not None and seq.matcher.accept(token) and seq.matcher.is_finished()
+        if seq.matcher is not None and not seq.matcher.accept(token):
+            return self._fail(
+                seq, f"token {token} was sampled outside the request's grammar", ErrorKind.INTERNAL
+            )
+        grammar_done = seq.matcher is not None and seq.matcher.is_finished()
         if (
             (not params.ignore_eos and token in self.limits.eos_token_ids)
             or token in params.stop_token_ids

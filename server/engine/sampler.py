@@ -31,6 +31,7 @@ class Sampler:
         self.generator = torch.Generator(device=self.device).manual_seed(seed)
         self.eos_token_ids = eos_token_ids
 
+    @torch.inference_mode()  # the runner's logits are inference tensors, processed here in place
     def __call__(self, logits: torch.Tensor, seqs: list[Sequence]) -> SamplerOutput:
         """logits [B, V] float32 for ``seqs`` -> the sampled tokens (and logprobs where asked)."""
         raw = torch.log_softmax(logits, dim=-1) if any(s.params.logprobs for s in seqs) else None
@@ -104,6 +105,7 @@ def token_logprobs(
     return chosen, top
 
 
+@torch.inference_mode()
 def score_prompts(logits: torch.Tensor, seqs: list[Sequence]) -> None:
     """Appends the prompt logprobs of this step's chunks to the sequences that asked for them.
 

@@ -18,6 +18,11 @@ from typing import Any
 from server.structured.spec import GrammarSpec
 
 _CPP_PREFIX = re.compile(r"^\[[^\]]*\]\s*\S+:\d+:\s*")  # "[12:00:00] /project/cpp/x.cc:12: "
+# xgrammar (0.2.x) writes the characters of a length-limited JSON string (maxLength / minLength) as
+# any character but quote, backslash, CR and LF: raw control characters slip through, which JSON
+# forbids. We tighten that one character class to JSON's (no control characters at all).
+_LOOSE_STRING_CHARS = r"[^\"\\\r\n]"
+_JSON_STRING_CHARS = r"[^\0-\x1f\"\\]"
 
 
 class InvalidGrammarError(ValueError):
@@ -97,9 +102,7 @@ class GrammarCompiler:
         compiler = self._compiler
         try:
             if spec.kind == "json_schema":
-                return compiler.compile_json_schema(
-                    spec.source, any_whitespace=False, separators=(", ", ": ")
-                )
+                return compiler.compile_grammar(_json_schema_grammar(spec.source))
             if spec.kind == "regex":
                 return compiler.compile_regex(spec.source)
             if spec.kind == "choice":
@@ -111,3 +114,12 @@ class GrammarCompiler:
 
     def close(self) -> None:
         self._pool.shutdown(wait=False, cancel_futures=True)
+
+
+def _json_schema_grammar(schema: str) -> Any:
+    """The schema as an xgrammar grammar: one compact layout (``", "`` / ``": "``, no free
+    whitespace, so small models cannot wander off into blank space), strings that are valid JSON."""
+    import xgrammar
+
+    grammar = xgrammar.Grammar.from_json_schema(schema, any_whitespace=False, separators=(", ", ": "))
+    return xgrammar.Grammar.from_ebnf(str(grammar).replace(_LOOSE_STRING_CHARS, _JSON_STRING_CHARS))

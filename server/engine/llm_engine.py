@@ -68,7 +68,7 @@ class LLMEngine:
         if seq is None:
             return None
         self.scheduler.finish(seq, FinishReason.ABORT)
-        return self._output(seq, [])
+        return request_output(seq, [])
 
     def has_work(self) -> bool:
         return self.scheduler.has_work()
@@ -144,33 +144,12 @@ class LLMEngine:
             reason = FinishReason.LENGTH
         if reason is not None:
             self.scheduler.finish(seq, reason)
-        return self._output(seq, [token])
+        return request_output(seq, [token])
 
     def _fail(self, seq: Sequence, message: str, kind: ErrorKind) -> RequestOutput:
         seq.error, seq.error_kind = message, kind
         self.scheduler.finish(seq, FinishReason.ERROR)
-        return self._output(seq, [])
-
-    def _output(self, seq: Sequence, new_ids: list[int]) -> RequestOutput:
-        finished = seq.is_finished
-        text = seq.detokenizer.flush(finished) if seq.detokenizer is not None else ""
-        out = RequestOutput(
-            request_id=seq.request_id,
-            new_token_ids=new_ids,
-            new_text=text,
-            finished=finished,
-            finish_reason=seq.finish_reason,
-            num_prompt_tokens=seq.num_prompt_tokens,
-            num_output_tokens=seq.num_output_tokens,
-            error=seq.error,
-            error_kind=seq.error_kind,
-        )
-        if seq.params.logprobs and new_ids:
-            out.logprobs = seq.logprobs[-len(new_ids) :]
-            out.top_logprobs = seq.top_logprobs[-len(new_ids) :]
-        if seq.params.prompt_logprobs and seq.num_output_tokens == len(new_ids):  # the first increment
-            out.prompt_logprobs, out.prompt_top_logprobs = seq.prompt_logprobs, seq.prompt_top_logprobs
-        return out
+        return request_output(seq, [])
 
     def stats(self) -> EngineStats:
         running, waiting, c = self.scheduler.running, self.scheduler.waiting, self.counters
@@ -188,3 +167,26 @@ class LLMEngine:
             num_scheduled_seqs_total=c.scheduled_seqs,
             num_batched_tokens_total=c.batched_tokens,
         )
+
+
+def request_output(seq: Sequence, new_ids: list[int]) -> RequestOutput:
+    """The increment to send for ``seq`` after it gained ``new_ids`` (or ended)."""
+    finished = seq.is_finished
+    text = seq.detokenizer.flush(finished) if seq.detokenizer is not None else ""
+    out = RequestOutput(
+        request_id=seq.request_id,
+        new_token_ids=new_ids,
+        new_text=text,
+        finished=finished,
+        finish_reason=seq.finish_reason,
+        num_prompt_tokens=seq.num_prompt_tokens,
+        num_output_tokens=seq.num_output_tokens,
+        error=seq.error,
+        error_kind=seq.error_kind,
+    )
+    if seq.params.logprobs and new_ids:
+        out.logprobs = seq.logprobs[-len(new_ids) :]
+        out.top_logprobs = seq.top_logprobs[-len(new_ids) :]
+    if seq.params.prompt_logprobs and seq.num_output_tokens == len(new_ids):  # the first increment
+        out.prompt_logprobs, out.prompt_top_logprobs = seq.prompt_logprobs, seq.prompt_top_logprobs
+    return out

@@ -84,9 +84,10 @@ class GrammarCompiler:
 
     async def compile(self, spec: GrammarSpec) -> XGrammar:
         """The compiled grammar, from the cache or compiled on the worker thread (after ``prepare``)."""
-        return await asyncio.get_running_loop().run_in_executor(self._pool, self._cached, spec)
+        return await asyncio.get_running_loop().run_in_executor(self._pool, self.compile_sync, spec)
 
-    def _cached(self, spec: GrammarSpec) -> XGrammar:
+    def compile_sync(self, spec: GrammarSpec) -> XGrammar:
+        """``compile`` in the calling thread (benchmarks, tests); the API uses ``compile``."""
         if self._compiler is None:
             raise RuntimeError("GrammarCompiler.prepare() must run first")
         grammar = self._cache.get(spec)

@@ -57,7 +57,7 @@ def server(tmp_path_factory, tiny_llama_dir):
 
 @pytest.fixture(scope="module")
 def http(server):
-    with httpx.Client(base_url=server.url, timeout=120) as client:
+    with server.client() as client:
         yield client
 
 

@@ -49,8 +49,14 @@ FORBIDDEN = {  # package -> packages it must not import
     "server.model": ("server.engine", "server.api", "server.lora", "server.service", "server.bootstrap"),
     "server.service": ("server.api", "server.bootstrap"),
     "server.store": ("server.engine", "server.api", "server.lora", "server.model", "server.service"),
-    "server.structured": ("server.engine", "server.api", "server.lora", "server.model", "server.service",
-                          "server.bootstrap"),  # fmt: skip
+    "server.structured": (
+        "server.engine",
+        "server.api",
+        "server.lora",
+        "server.model",
+        "server.service",
+        "server.bootstrap",
+    ),  # fmt: skip
 }
 
 

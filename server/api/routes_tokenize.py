@@ -11,10 +11,9 @@ from typing import TYPE_CHECKING
 from fastapi import APIRouter, Depends
 from fastapi.responses import JSONResponse
 
-from server.api.auth import Principal, require_key
 from server.api.errors import APIError
+from server.api.routes_openai import Caller, caller
 from server.api.schemas import DetokenizeRequest, TokenizeRequest
-from server.api.state import AppState, app_state
 from server.service.resolve import not_found
 
 if TYPE_CHECKING:
@@ -23,12 +22,14 @@ if TYPE_CHECKING:
 router = APIRouter(tags=["tokenizer"])
 
 
-def _check_model(rt: Runtime, principal: Principal, model: str | None) -> None:
-    if model is None or model == rt.engine.served.name:
-        return
-    if not principal.can_use(model):
-        raise not_found(model)
-    rt.adapters.resolve(model)  # unknown: 404
+def _runtime_for(ctx: Caller, model: str | None) -> Runtime:
+    """The runtime, once ``model`` (if given) is one the key may use; unknown or forbidden: 404."""
+    rt = ctx.state.ready_runtime()
+    if model is not None and model != rt.engine.served.name:
+        if not ctx.principal.can_use(model):
+            raise not_found(model)
+        rt.adapters.resolve(model)
+    return rt
 
 
 def _tokenize(tokenizer, body: TokenizeRequest) -> list[int]:
@@ -48,36 +49,22 @@ def _tokenize(tokenizer, body: TokenizeRequest) -> list[int]:
 
 
 @router.post("/tokenize")
-async def tokenize(
-    body: TokenizeRequest, state: AppState = Depends(app_state), principal: Principal = Depends(require_key)
-) -> JSONResponse:
-    rt = state.ready_runtime()
-    _check_model(rt, principal, body.model)
+async def tokenize(body: TokenizeRequest, ctx: Caller = Depends(caller)) -> JSONResponse:
+    rt = _runtime_for(ctx, body.model)
     tokenizer = rt.engine.served.tokenizer
-    ids = await state.on_tokenizer_thread(_tokenize, tokenizer, body)
-    strs = (
-        await state.on_tokenizer_thread(tokenizer.convert_ids_to_tokens, ids)
-        if body.return_token_strs
-        else None
-    )
-    return JSONResponse(
-        {
-            "count": len(ids),
-            "max_model_len": rt.engine.served.max_model_len,
-            "tokens": ids,
-            "token_strs": strs,
-        }
-    )
+    ids = await ctx.state.on_tokenizer_thread(_tokenize, tokenizer, body)
+    strs = None
+    if body.return_token_strs:
+        strs = await ctx.state.on_tokenizer_thread(tokenizer.convert_ids_to_tokens, ids)
+    limit = rt.engine.served.max_model_len
+    return JSONResponse({"count": len(ids), "max_model_len": limit, "tokens": ids, "token_strs": strs})
 
 
 @router.post("/detokenize")
-async def detokenize(
-    body: DetokenizeRequest, state: AppState = Depends(app_state), principal: Principal = Depends(require_key)
-) -> JSONResponse:
-    rt = state.ready_runtime()
-    _check_model(rt, principal, body.model)
+async def detokenize(body: DetokenizeRequest, ctx: Caller = Depends(caller)) -> JSONResponse:
+    rt = _runtime_for(ctx, body.model)
     vocab = rt.engine.served.vocab_size
     if any(t >= vocab for t in body.tokens):
         raise APIError(400, f"token ids must be in [0, {vocab})", param="tokens")
-    text = await state.on_tokenizer_thread(rt.engine.served.tokenizer.decode, body.tokens)
+    text = await ctx.state.on_tokenizer_thread(rt.engine.served.tokenizer.decode, body.tokens)
     return JSONResponse({"prompt": text})

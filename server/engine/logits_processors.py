@@ -89,8 +89,9 @@ def apply_penalties(logits: torch.Tensor, seqs: list[Sequence]) -> None:
     sub = logits[index]
     counts = output_token_counts(chosen, vocab, device)
     in_output = counts > 0
-    repetition = per_row("repetition_penalty")
-    seen = in_output | prompt_token_mask(chosen, vocab, device)
-    sub = torch.where(seen, torch.where(sub > 0, sub / repetition, sub * repetition), sub)
+    if any(s.params.repetition_penalty != 1.0 for s in chosen):
+        repetition = per_row("repetition_penalty")
+        seen = in_output | prompt_token_mask(chosen, vocab, device)
+        sub = torch.where(seen, torch.where(sub > 0, sub / repetition, sub * repetition), sub)
     sub = sub - per_row("frequency_penalty") * counts - per_row("presence_penalty") * in_output
     logits[index] = sub

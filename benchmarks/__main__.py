@@ -48,7 +48,10 @@ def main() -> None:
         if args.structured:
             from benchmarks.structured_bench import bench_structured
 
-            bench_structured(Path(tmp), workload, target, args.quick, print_table)
+            shorter = (
+                Workload(num_requests=8, prompt_len=16, new_tokens=8) if args.quick else Workload(32, 32, 32)
+            )
+            bench_structured(Path(tmp), shorter, target, args.quick, print_table)
             return
         model_dir = make_bench_model(
             args.model_dir or Path(tmp) / "bench-llama", "bench-quick" if args.quick else "bench"

@@ -20,7 +20,13 @@ from server.api.auth import Principal, require_key
 from server.api.errors import APIError
 from server.api.generation import ClientDisconnected, GenerationJob, RequestGroup
 from server.api.openai_format import EchoedPrompt, Rendering, ResponseBuilder
-from server.api.schemas import ChatCompletionRequest, CompletionRequest, StreamOptions, _SamplingFields
+from server.api.schemas import (
+    ChatCompletionRequest,
+    ChatMessage,
+    CompletionRequest,
+    StreamOptions,
+    _SamplingFields,
+)
 from server.api.state import AppState, app_state
 from server.api.streaming import StreamRenderer
 from server.engine.types import SamplingParams, check_context_length
@@ -119,13 +125,8 @@ async def chat_completions(body: ChatCompletionRequest, ctx: Caller = Depends(ca
     rt = ctx.state.ready_runtime()
     served = rt.engine.served
     adapter, labels = resolve_adapter(rt, ctx.principal, body)
-    if not getattr(served.tokenizer, "chat_template", None):
-        raise APIError(
-            400,
-            f"model '{served.name}' has no chat template in its tokenizer; use /v1/completions",
-            param="messages",
-        )
-    prompt = await ctx.state.on_tokenizer_thread(render_chat, served.tokenizer, body)
+    render_ids = partial(render_chat, served.tokenizer, body.messages, body.add_special_tokens)
+    prompt = await ctx.state.on_tokenizer_thread(render_ids)
     max_tokens = check_context_length(served.max_model_len, [len(prompt)], body.token_limit())
     render = Rendering(_token_namer(rt, body), body.logprobs, body.top_logprobs or 0)
     params = await sampling_params(ctx, rt, body, max_tokens, render)
@@ -143,16 +144,24 @@ def _decode(tokenizer, token_ids: list[int]) -> str:
     return tokenizer.decode(token_ids, skip_special_tokens=True, clean_up_tokenization_spaces=False)
 
 
-def render_chat(tokenizer, body: ChatCompletionRequest) -> list[int]:
+def render_chat(
+    tokenizer, messages: list[ChatMessage], add_special_tokens: bool, add_generation_prompt: bool = True
+) -> list[int]:
     """The chat prompt's token ids: the messages through the tokenizer's chat template."""
-    messages = [
-        {"role": m.role, "content": m.text(), **({"name": m.name} if m.name else {})} for m in body.messages
+    if not getattr(tokenizer, "chat_template", None):
+        raise APIError(
+            400, "the model's tokenizer has no chat template; use /v1/completions", param="messages"
+        )
+    rendered = [
+        {"role": m.role, "content": m.text(), **({"name": m.name} if m.name else {})} for m in messages
     ]
     try:
-        text = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+        text = tokenizer.apply_chat_template(
+            rendered, tokenize=False, add_generation_prompt=add_generation_prompt
+        )
     except Exception as exc:  # jinja's raise_exception() and template errors: the messages' fault
         raise APIError(400, f"chat template rejected the messages: {exc}", param="messages") from None
-    return tokenizer.encode(text, add_special_tokens=body.add_special_tokens)
+    return tokenizer.encode(text, add_special_tokens=add_special_tokens)
 
 
 async def compile_grammar(ctx: Caller, rt: Runtime, body: _SamplingFields) -> Grammar | None:

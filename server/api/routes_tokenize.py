@@ -12,7 +12,7 @@ from fastapi import APIRouter, Depends
 from fastapi.responses import JSONResponse
 
 from server.api.errors import APIError
-from server.api.routes_openai import Caller, caller
+from server.api.routes_openai import Caller, caller, render_chat
 from server.api.schemas import DetokenizeRequest, TokenizeRequest
 from server.service.resolve import not_found
 
@@ -36,16 +36,7 @@ def _tokenize(tokenizer, body: TokenizeRequest) -> list[int]:
     if body.prompt is not None:
         add_special = True if body.add_special_tokens is None else body.add_special_tokens
         return tokenizer.encode(body.prompt, add_special_tokens=add_special)
-    if not getattr(tokenizer, "chat_template", None):
-        raise APIError(400, "the model's tokenizer has no chat template", param="messages")
-    messages = [{"role": m.role, "content": m.text()} for m in body.messages]
-    try:
-        text = tokenizer.apply_chat_template(
-            messages, tokenize=False, add_generation_prompt=body.add_generation_prompt
-        )
-    except Exception as exc:  # the messages' fault, as for chat completions
-        raise APIError(400, f"chat template rejected the messages: {exc}", param="messages") from None
-    return tokenizer.encode(text, add_special_tokens=bool(body.add_special_tokens))
+    return render_chat(tokenizer, body.messages, bool(body.add_special_tokens), body.add_generation_prompt)
 
 
 @router.post("/tokenize")

@@ -142,7 +142,7 @@ def test_openai_client_streams_with_usage(server):
     assert httpx.post(f"{server.url}/detokenize", json={"tokens": [8, 9]}).json() == {"prompt": "t8 t9"}
 
 
-@pytest.mark.parametrize("prompt", ["t5 t7 t9", [5, 7, 9], [1, 5, 6], "t40"])
+@pytest.mark.parametrize("prompt", ["t5 t7 t9", [5, 7, 9], [1, 5, 6], "t40", [5] + [1] * 8])
 def test_prompt_text_plus_completion_text_is_the_decoding_of_all_ids(server, prompt):
     """With a decoder that puts spaces between tokens, the first completion token keeps its space:
     what vLLM's ``echo`` shows is exactly the decoding of prompt + output ids."""

@@ -150,3 +150,18 @@ def test_prompt_logprobs_survive_preemption(tiny_llama_dir):
         run_staggered(alone.core, [ref])
         assert seq.prompt_logprobs == pytest.approx(ref.prompt_logprobs, abs=1e-4)
         assert seq.token_ids == ref.token_ids
+
+
+def test_bitmask_penalty_reads_bit_j_of_word_i_as_token_32i_plus_j():
+    from server.engine.structured import bitmask_penalty
+
+    vocab = 100
+    bitmask = torch.randint(
+        -(2**31), 2**31 - 1, (3, 4), dtype=torch.int32, generator=torch.Generator().manual_seed(1)
+    )
+    penalty = bitmask_penalty(bitmask, vocab, torch.float32)
+    assert penalty.shape == (3, vocab)
+    for row in range(3):
+        for token in range(vocab):
+            allowed = (int(bitmask[row, token // 32]) >> (token % 32)) & 1
+            assert penalty[row, token].item() == (0.0 if allowed else float("-inf"))

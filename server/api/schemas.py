@@ -183,7 +183,7 @@ class _SamplingFields(_Body):
     @classmethod
     def _bias_keys(cls, value):
         for key in value or {}:
-            if not key.isdigit() or int(key) > 2**31 - 1:
+            if not (key.isascii() and key.isdigit()) or int(key) > 2**31 - 1:
                 raise ValueError(f"logit_bias keys must be token ids, got {key!r}")
         return value
 

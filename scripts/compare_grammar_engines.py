@@ -124,7 +124,9 @@ def main() -> None:
         "byte BPE on the stdlib": byte_bpe_tokenizer(32000, stdlib_corpus()),
     }
     print(f"batch of {args.batch} constrained requests, torch threads 1")
-    print("| tokenizer (vocab) | engine | tokenizer prep s | schema compile ms | step ms (median) | worst step ms |")
+    print(
+        "| tokenizer (vocab) | engine | tokenizer prep s | schema compile ms | step ms (median) | worst step ms |"
+    )
     print("|---|---|---|---|---|---|")
     for name, tok in tokenizers.items():
         for engine, case in (("xgrammar", xgrammar_case), ("llguidance", llguidance_case)):

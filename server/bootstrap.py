@@ -28,6 +28,7 @@ from server.model.geometry import ModelGeometry
 from server.model.loader import check_serving_model, eos_token_ids, load_model, load_tokenizer
 from server.service.adapter_service import AdapterService
 from server.store import AdapterStore, recover_dir
+from server.structured.compiler import GrammarCompiler
 
 log = logging.getLogger(__name__)
 
@@ -42,11 +43,13 @@ class Runtime:
     lora: LoRAStack | None
     device: torch.device
     dtype: torch.dtype
+    grammars: GrammarCompiler  # structured outputs: compiles off the engine thread, cached
 
     def close(self) -> None:
-        """Releases what outlives the engine thread (the adapter loader pool)."""
+        """Releases what outlives the engine thread (the adapter loader and grammar pools)."""
         if self.lora is not None:
             self.lora.close()
+        self.grammars.close()
 
 
 def build_attention(
@@ -130,9 +133,10 @@ def build_runtime(settings: Settings, model: torch.nn.Module | None = None, toke
         settings.max_num_batched_tokens,
         slots,
     )
+    eos_ids = eos_token_ids(model, tokenizer)
     core = LLMEngine(
-        runner, scheduler, Sampler(device, settings.seed), tokenizer,
-        EngineLimits(max_model_len, eos_token_ids(model, tokenizer)), slots,
+        runner, scheduler, Sampler(device, settings.seed, eos_ids), tokenizer,
+        EngineLimits(max_model_len, eos_ids), slots,
     )  # fmt: skip
     name = settings.served_model_name or Path(settings.model).resolve().name
     served = ServedModel(name, tokenizer, max_model_len, geometry.vocab_size)
@@ -142,4 +146,5 @@ def build_runtime(settings: Settings, model: torch.nn.Module | None = None, toke
     replay = "off" if graphs is None else graphs.strategy.name if graphs.active else graphs.disabled_reason
     log.info("built %s on %s (%s), attention %s, %d KV blocks, decode replay: %s", name, device, dtype,
              attention.name, num_blocks, replay)  # fmt: skip
-    return Runtime(settings, engine, adapters, lora, torch.device(device), dtype)
+    grammars = GrammarCompiler(tokenizer, geometry.vocab_size, eos_ids)
+    return Runtime(settings, engine, adapters, lora, torch.device(device), dtype, grammars)

@@ -2,7 +2,8 @@
 
 ``serve`` flags are generated from :class:`server.config.Settings`, one per field (``max_loras`` ->
 ``--max-loras``), so the CLI can never drift from the settings; an unset flag falls back to the
-``LORAPLEX_*`` environment and then to the default. Lists take several values, dicts take JSON.
+``LORAPLEX_*`` environment and then to the default. Lists take several values (or comma-separated
+ones), dicts take JSON.
 """
 
 from __future__ import annotations
@@ -60,7 +61,8 @@ def add_settings_flags(parser: argparse.ArgumentParser) -> None:
             parser.add_argument(*flags, action=argparse.BooleanOptionalAction, **common)
         elif kind == "choice":
             parser.add_argument(*flags, choices=list(args), **common)
-        elif kind == "list":
+        elif kind == "list":  # items are split on commas too (Settings' split_list)
+            common["help"] = help_text + " (several values, or comma-separated)"
             parser.add_argument(*flags, nargs="*", type=_scalar_type(args[0] if args else str), **common)
         elif kind == "dict":
             parser.add_argument(*flags, type=json.loads, metavar="JSON", **common)

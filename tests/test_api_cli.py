@@ -125,3 +125,22 @@ def test_loopback_hosts():
     """Serving without keys on anything but these logs a warning that adapters are open to mutation."""
     assert all(map(is_loopback, ["127.0.0.1", "::1", "localhost", "127.0.0.2"]))
     assert not any(map(is_loopback, ["0.0.0.0", "::", "10.0.0.5", "example.org"]))
+
+
+def test_list_settings_take_comma_separated_or_json_values(monkeypatch):
+    """What operators type in a Kubernetes Secret or ``docker run -e`` works, and JSON still does."""
+    monkeypatch.setenv("LORAPLEX_API_KEYS", "k1, k2,k3")
+    monkeypatch.setenv("LORAPLEX_ADMIN_KEYS", '["a,1", "b"]')  # JSON: a comma inside an item stays
+    monkeypatch.setenv("LORAPLEX_ALLOWED_LORA_ROOTS", "/srv/a,/srv/b")
+    s = settings_from_args(build_parser().parse_args(["serve"]))
+    assert s.api_keys == ["k1", "k2", "k3"] and s.admin_keys == ["a,1", "b"]
+    assert s.allowed_lora_roots == [Path("/srv/a"), Path("/srv/b")]
+    monkeypatch.setenv("LORAPLEX_API_KEYS", "single")
+    assert settings_from_args(build_parser().parse_args(["serve"])).api_keys == ["single"]
+    monkeypatch.setenv("LORAPLEX_API_KEYS", "")
+    assert settings_from_args(build_parser().parse_args(["serve"])).api_keys == []
+    ns = build_parser().parse_args(["serve", "--api-keys", "x,y", "z", "--admin-keys", '["p", "q"]'])
+    s = settings_from_args(ns)
+    assert s.api_keys == ["x", "y", "z"] and s.admin_keys == ["p", "q"]
+    monkeypatch.setenv("LORAPLEX_API_KEYS", "[not json")
+    assert main(["serve"]) == 2

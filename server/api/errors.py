@@ -117,6 +117,9 @@ def _validation_message(exc: RequestValidationError) -> tuple[str, str | None]:
     loc = [str(part) for part in first.get("loc", ()) if part not in ("body", "query", "path", "header")]
     param = ".".join(loc) or None
     message = f"{param}: {first.get('msg', 'invalid value')}" if param else str(first.get("msg", "invalid"))
+    named = (first.get("ctx") or {}).get("param")  # schemas.refused(): the message names it already
+    if named:
+        param, message = named, str(first.get("msg"))
     if len(errors) > 1:
         message += f" (and {len(errors) - 1} more problem{'s' if len(errors) > 2 else ''})"
     return message, param

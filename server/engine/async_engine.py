@@ -158,6 +158,9 @@ class AsyncEngine:
         vocab = self.served.vocab_size
         if any(not 0 <= t < vocab for t in prompt_ids):
             raise InvalidRequestError(f"prompt token ids must be in [0, {vocab})", "prompt")
+        for name in ("logit_bias", "stop_token_ids"):
+            if any(not 0 <= t < vocab for t in getattr(params, name)):
+                raise InvalidRequestError(f"{name} token ids must be in [0, {vocab})", name)
         check_context_length(self.served.max_model_len, [len(prompt_ids)], params.max_tokens)
 
     def stats(self) -> EngineStats:

@@ -15,7 +15,7 @@ from server.engine.block_manager import BlockManager
 from server.engine.detokenizer import IncrementalDetokenizer
 from server.engine.faults import NO_FAULTS, FaultPoint, StepFaults
 from server.engine.model_runner import ModelRunner
-from server.engine.sampler import Sampler
+from server.engine.sampler import Sampler, SamplerOutput, score_prompts
 from server.engine.scheduler import Scheduler, SchedulerOutput
 from server.engine.sequence import Sequence
 from server.engine.types import EngineStats, ErrorKind, FinishReason, RequestOutput
@@ -101,7 +101,7 @@ class LLMEngine:
         if seq is None:
             return None
         self.scheduler.finish(seq, FinishReason.ABORT)
-        return self._output(seq, [])
+        return request_output(seq, [])
 
     def has_work(self) -> bool:
         return self.scheduler.has_work()
@@ -134,15 +134,17 @@ class LLMEngine:
         self.faults.at(FaultPoint.FORWARD, seqs)
         logits = self.runner.run(seqs)
         sampling = [s for s in seqs if s.will_sample]
-        tokens, logprobs = self.sampler(logits, sampling) if sampling else ([], None)
+        score_prompts(logits[len(sampling) :], seqs)
+        sampled = self.sampler(logits[: len(sampling)], sampling) if sampling else SamplerOutput([])
         self.faults.at(FaultPoint.SAMPLED, sampling)
         self.counters.record(out)
-        self.scheduler.postprocess(out, {id(s): t for s, t in zip(sampling, tokens, strict=True)})
+        self.scheduler.postprocess(out, {id(s): t for s, t in zip(sampling, sampled.tokens, strict=True)})
         self.faults.at(FaultPoint.POSTPROCESS, sampling)
         for i, seq in enumerate(sampling):
-            if logprobs is not None and seq.params.logprobs:
-                seq.logprobs.append(logprobs[i])
-            results.append((seq, self._process_token(seq, tokens[i])))
+            if seq.params.logprobs:
+                seq.logprobs.append(sampled.logprobs[i])
+                seq.top_logprobs.append(sampled.top_logprobs[i])
+            results.append((seq, self._process_token(seq, sampled.tokens[i])))
 
     def _assign_slots(self, out: SchedulerOutput) -> list[Sequence]:
         """Activates the step's adapters and orders sequences by slot so LoRA segments are long."""
@@ -162,39 +164,30 @@ class LLMEngine:
     def _process_token(self, seq: Sequence, token: int) -> RequestOutput:
         params = seq.params
         reason = None
-        stop_hit = seq.detokenizer.add_tokens([token])
+        may_stop = seq.num_output_tokens >= params.min_tokens
+        stop_hit = seq.detokenizer.add_tokens([token], check_stop=may_stop)
+        if seq.matcher is not None and not seq.matcher.accept(token):
+            return self._fail(
+                seq, f"token {token} was sampled outside the request's grammar", ErrorKind.INTERNAL
+            )
+        grammar_done = seq.matcher is not None and seq.matcher.is_finished()
         if (
             (not params.ignore_eos and token in self.limits.eos_token_ids)
             or token in params.stop_token_ids
             or stop_hit is not None
+            or grammar_done
         ):
             reason = FinishReason.STOP
         elif seq.num_output_tokens >= params.max_tokens or len(seq) >= self.limits.max_model_len:
             reason = FinishReason.LENGTH
         if reason is not None:
             self.scheduler.finish(seq, reason)
-        return self._output(seq, [token])
+        return request_output(seq, [token])
 
     def _fail(self, seq: Sequence, message: str, kind: ErrorKind) -> RequestOutput:
         seq.error, seq.error_kind = message, kind
         self.scheduler.finish(seq, FinishReason.ERROR)
-        return self._output(seq, [])
-
-    def _output(self, seq: Sequence, new_ids: list[int]) -> RequestOutput:
-        finished = seq.is_finished
-        text = seq.detokenizer.flush(finished) if seq.detokenizer is not None else ""
-        return RequestOutput(
-            request_id=seq.request_id,
-            new_token_ids=new_ids,
-            new_text=text,
-            finished=finished,
-            finish_reason=seq.finish_reason,
-            num_prompt_tokens=seq.num_prompt_tokens,
-            num_output_tokens=seq.num_output_tokens,
-            error=seq.error,
-            error_kind=seq.error_kind,
-            logprobs=seq.logprobs[-len(new_ids) :] if seq.params.logprobs and new_ids else None,
-        )
+        return request_output(seq, [])
 
     def stats(self) -> EngineStats:
         running, waiting, c = self.scheduler.running, self.scheduler.waiting, self.counters
@@ -213,3 +206,26 @@ class LLMEngine:
             num_batched_tokens_total=c.batched_tokens,
             failed_steps=dict(c.failed_steps),
         )
+
+
+def request_output(seq: Sequence, new_ids: list[int]) -> RequestOutput:
+    """The increment to send for ``seq`` after it gained ``new_ids`` (or ended)."""
+    finished = seq.is_finished
+    text = seq.detokenizer.flush(finished) if seq.detokenizer is not None else ""
+    out = RequestOutput(
+        request_id=seq.request_id,
+        new_token_ids=new_ids,
+        new_text=text,
+        finished=finished,
+        finish_reason=seq.finish_reason,
+        num_prompt_tokens=seq.num_prompt_tokens,
+        num_output_tokens=seq.num_output_tokens,
+        error=seq.error,
+        error_kind=seq.error_kind,
+    )
+    if seq.params.logprobs and new_ids:
+        out.logprobs = seq.logprobs[-len(new_ids) :]
+        out.top_logprobs = seq.top_logprobs[-len(new_ids) :]
+    if seq.params.prompt_logprobs and seq.num_output_tokens == len(new_ids):  # the first increment
+        out.prompt_logprobs, out.prompt_top_logprobs = seq.prompt_logprobs, seq.prompt_top_logprobs
+    return out

@@ -9,6 +9,7 @@ seed always give the same model. ``weight_std`` widens the init so tiny models h
 
 from __future__ import annotations
 
+from collections.abc import Iterable
 from pathlib import Path
 
 import torch
@@ -94,8 +95,9 @@ def use_attention(model: torch.nn.Module, implementation: str) -> None:
         model.config._attn_implementation = implementation
 
 
-def byte_bpe_tokenizer(vocab_size: int) -> PreTrainedTokenizerFast:
-    """A byte-level BPE trained in-process on Python's bundled docs text: real text round-trips."""
+def byte_bpe_tokenizer(vocab_size: int, corpus: Iterable[str] | None = None) -> PreTrainedTokenizerFast:
+    """A byte-level BPE trained in-process on Python's bundled docs text (or ``corpus``): real text
+    round-trips. The docs alone give a few thousand merges; a larger corpus fills a larger vocabulary."""
     from pydoc_data.topics import topics
 
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
@@ -108,7 +110,7 @@ def byte_bpe_tokenizer(vocab_size: int) -> PreTrainedTokenizerFast:
         special_tokens=["<pad>", "<s>", "</s>"],
         initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
     )
-    tok.train_from_iterator(list(topics.values())[:40], trainer)
+    tok.train_from_iterator(corpus if corpus is not None else list(topics.values())[:40], trainer)
     return PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<s>", eos_token="</s>", pad_token="<pad>")
 
 

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import time
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -52,10 +54,26 @@ def build_bench_runtime(model_dir: Path, target: Target, **overrides) -> Runtime
     return rt
 
 
+@dataclass(frozen=True)
+class DecodeStep:
+    """One engine step in which every scheduled sequence decoded one token (no prefill in it)."""
+
+    seconds: float
+    batch: int
+    context: float  # mean tokens per sequence, its attention span
+    lora_rows: int
+
+
 def run_engine(
-    rt: Runtime, prompts, new_tokens: int, target: Target, adapters: list[str] | None = None
+    rt: Runtime,
+    prompts,
+    new_tokens: int,
+    target: Target,
+    adapters: list[str] | None = None,
+    decode_steps: list[DecodeStep] | None = None,
 ) -> float:
-    """Tokens/s of our engine: all requests queued at once, stepped until done."""
+    """Tokens/s of our engine: all requests queued at once, stepped until done. Pure decode steps are
+    appended to ``decode_steps`` when given (for the roofline line)."""
     params = SamplingParams(max_tokens=new_tokens, temperature=0.0, ignore_eos=True)
     core = rt.engine.core
 
@@ -66,8 +84,21 @@ def run_engine(
             core.add(Sequence(f"bench-{i}", p, params, ref))
         produced = 0
         while core.has_work():
-            for _, out in core.step():
-                produced += len(out.new_token_ids)
+            tokens_before = core.counters.batched_tokens
+            start = time.perf_counter()
+            results = core.step()
+            seconds = time.perf_counter() - start
+            produced += sum(len(out.new_token_ids) for _, out in results)
+            if (
+                decode_steps is not None
+                and results
+                and core.counters.batched_tokens - tokens_before == len(results)
+            ):
+                seqs = [seq for seq, _ in results]
+                context = sum(len(s) for s in seqs) / len(seqs)
+                decode_steps.append(
+                    DecodeStep(seconds, len(seqs), context, sum(1 for s in seqs if s.adapter_key))
+                )
         return produced
 
     for i, p in enumerate(prompts[:2]):  # warm-up

@@ -40,6 +40,20 @@ def llama_server(
     return ServerProcess("llama.cpp", argv, port, log, ready=http_ok(f"http://127.0.0.1:{port}/health"))
 
 
+def base_by_default(server: ServerProcess, num_adapters: int) -> None:
+    """Sets every loaded adapter's global scale to 0, so a request that names none runs the base model.
+
+    ``--lora-init-without-apply`` should do this at start-up, but in this llama.cpp build the adapters
+    still report scale 1.0 and a request without a ``lora`` field ran with all of them applied
+    (checked against loraplex's and vLLM's greedy tokens); the documented ``POST /lora-adapters`` works.
+    """
+    body = [{"id": i, "scale": 0.0} for i in range(num_adapters)]
+    httpx.post(server.url + "/lora-adapters", json=body, timeout=30).raise_for_status()
+    scales = [a["scale"] for a in httpx.get(server.url + "/lora-adapters", timeout=30).json()]
+    if any(scales):
+        raise RuntimeError(f"llama-server kept adapter scales {scales} after setting them to 0")
+
+
 def batched_bench(
     peers: Peers, assets: Assets, dtype: str, batch: int, prompt_len: int, new_tokens: int
 ) -> dict:
@@ -78,6 +92,7 @@ class LlamaCppOffline:
 
     def start(self) -> float:
         self.server.__enter__()
+        base_by_default(self.server, len(self.assets.adapters))
         self.start_s = self.server.ready_s
         return self.start_s
 

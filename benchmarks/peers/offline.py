@@ -93,22 +93,29 @@ class OfflineRun:
         return {"tokens_per_s": {" ".join(k): dict(v) for k, v in self.samples.values.items()}, **report}
 
     def alternate(self, systems: dict, dtype: str, rounds: int) -> dict:
-        info = {"start_s": {n: s.start_s for n, s in systems.items()}, "peak_flops": 0.0,
-                "probe": {n: s.probe(PROBE_TOKENS) for n, s in systems.items()},
-                "decode_steps": {mode: [] for mode in self.modes}}  # fmt: skip
+        info = {"start_s": {n: s.start_s for n, s in systems.items()}, "peak_flops": 0.0, "failures": [],
+                "probe": {}, "decode_steps": {mode: [] for mode in self.modes}}  # fmt: skip
+        for name, system in systems.items():
+            info["probe"][name] = attempt(info, f"{name} probe", lambda s=system: s.probe(PROBE_TOKENS))
         for r in range(rounds):
             if "loraplex" in systems:
-                info["peak_flops"] = max(info["peak_flops"], systems["loraplex"].call("peak")["flops"])
+                peak = attempt(info, "GEMM peak", lambda: systems["loraplex"].call("peak")) or {"flops": 0.0}
+                info["peak_flops"] = max(info["peak_flops"], peak["flops"])
             for mode, label in self.modes.items():
                 for name, system in systems.items():
-                    result = system.run(mode)
+                    result = attempt(
+                        info, f"round {r + 1} {dtype} {label} {name}", lambda s=system, m=mode: s.run(m)
+                    )
+                    if result is None:
+                        continue
                     self.samples.add((dtype, label), name, result["tokens_per_s"])
                     info["decode_steps"][mode] += result.get("decode_steps", [])
                     print(f"  round {r + 1}: {dtype} {label:<8} {name:<9} {result['tokens_per_s']:8.1f} tok/s",
                           flush=True)  # fmt: skip
             if "llama.cpp" in systems:
-                tps = systems["llama.cpp"].run_server_base()["tokens_per_s"]
-                self.samples.add((dtype, "base, llama-server"), "llama.cpp", tps)
+                result = attempt(info, "llama-server base", systems["llama.cpp"].run_server_base)
+                if result:
+                    self.samples.add((dtype, "base, llama-server"), "llama.cpp", result["tokens_per_s"])
         return info
 
     def print_report(self, dtypes, rounds: int, report: dict) -> None:
@@ -127,13 +134,15 @@ class OfflineRun:
             print(f"{dtype}: engine start: {starts}")
             self.print_agreement(dtype, info["probe"])
             self.print_roofline(dtype, info)
+            for failure in info["failures"]:
+                print(f"{dtype}: FAILED {failure}")
 
     def print_agreement(self, dtype: str, probes: dict) -> None:
         ours = probes.get("loraplex")
         if not ours:
             return
         for name, theirs in probes.items():
-            if name != "loraplex":
+            if name != "loraplex" and theirs:
                 same = {k: agreement(ours[k], theirs[k]) for k in ("base", "adapter")}
                 print(f"{dtype}: first {PROBE_TOKENS} greedy tokens, {name} vs loraplex: base {same['base']}/"
                       f"{PROBE_TOKENS} agree, with an adapter {same['adapter']}/{PROBE_TOKENS}")  # fmt: skip
@@ -160,6 +169,16 @@ class OfflineRun:
                     print(
                         roofline_line(f"  {name} {label}, whole run", tps / w.new_tokens * per_request, peak)
                     )
+
+
+def attempt(info: dict, what: str, call):
+    """``call()``, or None with the failure printed and kept: one peer's error must not end the run."""
+    try:
+        return call()
+    except Exception as exc:
+        print(f"  {what}: failed ({exc})", flush=True)
+        info["failures"].append(f"{what}: {exc}")
+        return None
 
 
 def _steps(rows: list[dict]):

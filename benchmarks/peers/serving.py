@@ -22,7 +22,7 @@ import httpx
 
 from benchmarks.peers.assets import Assets, convert_gguf
 from benchmarks.peers.install import Peers
-from benchmarks.peers.llamacpp import llama_server
+from benchmarks.peers.llamacpp import base_by_default, llama_server
 from benchmarks.peers.report import Samples, ServeResult, read_vllm_bench, serve_table
 from benchmarks.servers import ServerProcess, free_port
 
@@ -100,6 +100,7 @@ class ServeRun:
         )
         server.ready = completes(server.url)
         stack.enter_context(server)
+        base_by_default(server, len(self.assets.adapters))
         port = free_port()
         argv = [sys.executable, "-m", "benchmarks.peers.lora_proxy", "--upstream", server.url, "--port", str(port),
                 *(f"--lora={n}={i}" for i, n in enumerate(self.assets.adapters))]  # fmt: skip

@@ -9,6 +9,7 @@ from pathlib import Path
 import torch
 from transformers import AutoModelForCausalLM
 
+from benchmarks.roofline import ModelShape, decode_step_rate, gemm_peak, roofline_line
 from benchmarks.workload import Target, Workload, timed
 from server.bootstrap import Runtime, build_runtime
 from server.config import Settings
@@ -113,7 +114,20 @@ def run_engine(
 def bench_engine(model_dir: Path, workload: Workload, target: Target) -> list[tuple[str, float]]:
     prompts = workload.prompts(32000)
     hf = transformers_generate(model_dir, prompts, workload.new_tokens, target)
-    ours = run_engine(
-        build_bench_runtime(model_dir, target, enable_lora=False), prompts, workload.new_tokens, target
-    )
+    rt = build_bench_runtime(model_dir, target, enable_lora=False)
+    steps: list[DecodeStep] = []
+    ours = run_engine(rt, prompts, workload.new_tokens, target, decode_steps=steps)
+    print_roofline(ModelShape.of_model(model_dir), steps, target)
     return [("transformers generate() static batch", hf), ("loraplex engine", ours)]
+
+
+def print_roofline(shape: ModelShape, steps: list[DecodeStep], target: Target) -> None:
+    """The engine's decode steps against the dense GEMM peak measured now (benchmarks/roofline.py)."""
+    peak = gemm_peak(target.dtype, device=str(target.device))
+    rate = decode_step_rate(steps, shape)
+    print(f"  dense GEMM peak ({target.dtype}, torch.matmul 2048^3): {peak / 1e9:.1f} GFLOP/s")
+    if rate:
+        print(
+            "  "
+            + roofline_line(f"loraplex decode step @ batch {rate[1]} (median of {rate[2]})", rate[0], peak)
+        )

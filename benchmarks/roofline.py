@@ -41,6 +41,12 @@ class ModelShape:
             config.vocab_size,
         )
 
+    @classmethod
+    def of_model(cls, model_dir) -> ModelShape:
+        from transformers import AutoConfig
+
+        return cls.from_config(AutoConfig.from_pretrained(model_dir))
+
     def projection_dims(self) -> dict[str, tuple[int, int]]:
         """(in, out) of each projection of one layer."""
         kv = self.hidden // self.heads * self.kv_heads

@@ -10,8 +10,11 @@ gives loraplex's users the same by default (``benchmarks/runtime_bench.py`` meas
 - **OpenMP runtime**: Intel's ``libiomp5`` (pip ``intel-openmp``), else LLVM's ``libomp.so.5``, in
   place of torch's own GNU ``libgomp`` (both serve torch's GOMP calls);
 - **threads**: ``OMP_NUM_THREADS`` = the CPUs this process may use (its affinity mask, capped by a
-  cgroup CPU quota, as in a container), bound one per core (``OMP_PROC_BIND=close``,
-  ``OMP_PLACES=cores``, which GNU, Intel and LLVM OpenMP all read).
+  cgroup CPU quota, as in a container), bound one per core: ``KMP_AFFINITY=granularity=fine,compact,1,0``
+  for Intel's and LLVM's runtime, ``OMP_PROC_BIND=close OMP_PLACES=cores`` for GNU's. (Not
+  ``OMP_PROC_BIND`` for all three: the engine's team is started by the engine thread, not by the
+  process's first thread, and Intel's and LLVM's runtimes then put every thread of such a team on
+  the first core; ``KMP_AFFINITY`` binds it across the cores.)
 
 ``LD_PRELOAD`` is read by the dynamic loader only when a process starts, so :func:`reexec_if_needed`
 re-executes the command once with the planned environment (``execv`` keeps the PID: in a container
@@ -19,9 +22,9 @@ loraplex stays PID 1). What is missing is skipped (the server runs fine without 
 the user already set win, and :func:`describe` reads what is really in effect back from the process's
 own memory maps for the start-up log. Opt out with ``--no-runtime-tuning`` (``LORAPLEX_RUNTIME_TUNING=0``).
 
-OpenMP binds the thread that loads it (the main thread, at ``import torch``) to the first core, and
-every thread started afterwards would inherit that one core: :func:`unpin_main_thread` gives the main
-thread back all CPUs right after torch is imported, so only the engine's OpenMP team stays bound.
+A bound OpenMP runtime pins the thread that loads it (the main thread, at ``import torch``) to the
+first core, and every thread started afterwards would inherit that one core: :func:`unpin_main_thread`
+gives the main thread back all CPUs right after torch is imported, so only OpenMP teams stay bound.
 """
 
 from __future__ import annotations
@@ -38,6 +41,10 @@ from pathlib import Path
 TUNED_MARKER = "LORAPLEX_RUNTIME_CPUS"
 ALLOCATORS = {"tcmalloc": ("libtcmalloc_minimal.so.4", "libtcmalloc.so.4"), "jemalloc": ("libjemalloc.so.2",)}
 OPENMP_RUNTIMES = {"intel": ("libiomp5.so",), "llvm": ("libomp.so.5",)}
+# Variables by which a user binds threads already: then the plan binds nothing.
+BIND_VARS = ("OMP_PROC_BIND", "OMP_PLACES", "KMP_AFFINITY", "GOMP_CPU_AFFINITY")
+KMP_BIND = {"KMP_AFFINITY": "granularity=fine,compact,1,0"}  # Intel and LLVM OpenMP
+GNU_BIND = {"OMP_PROC_BIND": "close", "OMP_PLACES": "cores"}
 # What each name looks like in /proc/self/maps, for describe().
 _MAPPED = {**ALLOCATORS, **OPENMP_RUNTIMES, "gnu": ("libgomp",)}
 
@@ -116,8 +123,9 @@ def plan(environ: dict[str, str], pieces: Pieces = Pieces(), dirs: list[Path] | 
         wanted["LD_PRELOAD"] = ":".join(libs + ([preload] if preload else []))
     if pieces.threads:
         wanted["OMP_NUM_THREADS"] = str(len(cpus))
-    if pieces.bind:
-        wanted.update(OMP_PROC_BIND="close", OMP_PLACES="cores")
+    if pieces.bind and not any(var in environ for var in BIND_VARS):
+        kmp = openmp is not None or any(f in preload for files in OPENMP_RUNTIMES.values() for f in files)
+        wanted.update(KMP_BIND if kmp else GNU_BIND)
     env = {k: v for k, v in wanted.items() if k == "LD_PRELOAD" or k not in environ}
     return RuntimePlan(cpus, allocator, openmp, env)
 
@@ -153,10 +161,10 @@ def serves_on_cpu(device: str) -> bool:
 
 
 def unpin_main_thread() -> None:
-    """Gives the main thread back the CPUs it started with, after OpenMP bound it to one core on load
-    (threads started later inherit the mask: the event loop and tokenizers must not share one core)."""
+    """Gives the main thread back the CPUs it started with, after a bound OpenMP pinned it to one core
+    on load (threads started later inherit the mask: the event loop and tokenizers must not share it)."""
     cpus = os.environ.get(TUNED_MARKER)
-    if cpus and os.environ.get("OMP_PROC_BIND", "false").lower() != "false":
+    if cpus:
         os.sched_setaffinity(0, {int(c) for c in cpus.split(",")})
 
 
@@ -177,9 +185,13 @@ def loaded_libraries(maps: Path = Path("/proc/self/maps")) -> dict[str, str]:
 
 def describe(loaded: dict[str, str], environ: dict[str, str]) -> str:
     """One start-up log line: the allocator, the OpenMP runtime, threads and binding really in effect."""
-    allocator = next((f"{n} ({loaded[n]})" for n in ALLOCATORS if n in loaded), "glibc malloc")
-    openmp = next((f"{n} OpenMP ({loaded[n]})" for n in ("intel", "llvm", "gnu") if n in loaded), "no OpenMP")
+    allocator = next((f"{n} ({loaded[n]})" for n in ALLOCATORS if n in loaded), None)
+    allocator = allocator or "glibc malloc (apt-get install libtcmalloc-minimal4 for tcmalloc)"
+    openmp = next((f"{n} OpenMP ({loaded[n]})" for n in ("intel", "llvm") if n in loaded), None)
+    if openmp is None:
+        gnu = f"gnu OpenMP ({loaded['gnu']})" if "gnu" in loaded else "no OpenMP"
+        openmp = f"{gnu} (apt-get install libomp5-14 or pip install intel-openmp for a faster runtime)"
     threads = environ.get("OMP_NUM_THREADS", "default")
-    bind = environ.get("OMP_PROC_BIND", "unbound")
+    bind = " ".join(f"{k}={environ[k]}" for k in BIND_VARS if k in environ) or "unbound"
     state = "tuned" if TUNED_MARKER in environ else "as started (runtime tuning off or not on CPU)"
     return f"CPU runtime {state}: allocator {allocator}; {openmp}; OMP threads {threads}, binding {bind}"

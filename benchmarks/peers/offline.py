@@ -43,7 +43,7 @@ class OfflineRun:
         )
         self.prompts = workload.prompts(32000)
         self.samples = Samples()
-        self.shape = ModelShape.from_config(_config(assets.model))
+        self.shape = ModelShape.of_model(assets.model)
         self.modes = {"base": "base", "mixed": f"mixed-{len(assets.adapters)}"}
 
     def systems(self, dtype: str) -> dict:
@@ -185,9 +185,3 @@ def _steps(rows: list[dict]):
     from benchmarks.engine_bench import DecodeStep
 
     return [DecodeStep(**row) for row in rows]
-
-
-def _config(model_dir: Path):
-    from transformers import AutoConfig
-
-    return AutoConfig.from_pretrained(model_dir)

@@ -112,4 +112,4 @@ def decode_step_rate(steps, shape: ModelShape, lora_rank: int = 0) -> tuple[floa
 
 
 def roofline_line(label: str, achieved: float, peak: float) -> str:
-    return f"{label:<46} {achieved / 1e9:8.1f} GFLOP/s = {100 * achieved / peak:5.1f} % of the GEMM peak"
+    return f"{label:<58} {achieved / 1e9:8.1f} GFLOP/s = {100 * achieved / peak:5.1f} % of the GEMM peak"

@@ -124,3 +124,15 @@ def test_bench_tokenizer_keeps_ids_through_text_one_character_per_token():
     assert len(text) == len(ids) and tok.encode(text) == ids  # no BOS, no merges, no space prefix
     assert tok.convert_ids_to_tokens([0, 1, 2]) == ["<unk>", "<s>", "</s>"]
     assert len(set(tok.decode(list(range(3, 32000))))) == 31997
+
+
+def test_worker_protocol_lines_and_server_workloads():
+    from benchmarks.peers.protocol import MARK, parse
+    from benchmarks.peers.serving import workloads
+
+    assert parse(MARK + '{"op": "run", "tokens_per_s": 1.5}') == {"op": "run", "tokens_per_s": 1.5}
+    assert parse("INFO 11-30 vllm log line") is None
+    loads = workloads(4.0, 8)
+    assert [(w.label, w.rate, w.mixed) for w in loads] == [
+        ("base, all at once", "inf", False), ("base, Poisson 4/s", "4", False),
+        ("mixed-8, all at once", "inf", True), ("mixed-8, Poisson 4/s", "4", True)]  # fmt: skip

@@ -11,6 +11,8 @@ from __future__ import annotations
 import argparse
 import json
 import platform
+import signal
+import sys
 import time
 from pathlib import Path
 
@@ -45,6 +47,8 @@ def parse_args(argv=None) -> argparse.Namespace:
 
 def main(argv=None) -> int:
     args = parse_args(argv)
+    # SIGTERM unwinds like Ctrl-C, so every worker and server this run started is stopped too.
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
     peers = Peers()
     missing = [m for m in peers.missing() if not (m.startswith("llama") and "llama.cpp" not in args.only)]
     if missing:

@@ -149,7 +149,10 @@ def reexec_if_needed(enabled: bool, device: str) -> None:
     env = tuned_environ(dict(os.environ))
     sys.stdout.flush()
     sys.stderr.flush()
-    os.execve(sys.executable, list(sys.orig_argv), env)
+    try:
+        os.execve(sys.executable, list(sys.orig_argv), env)
+    except OSError as exc:  # the server still runs, untuned; describe() will say so
+        print(f"loraplex: CPU runtime tuning skipped, re-exec failed: {exc}", file=sys.stderr)
 
 
 def serves_on_cpu(device: str) -> bool:

@@ -8,7 +8,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from benchmarks.servers import REPO
-from server.runtime_env import ALLOCATORS, cpu_list, find_library, library_dirs, usable_cpus
+from server.runtime_env import ALLOCATORS, find_library, library_dirs, usable_cpus
 
 PEERS = Path(os.environ.get("LORAPLEX_PEERS_DIR", REPO / ".peers"))
 VLLM_VERSION = "0.32.0"
@@ -76,7 +76,3 @@ class Peers:
         except (OSError, subprocess.SubprocessError):
             out["llama.cpp"] = "unavailable"
         return out
-
-
-def cpus_arg() -> str:
-    return cpu_list(usable_cpus())

@@ -33,14 +33,8 @@ class OfflineRun:
     def __init__(
         self, peers: Peers, assets: Assets, workload: Workload, only, logs: Path, tuned: bool = True
     ):
-        self.peers, self.assets, self.workload, self.only, self.logs, self.tuned = (
-            peers,
-            assets,
-            workload,
-            only,
-            logs,
-            tuned,
-        )
+        self.peers, self.assets, self.workload = peers, assets, workload
+        self.only, self.logs, self.tuned = only, logs, tuned
         self.prompts = workload.prompts(32000)
         self.samples = Samples()
         self.shape = ModelShape.of_model(assets.model)

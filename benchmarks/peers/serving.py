@@ -59,14 +59,8 @@ class ServeRun:
     def __init__(
         self, peers: Peers, assets: Assets, dtype: str, only, logs: Path, tuned: bool = True
     ) -> None:
-        self.peers, self.assets, self.dtype, self.only, self.logs, self.tuned = (
-            peers,
-            assets,
-            dtype,
-            only,
-            logs,
-            tuned,
-        )
+        self.peers, self.assets, self.dtype = peers, assets, dtype
+        self.only, self.logs, self.tuned = only, logs, tuned
         self.samples = Samples()
         self.ready_s: dict[str, float] = {}
 

@@ -24,7 +24,7 @@ from benchmarks.peers.workers import Worker
 from benchmarks.servers import REPO
 from benchmarks.workload import Workload
 from clients.loadgen.report import format_grid
-from server.runtime_env import Pieces, library_dirs, plan, tuned_environ
+from server.runtime_env import BIND_VARS, Pieces, library_dirs, plan, tuned_environ
 
 NONE = Pieces(allocator=None, openmp=None, threads=False, bind=False)
 CONFIGS = {
@@ -90,8 +90,8 @@ def start_workers(names: list[str], spec: Path, dirs: list[Path], logs: Path) ->
         argv = [sys.executable, "-m", "benchmarks.peers.loraplex_worker", spec]
         worker = Worker(name, argv, env, logs / f"config-{i}.log")
         worker.start()
-        preload = env.get("LD_PRELOAD", "-")
-        print(f"  {name}: LD_PRELOAD={preload} OMP_PROC_BIND={env.get('OMP_PROC_BIND', '-')}", flush=True)
+        shown = [f"{k}={env[k]}" for k in ("LD_PRELOAD", "OMP_NUM_THREADS", *BIND_VARS) if k in env]
+        print(f"  {name}: {' '.join(shown) or 'nothing set'}", flush=True)
         workers[name] = worker
     return workers
 

@@ -13,6 +13,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import signal
 import sys
 import time
 from pathlib import Path
@@ -59,6 +60,7 @@ def main(argv=None) -> int:
     parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
     parser.add_argument("--only", nargs="+", help="configuration names (default: all)")
     args = parser.parse_args(argv)
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))  # unwinds, stopping every worker
     peers = Peers()
     assets = build_assets(peers, "bench-quick" if args.quick else "bench")
     workload = Workload(num_requests=8, prompt_len=16, new_tokens=8) if args.quick else Workload()

@@ -85,7 +85,8 @@ def main(argv=None) -> int:
 def start_workers(names: list[str], spec: Path, dirs: list[Path], logs: Path) -> dict[str, Worker]:
     workers = {}
     for i, name in enumerate(names):
-        env = config_env(CONFIGS[name], dirs)
+        # "default" looks where `loraplex serve` looks; the others may also use the peers' Intel OpenMP
+        env = config_env(CONFIGS[name], library_dirs() if name.startswith("default") else dirs)
         if env is None:
             print(f"  {name}: skipped (its library is not installed)")
             continue

@@ -11,6 +11,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import os
 import sys
 import types
 import typing
@@ -111,11 +112,19 @@ def is_loopback(host: str) -> bool:
 
 
 def cmd_serve(ns: argparse.Namespace) -> int:
+    from server import runtime_env
+
+    settings = settings_from_args(ns)
+    runtime_env.reexec_if_needed(settings.runtime_tuning, settings.device)  # returns when nothing to do
+
+    import torch  # noqa: F401 - loads OpenMP now, in this thread, which it pins to one core
+
     from server.api.app import create_app
     from server.api.serving import serve
 
-    settings = settings_from_args(ns)
+    runtime_env.unpin_main_thread()
     logging.basicConfig(level=ns.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    logging.getLogger("loraplex").info(runtime_env.describe(runtime_env.loaded_libraries(), dict(os.environ)))
     if not (settings.api_keys or settings.admin_keys) and not is_loopback(settings.host):
         logging.getLogger("loraplex").warning(
             "auth is off (no LORAPLEX_API_KEYS / LORAPLEX_ADMIN_KEYS) and the server listens on %s: "

@@ -55,6 +55,11 @@ class Settings(BaseSettings):
     device: str = Field("auto", description="'auto', 'cpu', 'cuda' or 'cuda:N'.")
     dtype: Literal["auto", "float32", "float16", "bfloat16"] = "auto"
     seed: int = 0
+    runtime_tuning: bool = Field(
+        True,
+        description="On CPU, restart once under tcmalloc/jemalloc and Intel/LLVM OpenMP where installed, "
+        "OMP threads = usable cores, bound (server/runtime_env.py); logged at start-up.",
+    )
 
     # --- engine -----------------------------------------------------------------------------
     max_num_seqs: int = Field(64, ge=1, description="Cap on sequences in the running batch.")

@@ -23,7 +23,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from benchmarks.adapters import write_random_adapters
-from benchmarks.server_process import ServerProcess, free_port
+from benchmarks.servers import ServerProcess, free_port
 from benchmarks.workload import make_bench_model
 from clients import AsyncLoraplexClient
 from clients.loadgen import (

@@ -22,7 +22,7 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
-from benchmarks.server_process import ServerProcess, free_port  # noqa: E402
+from benchmarks.servers import ServerProcess, free_port  # noqa: E402
 from clients import AsyncLoraplexClient  # noqa: E402
 from clients.loadgen import (  # noqa: E402
     ArrivalSpec,

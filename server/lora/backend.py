@@ -8,28 +8,31 @@ on CPU); ``triton`` runs SGMV kernels (CUDA, or the Triton interpreter with ``TR
 
 from __future__ import annotations
 
-import importlib.util
-import os
 from collections.abc import Sequence
 
 import torch
 
 from server.lora.batch import LoRABatch
 from server.lora.slot_weights import SlotWeights
+from server.triton_support import triton_unavailable
 
 
 class LoRABackend:
     """``plan`` once per step, ``apply`` per layer; subclasses provide ``sgmv``."""
 
     name = "abstract"
+    # Whether a static (padded decode) batch runs as fixed launches reading only the segment table,
+    # so a CUDA graph can replay it (the DoRA and lora_bias passes never are: they loop on the host).
+    capturable = False
 
     def __init__(self, max_loras: int) -> None:
         self.max_loras = max_loras
         self.batch = LoRABatch(max_loras)
 
-    def plan(self, seq_slots: Sequence[int], seq_num_tokens: Sequence[int]) -> None:
-        """Sequence i occupies the next ``seq_num_tokens[i]`` rows and uses slot ``seq_slots[i]`` (-1: none)."""
-        self.batch.set(seq_slots, seq_num_tokens)
+    def plan(self, seq_slots: Sequence[int], seq_num_tokens: Sequence[int], static: bool = False) -> None:
+        """Sequence i occupies the next ``seq_num_tokens[i]`` rows and uses slot ``seq_slots[i]`` (-1: none);
+        ``static``: a decode step padded to a graph bucket (see ``LoRABatch.set``)."""
+        self.batch.set(seq_slots, seq_num_tokens, static)
 
     def clear(self) -> None:
         """No batch: every row runs the base model (e.g. a plain forward outside the engine)."""
@@ -75,6 +78,7 @@ class TorchLoRABackend(LoRABackend):
 
 class TritonLoRABackend(LoRABackend):
     name = "triton"
+    capturable = True
 
     def sgmv(self, y, x, a, b, ranks) -> None:
         from server.lora.ops.sgmv_triton import sgmv_triton
@@ -87,11 +91,7 @@ BACKENDS: dict[str, type[LoRABackend]] = {"torch": TorchLoRABackend, "triton": T
 
 def triton_available(device: torch.device | str) -> bool:
     """Triton runs on CUDA devices, or anywhere under its interpreter (``TRITON_INTERPRET=1``)."""
-    if importlib.util.find_spec("triton") is None:
-        return False
-    if os.environ.get("TRITON_INTERPRET", "0") not in ("", "0"):
-        return True
-    return torch.device(device).type == "cuda"
+    return triton_unavailable(device) is None
 
 
 def make_lora_backend(requested: str, device: torch.device | str, max_loras: int) -> LoRABackend:

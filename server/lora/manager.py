@@ -153,8 +153,16 @@ class AdapterManager:
         if self._slots.unpin(key) == 0:
             self._reap_retired()
 
-    def prepare_batch(self, seq_slots: list[int], seq_num_tokens: list[int]) -> None:
-        self.lora.backend.plan(seq_slots, seq_num_tokens)
+    def bind_step_buffers(self, host, device) -> None:
+        self.lora.backend.batch.bind(host, device)
+
+    def prepare_batch(self, seq_slots: list[int], seq_num_tokens: list[int], static: bool = False) -> None:
+        self.lora.backend.plan(seq_slots, seq_num_tokens, static)
+
+    def graph_safe(self) -> bool:
+        """A captured decode replays the backend's fixed launches only: no slot may need the DoRA or
+        lora_bias passes, which loop over segments on the host."""
+        return self.lora.backend.capturable and not self.rows.host_pass_slots
 
     def resident(self) -> list[str]:
         self._reap_retired()

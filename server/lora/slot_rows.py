@@ -39,6 +39,7 @@ class SlotRows:
         self.width = width
         self.storage = torch.empty(lora.max_loras, width, device=self.device, dtype=self.dtype)
         # Base biases on the host, once: packing runs on loader threads and must not touch the device.
+        self.host_pass_slots: set[int] = set()  # slots holding DoRA or lora_bias weights (host passes)
         self._base_bias = {
             name: None if layer.base_layer.bias is None else layer.base_layer.bias.detach().float().cpu()
             for name, layer in self._layers
@@ -79,6 +80,10 @@ class SlotRows:
         """Records what ``slot`` now holds (engine thread: the forward reads these facts)."""
         for (_, layer), layer_facts in zip(self._layers, facts, strict=True):
             layer.slot_weights.set_facts(slot, layer_facts)
+        if any(f.has_bias or f.is_dora for f in facts):
+            self.host_pass_slots.add(slot)
+        else:
+            self.host_pass_slots.discard(slot)
 
     def clear(self, slot: int) -> None:
         self.commit(slot, self.pack(None, self.storage[slot]))

@@ -7,7 +7,7 @@ from pathlib import Path
 import torch
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, PreTrainedTokenizerBase
 
-from server.model.attention.hf_bridge import register_attention_interface
+from server.model.attention.hf_bridge import BACKEND_NAME, register_attention_interface
 from server.model.cpu_linear import use_skinny_linears
 
 
@@ -25,6 +25,16 @@ def load_model(model_dir: Path, device: str, dtype: torch.dtype) -> torch.nn.Mod
     model.requires_grad_(False)
     use_skinny_linears(model)  # CPU fp32 only; a no-op on CUDA
     return model
+
+
+def check_serving_model(model: torch.nn.Module) -> None:
+    """Raises unless ``model``'s attention layers call the engine's backend (``hf_bridge``)."""
+    implementation = getattr(model.config, "_attn_implementation", None)
+    if implementation != BACKEND_NAME:
+        raise ValueError(
+            f"the model's attention implementation is {implementation!r}; models served by loraplex are "
+            f"built with attn_implementation={BACKEND_NAME!r} (load_model and the synthetic builders do this)"
+        )
 
 
 def load_tokenizer(model_dir: Path) -> PreTrainedTokenizerBase:

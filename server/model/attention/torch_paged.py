@@ -64,7 +64,7 @@ class TorchPagedAttention(AttentionBackend):
 
     def plan(self, layout: StepLayout) -> None:
         device = self.device
-        self.slot_mapping = torch.tensor(layout.slot_mapping, dtype=torch.long, device=device)
+        self.slot_mapping = layout.device.slot_mapping[: layout.num_tokens].long()
         self.prefills = [
             _PrefillChunk(
                 s.start,

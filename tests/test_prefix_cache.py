@@ -247,3 +247,21 @@ def test_kv_exhaustion_evicts_cached_prefixes_and_keeps_serving(tiny_llama_dir, 
     assert bm.num_cached_free_blocks > 0 and _all_free(rt)
     again, [seq] = _serve(rt, [(None, prompts[-1])])  # the most recent prompt is still cached
     assert seq.num_cached_tokens == 28 and again["r0"] == want["r7"]
+
+
+def test_a_request_for_prompt_logprobs_computes_its_prompt(tiny_llama_dir, store):
+    """Cached K/V carries no logits: a request that asks for its prompt's logprobs takes no cached
+    prefix (its own blocks are still published), and gets the same logprobs as one that found none."""
+    rt = _runtime(tiny_llama_dir, store, True)
+    prompt = PREFIX + [5, 6]
+    seqs = [
+        Sequence(f"r{i}", prompt, greedy(NEW, prompt_logprobs=True), rt.adapters.resolve(NAMES[0]))
+        for i in range(2)
+    ]
+    seqs.append(Sequence("r2", prompt, greedy(NEW), rt.adapters.resolve(NAMES[0])))
+    out = run_staggered(rt.engine.core, seqs, 1)
+    assert [s.num_cached_tokens for s in seqs] == [0, 0, 24]
+    assert len(seqs[0].prompt_logprobs) == len(prompt) - 1
+    assert seqs[1].prompt_logprobs == pytest.approx(seqs[0].prompt_logprobs, abs=1e-5)
+    assert out["r0"] == out["r1"] == out["r2"]
+    assert _all_free(rt)

@@ -80,10 +80,13 @@ class BlockManager:
         named ``identity`` (None: the base model).
 
         At most ``(len - 1) // block_size`` blocks: the last token is always computed, since its logits
-        are what the first new token is sampled from.
+        are what the first new token is sampled from. None while the request still needs its prompt's
+        logprobs.
         """
         if self.cache is None:
             return []
+        if seq.params.prompt_logprobs and len(seq.prompt_logprobs) < seq.num_prompt_tokens - 1:
+            return []  # its prompt's logprobs come from computing the prompt (vLLM does the same)
         if identity != seq.cache_identity:  # first admission, or reloaded while it was preempted
             seq.cache_identity, seq.block_hashes = identity, []
         usable = (len(seq) - 1) // self.block_size

@@ -48,7 +48,9 @@ class Settings(BaseSettings):
     max_loras: int = Field(8, ge=1, description="Adapter slots on the device.")
     max_lora_rank: int = Field(64, ge=1, description="Largest adapter rank accepted.")
     max_cpu_loras: int = Field(64, ge=1, description="Adapters kept parsed in host memory.")
-    lora_backend: Literal["auto", "torch", "triton"] = "auto"
+    lora_backend: Literal["auto", "torch", "cpu", "triton"] = Field(
+        "auto", description="LoRA op: 'auto' = triton on CUDA, the native 'cpu' kernel on CPU, else 'torch'."
+    )
     merged_adapter: str | None = Field(None, description="Serve this adapter merged into the base.")
     export_dir: Path = Field(REPO_ROOT / "exports", description="Where merged models are written.")
     allowed_lora_roots: list[Path] = Field(

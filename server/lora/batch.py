@@ -4,6 +4,10 @@ One ``LoRABatch`` is owned by the adapter manager (through the injected-model ha
 every LoRA-wrapped linear of that model; the engine refreshes it once per step before the forward.
 Consecutive sequences on the same slot are merged into one segment (SGMV); base-model rows (slot -1)
 get no segment at all, so they cost nothing in the LoRA op.
+
+The ops read the rows grouped by slot (``SlotRows``): one jagged group per slot of the live range,
+whatever the rows per slot (prefill chunks of any length, single decode rows, base rows between).
+It is built once per step, on first use, and shared by every layer.
 """
 
 from __future__ import annotations
@@ -15,20 +19,39 @@ import torch
 
 
 @dataclass(frozen=True)
-class SlotGroups:
-    """The LoRA rows regrouped per slot, for batched matmuls over the slot range ``[lo, hi]``.
+class SlotRows:
+    """The LoRA rows of a step in slot order: group ``g`` holds the rows of slot ``lo + g``.
 
-    Group ``g`` holds the rows of slot ``lo + g`` (from however many segments) in a zero-padded block
-    of ``width`` rows: row ``rows[i]`` of the batch goes to padded row ``padded[i]``.
+    ``offsets[g]`` is the end of group g in that order (int32, for ``grouped_mm``; a slot of the range
+    with no rows has an empty group). When the engine's batch already lists the LoRA rows by slot,
+    back to back (it sorts sequences by slot), ``rows`` is None and they are ``[first, last)`` as they
+    are: no gather. Otherwise ``rows`` [M] names the batch row of each grouped row.
     """
 
     lo: int
     hi: int
-    width: int
-    rows: torch.Tensor  # [M] int64, batch rows that use an adapter
-    padded: torch.Tensor  # [M] int64, their position in the [(hi - lo + 1) * width] padded layout
-    first_row: int  # with ``dense``: the layout is rows [first_row, first_row + M) as they are
-    dense: bool  # every slot in [lo, hi] has exactly ``width`` rows, in slot order, back to back
+    offsets: torch.Tensor  # [hi - lo + 1] int32
+    row_slot: torch.Tensor  # [M] int64: the slot of each grouped row
+    batch_rows: torch.Tensor  # [M] int64: the batch row of each grouped row
+    rows: torch.Tensor | None  # ``batch_rows`` when a gather is needed; None: rows [first, last) in place
+    first: int
+    last: int
+    live_slots: tuple[int, ...]  # the slots with rows this step, ascending
+
+    @property
+    def num_rows(self) -> int:
+        return int(self.row_slot.shape[0])
+
+    def take(self, x: torch.Tensor) -> torch.Tensor:
+        """The grouped rows of ``x`` [N, d] -> [M, d] (a view when they are in place)."""
+        return x[self.first : self.last] if self.rows is None else x.index_select(0, self.rows)
+
+    def add_into(self, y: torch.Tensor, delta: torch.Tensor) -> None:
+        """``y[row] += delta[i]`` for grouped row i (``y`` may be a column slice)."""
+        if self.rows is None:
+            y[self.first : self.last].add_(delta)
+        else:
+            y.index_add_(0, self.rows, delta)
 
 
 class LoRABatch:
@@ -39,7 +62,7 @@ class LoRABatch:
         self.num_tokens: int | None = None  # None: no batch set, LoRA layers act as the base model
         self.segments: list[tuple[int, int, int]] = []
         self._device_cache: dict[torch.device, torch.Tensor] = {}
-        self._groups_cache: dict[torch.device, SlotGroups] = {}
+        self._rows_cache: dict[torch.device, SlotRows] = {}
 
     def set(self, seq_slots: Sequence[int], seq_num_tokens: Sequence[int]) -> None:
         """Sequence i occupies the next ``seq_num_tokens[i]`` rows and uses slot ``seq_slots[i]`` (-1 = none)."""
@@ -60,14 +83,14 @@ class LoRABatch:
         self.num_tokens = row
         self.segments = segments
         self._device_cache = {}
-        self._groups_cache = {}
+        self._rows_cache = {}
 
     def clear(self) -> None:
         """Back to "no batch": every row runs the base model."""
         self.num_tokens = None
         self.segments = []
         self._device_cache = {}
-        self._groups_cache = {}
+        self._rows_cache = {}
 
     @property
     def max_segment_len(self) -> int:
@@ -84,33 +107,44 @@ class LoRABatch:
             cached = self._device_cache[device] = table.t().contiguous().to(device)
         return cached
 
-    def slot_groups(self, device: torch.device) -> SlotGroups:
-        """Per-slot padded layout of the LoRA rows (see ``SlotGroups``), built once per step."""
-        cached = self._groups_cache.get(device)
+    def slot_rows(self, device: torch.device) -> SlotRows:
+        """The LoRA rows grouped by slot (see ``SlotRows``), built once per step; needs a segment."""
+        cached = self._rows_cache.get(device)
         if cached is None:
-            lo = min(slot for _, _, slot in self.segments)
-            hi = max(slot for _, _, slot in self.segments)
-            counts = [0] * (hi - lo + 1)
-            rows: list[int] = []
-            positions: list[tuple[int, int]] = []
-            for start, end, slot in self.segments:
-                for row in range(start, end):
-                    rows.append(row)
-                    positions.append((slot - lo, counts[slot - lo]))
-                    counts[slot - lo] += 1
-            width = max(counts)
-            padded = [g * width + pos for g, pos in positions]
-            dense = padded == list(range(len(rows))) and rows == list(range(rows[0], rows[0] + len(rows)))
-            cached = self._groups_cache[device] = SlotGroups(
-                lo,
-                hi,
-                width,
-                torch.tensor(rows, device=device),
-                torch.tensor(padded, device=device),
-                rows[0],
-                dense and len(padded) == len(counts) * width,
-            )
+            cached = self._rows_cache[device] = self._group_rows(device)
         return cached
+
+    def _group_rows(self, device: torch.device) -> SlotRows:
+        by_slot: dict[int, list[tuple[int, int]]] = {}
+        for start, end, slot in self.segments:
+            by_slot.setdefault(slot, []).append((start, end))
+        live = tuple(sorted(by_slot))
+        lo, hi = live[0], live[-1]
+        ordered = [span for slot in live for span in by_slot[slot]]
+        in_place = all(prev[1] == nxt[0] for prev, nxt in zip(ordered, ordered[1:], strict=False))
+        ends, row_slot, total = [], [], 0
+        for slot in range(lo, hi + 1):
+            for start, end in by_slot.get(slot, ()):
+                total += end - start
+                row_slot += [slot] * (end - start)
+            ends.append(total)
+        if in_place:
+            batch_rows = torch.arange(ordered[0][0], ordered[-1][1], dtype=torch.long, device=device)
+        else:
+            batch_rows = torch.tensor(
+                [r for s, e in ordered for r in range(s, e)], dtype=torch.long, device=device
+            )
+        return SlotRows(
+            lo,
+            hi,
+            torch.tensor(ends, dtype=torch.int32, device=device),
+            torch.tensor(row_slot, dtype=torch.long, device=device),
+            batch_rows,
+            None if in_place else batch_rows,
+            ordered[0][0],
+            ordered[-1][1],
+            live,
+        )
 
     def check_rows(self, rows: int) -> None:
         """Raises if a layer sees a different number of rows than the engine announced."""

@@ -20,6 +20,7 @@ from pathlib import Path
 
 log = logging.getLogger(__name__)
 
+INCLUDE_DIR = Path(__file__).parent / "csrc"  # headers shared by the kernels (vec16.h)
 _lock = threading.Lock()
 _loaded: dict[str, bool] = {}
 
@@ -48,7 +49,8 @@ def _build_and_load(name: str, source: Path) -> bool:
         log.info("native kernel %s: not built on %s/%s; using torch ops", name, platform.system(),
                  platform.machine())  # fmt: skip
         return False
-    digest = hashlib.sha256(source.read_bytes() + _cpu_fingerprint().encode()).hexdigest()[:12]
+    headers = b"".join(p.read_bytes() for p in sorted(INCLUDE_DIR.glob("*.h")))
+    digest = hashlib.sha256(source.read_bytes() + headers + _cpu_fingerprint().encode()).hexdigest()[:12]
     start = time.perf_counter()
     try:
         from torch.utils.cpp_extension import load
@@ -56,6 +58,7 @@ def _build_and_load(name: str, source: Path) -> bool:
         load(
             name=f"{name}_{digest}",
             sources=[str(source)],
+            extra_include_paths=[str(INCLUDE_DIR)],
             extra_cflags=["-O3", "-march=native", "-fopenmp"],
             extra_ldflags=["-fopenmp"],  # resolves to the libgomp torch already loaded (same soname)
             is_python_module=False,

@@ -17,36 +17,23 @@
 #include <ATen/Parallel.h>
 #include <torch/library.h>
 
+#include "vec16.h"
+
 #include <algorithm>
 #include <cstdint>
-#include <cstring>
 #include <vector>
 
 namespace {
 
-typedef float v16 __attribute__((vector_size(64)));
-typedef uint16_t v16h __attribute__((vector_size(32)));
-typedef uint32_t v16w __attribute__((vector_size(64)));
+using loraplex::load16;
+using loraplex::to_float;
+using loraplex::v16;
 
 constexpr int kRows = 4;  // rows per block (all of one slot)
 constexpr int kVecs = 4;  // 16-wide vectors per column tile
 
-inline v16 load(const float* p) { v16 v; std::memcpy(&v, p, sizeof v); return v; }
-inline v16 load(const c10::BFloat16* p) {
-  v16h h; std::memcpy(&h, p, sizeof h);
-  v16w w = __builtin_convertvector(h, v16w) << 16;
-  v16 v; std::memcpy(&v, &w, sizeof v); return v;
-}
-inline float scalar(float v) { return v; }
-inline float scalar(c10::BFloat16 v) { return static_cast<float>(v); }
-inline void add_store(float* p, v16 v) { v16 y = load(p) + v; std::memcpy(p, &y, sizeof y); }
-inline void add_store(c10::BFloat16* p, v16 v) {  // rounds to nearest even (values are finite)
-  v16 y = load(p) + v;
-  v16w bits; std::memcpy(&bits, &y, sizeof bits);
-  bits = (bits + 0x7FFFu + ((bits >> 16) & 1u)) >> 16;
-  v16h h = __builtin_convertvector(bits, v16h);
-  std::memcpy(p, &h, sizeof h);
-}
+template <typename T>
+inline void add_store(T* p, v16 v) { loraplex::store16(p, load16(p) + v); }
 
 // t[m, q0 : q0 + 16 * kVecs] = x[rows[m]] @ a_slot[:, q0 : ...] for m < MB (one column tile)
 template <int MB, typename T>
@@ -58,14 +45,14 @@ void shrink_tile(const T* x, int64_t ldx, const int64_t* rows, const T* a_slot, 
   for (int64_t c = 0; c < I; ++c) {
     const T* arow = a_slot + c * lda + q0;
     v16 av[kVecs];
-    for (int v = 0; v < kVecs; ++v) av[v] = v < nv ? load(arow + 16 * v) : v16{};
+    for (int v = 0; v < kVecs; ++v) av[v] = v < nv ? load16(arow + 16 * v) : v16{};
     for (int m = 0; m < MB; ++m) {
-      const float xv = scalar(xr[m][c]);
+      const float xv = to_float(xr[m][c]);
       for (int v = 0; v < kVecs; ++v) acc[m][v] += xv * av[v];
     }
   }
   for (int m = 0; m < MB; ++m)
-    for (int v = 0; v < nv; ++v) std::memcpy(t + m * ldt + q0 + 16 * v, &acc[m][v], sizeof(v16));
+    for (int v = 0; v < nv; ++v) loraplex::store16(t + m * ldt + q0 + 16 * v, acc[m][v]);
 }
 
 // y[rows[m], o0 : o0 + 16 * nv] += tj[m, :r] @ b_slot[:r, o0 : ...] for m < MB
@@ -76,7 +63,7 @@ void expand_tile(T* y, int64_t ldy, const int64_t* rows, const T* b_slot, int64_
   for (int64_t q = 0; q < r; ++q) {
     const T* brow = b_slot + q * ldb + o0;
     v16 bv[kVecs];
-    for (int v = 0; v < kVecs; ++v) bv[v] = v < nv ? load(brow + 16 * v) : v16{};
+    for (int v = 0; v < kVecs; ++v) bv[v] = v < nv ? load16(brow + 16 * v) : v16{};
     for (int m = 0; m < MB; ++m) {
       const float tv = tj[m * r + q];
       for (int v = 0; v < kVecs; ++v) acc[m][v] += tv * bv[v];
@@ -104,9 +91,9 @@ void block(T* y, int64_t ldy, const T* x, int64_t ldx, const T* a_slot, const T*
     for (int m = 0; m < MB; ++m)  // a column tail that is not a multiple of 16
       for (int64_t o = vec_end; o < end; ++o) {
         float acc = 0.f;
-        for (int64_t q = 0; q < r; ++q) acc += tj[m * r + q] * scalar(b_slot[q * O + o]);
+        for (int64_t q = 0; q < r; ++q) acc += tj[m * r + q] * to_float(b_slot[q * O + o]);
         T* out = y + rows[m] * ldy + o;
-        *out = T(scalar(*out) + acc);
+        *out = T(to_float(*out) + acc);
       }
   }
 }

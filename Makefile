@@ -5,7 +5,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: setup serve test lint format bench bench-lora train-demo container-test clean
+.PHONY: setup serve test lint format bench bench-lora gpu-check train-demo container-test clean
 
 $(STAMP): pyproject.toml scripts/install.sh
 	bash scripts/install.sh "$(VENV)" "$(PYTHON)"
@@ -33,6 +33,11 @@ bench: $(STAMP)
 
 bench-lora: $(STAMP)
 	$(PY) -m benchmarks --lora
+
+# One NVIDIA GPU, ~8 minutes: kernel parity, engine vs HF+PEFT, graphs on/off, the GPU benchmark.
+# Needs no .venv on a machine whose python3 already has CUDA torch (see docs/gpu.md).
+gpu-check:
+	bash scripts/gpu_check.sh
 
 train-demo: $(STAMP)
 	$(PY) scripts/train_demo_model.py

@@ -40,11 +40,29 @@ class Settings(BaseSettings):
     max_num_batched_tokens: int = Field(2048, ge=16, description="Token budget of one step.")
     max_model_len: int | None = Field(None, ge=16, description="Context cap; default: the model's.")
     block_size: int = Field(16, ge=1, description="Tokens per KV-cache block.")
-    num_kv_blocks: int | None = Field(None, ge=2, description="KV blocks; default from kv_cache_memory_gb.")
-    kv_cache_memory_gb: float = Field(1.0, gt=0, description="KV cache budget when num_kv_blocks unset.")
+    num_kv_blocks: int | None = Field(
+        None,
+        ge=2,
+        description="KV blocks; default: what gpu_memory_utilization leaves (CUDA) or kv_cache_memory_gb.",
+    )
+    kv_cache_memory_gb: float = Field(
+        1.0, gt=0, description="KV cache budget on the CPU (on CUDA only when set explicitly)."
+    )
+    gpu_memory_utilization: float = Field(
+        0.90,
+        gt=0,
+        le=1,
+        description="Share of the GPU's memory this server may use; the KV cache gets what "
+        "weights, adapter slots and the profiled activation peak leave of it.",
+    )
     max_queue_len: int = Field(1024, ge=1, description="Waiting requests before 429.")
-    attention_backend: Literal["auto", "torch"] = Field(
-        "auto", description="Paged attention implementation; 'auto' picks the best for the device."
+    attention_backend: Literal["auto", "torch", "triton", "flashinfer"] = Field(
+        "auto",
+        description="Paged attention: 'auto' = flashinfer if installed on CUDA, else triton on CUDA, "
+        "else torch (the CPU reference).",
+    )
+    enforce_eager: bool = Field(
+        False, description="No CUDA graphs: decode steps run eagerly (same padded shapes, same outputs)."
     )
 
     # --- LoRA -------------------------------------------------------------------------------

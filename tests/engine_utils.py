@@ -63,3 +63,42 @@ def run_staggered(engine, seqs: list[Sequence], join_every: int = 1) -> dict[str
 
 def greedy(max_tokens: int, **kw) -> SamplingParams:
     return SamplingParams(max_tokens=max_tokens, temperature=0.0, ignore_eos=True, **kw)
+
+
+def with_decode_replay(engine: AsyncEngine, strategy, buckets: list[int] | None = None):
+    """Rebuilds ``engine``'s model runner around the same model, cache and adapters with decode steps
+    padded to buckets and run through ``strategy`` (e.g. ``EagerReplay`` on the CPU); returns it."""
+    from server.engine.decode_graphs import DecodeGraphs, bucket_sizes
+    from server.engine.model_runner import ModelRunner
+
+    old = engine.core.runner
+    limits = old.inputs.limits
+    runner = ModelRunner(
+        old.model,
+        old.attention,
+        old.lora,
+        max_num_seqs=limits.max_num_seqs,
+        max_num_batched_tokens=limits.max_num_tokens,
+        max_model_len=limits.max_blocks_per_seq * limits.block_size,
+        graphs=DecodeGraphs(strategy, buckets or bucket_sizes(limits.max_num_seqs)),
+    )
+    runner.capture_decode_graphs()
+    engine.core.runner = runner
+    return runner
+
+
+class CountingReplay:
+    """``EagerReplay`` that counts the steps replayed per bucket (and can pose as a graph strategy)."""
+
+    def __init__(self, needs_static_backends: bool = False) -> None:
+        self.name = "counting"
+        self.needs_static_backends = needs_static_backends
+        self.runs: dict[int, int] = {}
+
+    def capture(self, forward):
+        def replay():
+            out = forward()
+            self.runs[out.shape[0]] = self.runs.get(out.shape[0], 0) + 1
+            return out
+
+        return replay

@@ -12,7 +12,8 @@ from server.model.geometry import ModelGeometry
 BLOCK = 4
 
 pytestmark = pytest.mark.skipif(
-    not native_decode_supported(64, torch.float32, torch.device("cpu")), reason="native kernel does not build here"
+    not native_decode_supported(64, torch.float32, torch.device("cpu")),
+    reason="native kernel does not build here",
 )
 
 
@@ -24,16 +25,18 @@ def _backend(kv_heads: int, head_dim: int, dtype) -> TorchPagedAttention:
     return backend
 
 
-def _decode_layout(context_lens: list[int]) -> StepLayout:
+def _decode_spans(context_lens: list[int]) -> list[SeqSpan]:
     """One decode row per sequence; sequences own scattered, non-consecutive blocks."""
-    spans, slots, next_block = [], [], 1
+    spans, next_block = [], 1
     for row, ctx in enumerate(context_lens):
         table = [next_block + 2 * i for i in range(-(-ctx // BLOCK))]
         next_block += 2 * len(table) + 1
         spans.append(SeqSpan(row, 1, ctx, table))
-        pos = ctx - 1
-        slots.append(table[pos // BLOCK] * BLOCK + pos % BLOCK)
-    return StepLayout(spans, slots)
+    return spans
+
+
+def _layout(spans: list[SeqSpan], max_blocks: int = 0) -> StepLayout:
+    return StepLayout.from_spans(spans, BLOCK, "cpu", max_blocks=max_blocks)
 
 
 @pytest.mark.parametrize("heads,kv_heads,head_dim", [(8, 2, 64), (4, 4, 32), (16, 1, 16)])
@@ -44,7 +47,7 @@ def test_native_decode_matches_sdpa(heads, kv_heads, head_dim, options, dtype):
     if dtype == torch.bfloat16 and not torch.ops.mkldnn._is_mkldnn_bf16_supported():
         pytest.skip("no native bf16")
     backend = _backend(kv_heads, head_dim, dtype)
-    layout = _decode_layout([1, 7, 4, 13, 9])
+    layout = _layout(_decode_spans([1, 7, 4, 13, 9]), max_blocks=12)  # tables wider than needed
     g = torch.Generator().manual_seed(0)
     t = layout.num_tokens
     q = torch.randn(1, t, heads, head_dim, generator=g).to(dtype).transpose(1, 2)  # HF's [1, H, T, D] view
@@ -63,9 +66,7 @@ def test_native_decode_matches_sdpa(heads, kv_heads, head_dim, options, dtype):
 @torch.inference_mode()
 def test_mixed_step_decode_rows_beside_a_prefill_chunk():
     backend = _backend(2, 64, torch.float32)
-    decode = _decode_layout([6, 3])
-    prefill = SeqSpan(2, 5, 5, [30, 31])
-    layout = StepLayout([*decode.spans, prefill], decode.slot_mapping + [30 * BLOCK + i for i in range(4)] + [124])
+    layout = _layout([*_decode_spans([6, 3]), SeqSpan(2, 5, 5, [30, 31])])
     q = torch.randn(1, 8, 7, 64)
     k, v = torch.randn(1, 2, 7, 64), torch.randn(1, 2, 7, 64)
     outputs = {}

@@ -36,7 +36,10 @@ def test_auto_on_cpu(tmp_path, monkeypatch, saved, native, want):
 
 def test_explicit_dtype_is_honoured(tmp_path, monkeypatch):
     monkeypatch.setattr(config, "cpu_has_native_bf16", lambda: False)
-    assert Settings(model=_model(tmp_path, "float32"), device="cpu", dtype="bfloat16").resolved_dtype() == torch.bfloat16
+    assert (
+        Settings(model=_model(tmp_path, "float32"), device="cpu", dtype="bfloat16").resolved_dtype()
+        == torch.bfloat16
+    )
 
 
 def test_checkpoint_dtype_reads_the_legacy_key(tmp_path):

@@ -1,19 +1,11 @@
 """Triton SGMV kernels, run on CPU by Triton's interpreter, against the torch reference.
 
-The interpreter must be on before triton is first imported (triton.language's own helpers are
-decorated at import), so ``test_triton_kernels_under_interpreter`` starts a child pytest on this file
-with ``TRITON_INTERPRET=1`` and ``--noconftest``; this module therefore imports only torch and
-server.lora (no transformers) to keep that child quick. In the parent the kernel tests report
-"skipped: runs in the child".
+``test_triton_kernels_under_interpreter`` runs this file in a child pytest under Triton's interpreter
+(``tests/triton_child.py``); this module imports only torch and server.lora (no transformers) to keep
+that child quick. In the parent the kernel tests report "skipped: runs in the child".
 """
 
 from __future__ import annotations
-
-import importlib.util
-import os
-import subprocess
-import sys
-from pathlib import Path
 
 import pytest
 import torch
@@ -23,41 +15,16 @@ from server.lora.backend import make_lora_backend
 from server.lora.layers import LoRALinear
 from server.lora.slot_weights import SlotWeights
 from server.lora.spec import linear_spec
-
-IN_CHILD = os.environ.get("TRITON_INTERPRET") == "1"
-HAS_TRITON = importlib.util.find_spec("triton") is not None
+from tests.triton_child import only_in_child, run_child
 
 
 def test_triton_kernels_under_interpreter():
-    if IN_CHILD:
-        pytest.skip("this is the child run")
-    if not HAS_TRITON:
-        pytest.skip("triton is not installed")
-    env = {**os.environ, "TRITON_INTERPRET": "1", "OMP_NUM_THREADS": "1"}
-    cmd = [
-        sys.executable,
-        "-m",
-        "pytest",
-        "-q",
-        "--noconftest",
-        "-p",
-        "no:cacheprovider",
-        "-W",
-        "ignore",
-        __file__,
-    ]
-    run = subprocess.run(
-        cmd, env=env, cwd=Path(__file__).parent.parent, capture_output=True, text=True, timeout=500
-    )
-    out = (run.stdout + run.stderr)[-4000:]
-    assert run.returncode == 0, out
-    assert " passed" in out and "failed" not in out, out
+    run_child(__file__)
 
 
 @pytest.fixture
 def interpreted():
-    if not IN_CHILD:
-        pytest.skip("runs in the TRITON_INTERPRET=1 child of test_triton_kernels_under_interpreter")
+    only_in_child()
     assert make_lora_backend("triton", "cpu", 2).name == "triton"
 
 

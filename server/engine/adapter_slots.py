@@ -8,7 +8,10 @@ device slots, to pin what running requests use, and to set up each step's mixed 
 
 from __future__ import annotations
 
-from typing import Literal, Protocol
+from typing import TYPE_CHECKING, Literal, Protocol
+
+if TYPE_CHECKING:
+    import torch
 
 Readiness = Literal["ready", "loading", "error"]
 
@@ -46,8 +49,21 @@ class AdapterSlots(Protocol):
         """Makes every key resident in a device slot; returns key -> slot."""
         ...
 
-    def prepare_batch(self, seq_slots: list[int], seq_num_tokens: list[int]) -> None:
-        """This step's packed batch: sequence i uses slot ``seq_slots[i]`` (-1: base) for its tokens."""
+    def bind_step_buffers(self, host: torch.Tensor, device: torch.Tensor) -> None:
+        """Two [3, max_num_seqs] int32 views of the model runner's step buffers: ``prepare_batch``
+        writes the step's segment table into ``host``, the runner copies it to ``device`` with the
+        step's other inputs (one copy), and the LoRA kernels read ``device``."""
+        ...
+
+    def prepare_batch(self, seq_slots: list[int], seq_num_tokens: list[int], static: bool = False) -> None:
+        """This step's packed batch: sequence i uses slot ``seq_slots[i]`` (-1: base) for its tokens.
+        ``static``: a decode step padded to a graph bucket of ``len(seq_slots)`` rows, whose kernel
+        launches must depend on that size only."""
+        ...
+
+    def graph_safe(self) -> bool:
+        """Whether the LoRA work of a static step is a fixed set of launches reading only the bound
+        buffers (so a captured graph replays it); false e.g. while a DoRA slot is resident."""
         ...
 
     def resident(self) -> list[str]: ...

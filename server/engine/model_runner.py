@@ -1,26 +1,63 @@
 """Turns a scheduled batch into one packed forward pass and returns the logits to sample from.
 
-The runner lays the step out once (``StepLayout``: which rows belong to which sequence, where their
-K/V go), hands it to the attention backend's ``plan`` and the LoRA side's ``prepare_batch``, then
-runs the HF model once over all rows. Both backends do their per-step work there, not per layer.
+Per step: the inputs are written into persistent host buffers (``StepInputs``), the attention
+backend plans the step (``plan``) and the LoRA side lays out its segments (``prepare_batch``, into
+the same buffers), then one non-blocking copy moves everything to the device and the model runs
+once over all rows. Nothing in that path reads a value back from the device; the only sync of a
+step is the sampler fetching the sampled ids.
+
+Decode steps (one new token per sequence) are padded to a batch-size bucket and run through
+``DecodeGraphs`` when one is configured: CUDA graphs on CUDA, or eager replay of the same padded
+shapes with ``--enforce-eager``. Other steps (prefill chunks, batches larger than the largest
+bucket, or LoRA states a graph cannot replay) run eagerly at their own size.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+import logging
 
 import torch
 
 from server.engine.adapter_slots import AdapterSlots
+from server.engine.decode_graphs import DecodeGraphs
 from server.engine.sequence import Sequence
-from server.model.attention import AttentionBackend, SeqSpan, StepLayout
+from server.engine.step_inputs import PreparedStep, StepInputs, StepLimits
+from server.model.attention import AttentionBackend
+
+log = logging.getLogger(__name__)
 
 
-@dataclass
 class ModelRunner:
-    model: torch.nn.Module
-    attention: AttentionBackend  # owns the KV cache
-    lora: AdapterSlots | None = None  # None: base-model serving only
+    def __init__(
+        self,
+        model: torch.nn.Module,
+        attention: AttentionBackend,  # owns the KV cache
+        lora: AdapterSlots | None = None,  # None: base-model serving only
+        *,
+        max_num_seqs: int = 64,
+        max_num_batched_tokens: int = 2048,
+        max_model_len: int = 2048,
+        graphs: DecodeGraphs | None = None,
+    ) -> None:
+        self.model = model
+        self.attention = attention
+        self.lora = lora
+        bs = attention.block_size
+        self.inputs = StepInputs(
+            StepLimits(
+                max_num_seqs, max_num_batched_tokens, -(-max_model_len // bs), bs, attention.padding_block
+            ),
+            attention.device,
+        )
+        if lora is not None:
+            lora.bind_step_buffers(*self.inputs.lora_segment_views())
+        self.graphs = graphs
+        if (
+            graphs is not None
+            and graphs.strategy.needs_static_backends
+            and not attention.supports_cuda_graphs
+        ):
+            graphs.disable(f"attention backend '{attention.name}' cannot be captured")
 
     @property
     def device(self) -> torch.device:
@@ -30,42 +67,65 @@ class ModelRunner:
     def block_size(self) -> int:
         return self.attention.block_size
 
-    def layout(self, seqs: list[Sequence]) -> tuple[list[int], list[int], StepLayout, list[int]]:
-        """Packed token ids, positions, the attention layout and the rows whose logits are sampled."""
-        bs = self.block_size
-        ids: list[int] = []
-        positions: list[int] = []
-        slots: list[int] = []
-        spans: list[SeqSpan] = []
-        sample_rows: list[int] = []
-        for seq in seqs:
-            start, n = seq.num_computed_tokens, seq.num_new_tokens
-            row = len(ids)
-            ids.extend(seq.token_ids[start : start + n])
-            positions.extend(range(start, start + n))
-            table = seq.block_table
-            slots.extend(table[p // bs] * bs + p % bs for p in range(start, start + n))
-            spans.append(SeqSpan(row, n, start + n, table))
-            if seq.will_sample:
-                sample_rows.append(row + n - 1)
-        return ids, positions, StepLayout(spans, slots), sample_rows
-
     @torch.inference_mode()
     def run(self, seqs: list[Sequence]) -> torch.Tensor:
         """Runs one step; returns logits [num sampling seqs, vocab] in ``seqs`` order (float32)."""
-        ids, positions, layout, sample_rows = self.layout(seqs)
-        self.attention.plan(layout)
+        bucket = self._decode_bucket(seqs)
+        step = self._prepare(seqs, bucket)
+        if bucket is not None:
+            return self.graphs.run(bucket)[: len(seqs)].float()
+        logits = self._forward(step.input_ids, step.positions, step.logits_rows)
+        return logits[: step.num_sampled].float()
+
+    def capture_decode_graphs(self) -> None:
+        """Records (or, for eager replay, registers) the decode forward of every bucket. Call once,
+        after the KV cache exists and before serving."""
+        graphs = self.graphs
+        if graphs is None or not graphs.active:
+            return
+        if graphs.strategy.needs_static_backends and self.lora is not None and not self.lora.graph_safe():
+            graphs.disable("the LoRA backend's launches cannot be captured (use lora_backend 'triton')")
+            return
+        graphs.capture_all(self._prepare_dummy_decode, self._bucket_forward)
+
+    def _decode_bucket(self, seqs: list[Sequence]) -> int | None:
+        graphs = self.graphs
+        if graphs is None or not graphs.active or any(s.num_new_tokens != 1 for s in seqs):
+            return None
+        if graphs.strategy.needs_static_backends and self.lora is not None and not self.lora.graph_safe():
+            return None
+        return graphs.bucket_for(len(seqs))
+
+    def _prepare(self, seqs: list[Sequence], bucket: int | None) -> PreparedStep:
+        step = self.inputs.prepare(seqs, pad_to=bucket)
+        self.attention.plan(step.layout)
         if self.lora is not None:
-            self.lora.prepare_batch([s.lora_slot for s in seqs], [s.num_new_tokens for s in seqs])
-        input_ids = torch.tensor([ids], dtype=torch.long, device=self.device)
-        position_ids = torch.tensor([positions], dtype=torch.long, device=self.device)
-        # With only partial prefill chunks nothing is sampled, but K/V must still be written.
-        keep = torch.tensor(sample_rows or [len(ids) - 1], dtype=torch.long, device=self.device)
-        out = self.model(
-            input_ids=input_ids,
-            position_ids=position_ids,
-            attn_backend=self.attention,
-            use_cache=False,
-            logits_to_keep=keep,
-        )
-        return out.logits[0, : len(sample_rows)].float()
+            self.lora.prepare_batch(step.lora_slots, step.lora_tokens, static=bucket is not None)
+        self.inputs.upload(step.layout.num_seqs)
+        return step
+
+    def _prepare_dummy_decode(self, bucket: int) -> None:
+        """A decode step of ``bucket`` padding rows; LoRA rows on slot 0 so the LoRA kernels are part
+        of the capture (their segment table, refilled each step, decides what they add)."""
+        step = self.inputs.prepare([], pad_to=bucket)
+        self.attention.plan(step.layout)
+        if self.lora is not None:
+            self.lora.prepare_batch([0] * bucket, [1] * bucket, static=True)
+        self.inputs.upload(bucket)
+
+    def _bucket_forward(self, bucket: int) -> torch.Tensor:
+        views = self.inputs.buffers.device_view
+        ids = views("input_ids")[:bucket].view(1, bucket)
+        positions = views("positions")[:bucket].view(1, bucket)
+        return self._forward(ids, positions, 0)  # logits_to_keep=0: every row
+
+    def _forward(self, input_ids, position_ids, keep) -> torch.Tensor:
+        with torch.inference_mode():
+            out = self.model(
+                input_ids=input_ids,
+                position_ids=position_ids,
+                attn_backend=self.attention,
+                use_cache=False,
+                logits_to_keep=keep,
+            )
+        return out.logits[0]

@@ -10,28 +10,31 @@ interpreter with ``TRITON_INTERPRET=1``).
 
 from __future__ import annotations
 
-import importlib.util
-import os
 from collections.abc import Sequence
 
 import torch
 
 from server.lora.batch import LoRABatch, SlotRows
 from server.lora.slot_weights import SlotWeights
+from server.triton_support import triton_unavailable
 
 
 class LoRABackend:
     """``plan`` once per step, ``apply`` per layer; subclasses provide ``sgmv``."""
 
     name = "abstract"
+    # Whether a static (padded decode) batch runs as fixed launches reading only the segment table,
+    # so a CUDA graph can replay it (the DoRA and lora_bias passes never are: they loop on the host).
+    capturable = False
 
     def __init__(self, max_loras: int) -> None:
         self.max_loras = max_loras
         self.batch = LoRABatch(max_loras)
 
-    def plan(self, seq_slots: Sequence[int], seq_num_tokens: Sequence[int]) -> None:
-        """Sequence i occupies the next ``seq_num_tokens[i]`` rows and uses slot ``seq_slots[i]`` (-1: none)."""
-        self.batch.set(seq_slots, seq_num_tokens)
+    def plan(self, seq_slots: Sequence[int], seq_num_tokens: Sequence[int], static: bool = False) -> None:
+        """Sequence i occupies the next ``seq_num_tokens[i]`` rows and uses slot ``seq_slots[i]`` (-1: none);
+        ``static``: a decode step padded to a graph bucket (see ``LoRABatch.set``)."""
+        self.batch.set(seq_slots, seq_num_tokens, static)
 
     def clear(self) -> None:
         """No batch: every row runs the base model (e.g. a plain forward outside the engine)."""
@@ -52,52 +55,60 @@ class LoRABackend:
         """
         batch = self.batch
         batch.check_rows(x.shape[0])
-        if not batch.segments:
+        if not batch.segments and not batch.static:
             return
-        rows = batch.slot_rows(x.device)
-        if weights.any_dora(rows.live_slots):  # y = g * (W x) + b0  ==  g * y + (1 - g) * b0
+        live = batch.live_slots
+        if weights.any_dora(live):  # y = g * (W x) + b0  ==  g * y + (1 - g) * b0
+            rows = batch.slot_rows(x.device)
             scale = weights.dora_scale.index_select(0, rows.row_slot)
             shift = weights.dora_shift.index_select(0, rows.row_slot)
             rows.add_into(y, rows.take(y) * (scale - 1) + shift)
-        self.sgmv(y, x, weights, rows)
-        if weights.any_bias(rows.live_slots):
+        self.sgmv(y, x, weights)
+        if weights.any_bias(live):
+            rows = batch.slot_rows(x.device)
             rows.add_into(y, weights.bias.index_select(0, rows.row_slot))
 
-    def sgmv(self, y: torch.Tensor, x: torch.Tensor, weights: SlotWeights, rows: SlotRows) -> None:
-        """``y[i, cols_j] += (x[i] @ a[s, :, :r, j]) @ b[s, :r, cols_j]`` for every LoRA row ``i``
-        (slot ``s``) and member ``j``; see ``server.lora.ops.sgmv_torch``."""
+    def sgmv(self, y: torch.Tensor, x: torch.Tensor, weights: SlotWeights) -> None:
+        """``y[i, cols_j] += (x[i] @ A_j[s, :, :r]) @ b[s, :r, cols_j]`` for every LoRA row ``i`` of the
+        batch (slot ``s``) and member ``j``; see ``server.lora.ops.sgmv_torch``."""
         raise NotImplementedError
 
 
 class TorchLoRABackend(LoRABackend):
     name = "torch"
 
-    def sgmv(self, y, x, weights, rows) -> None:
+    def sgmv(self, y, x, weights) -> None:
         from server.lora.ops.sgmv_torch import sgmv_torch
 
-        sgmv_torch(y, x, weights, rows)
+        if self.batch.segments:
+            sgmv_torch(y, x, weights, self.batch.slot_rows(x.device))
 
 
 class CpuLoRABackend(LoRABackend):
     name = "cpu"
 
-    def sgmv(self, y, x, weights, rows) -> None:
+    def sgmv(self, y, x, weights) -> None:
         from server.lora.ops.sgmv_cpu import sgmv_cpu
 
-        sgmv_cpu(y, x, weights, rows)
+        if self.batch.segments:
+            sgmv_cpu(y, x, weights, self.batch.slot_rows(x.device))
 
 
 class TritonLoRABackend(LoRABackend):
     name = "triton"
+    capturable = True
 
-    def sgmv(self, y, x, weights, rows) -> None:
+    def sgmv(self, y, x, weights) -> None:
         from server.lora.ops.sgmv_triton import sgmv_triton
 
-        r = weights.live_rank(rows.live_slots)
+        batch = self.batch
+        # A static (graph) step launches at the buffers' full rank: its launches may not depend on
+        # which slots are live. Eager steps read only the live rank blocks.
+        r = weights.b.shape[1] if batch.static else weights.live_rank(batch.live_slots)
         if r == 0:
             return
-        for j, cols in enumerate(weights.slices):  # live rank blocks only
-            sgmv_triton(y[:, cols], x, weights.a[:, : r // 16, ..., j], weights.b[:, :r, cols], self.batch)
+        for j, cols in enumerate(weights.slices):
+            sgmv_triton(y[:, cols], x, weights.a[:, : r // 16, ..., j], weights.b[:, :r, cols], batch)
 
 
 BACKENDS: dict[str, type[LoRABackend]] = {
@@ -109,11 +120,7 @@ BACKENDS: dict[str, type[LoRABackend]] = {
 
 def triton_available(device: torch.device | str) -> bool:
     """Triton runs on CUDA devices, or anywhere under its interpreter (``TRITON_INTERPRET=1``)."""
-    if importlib.util.find_spec("triton") is None:
-        return False
-    if os.environ.get("TRITON_INTERPRET", "0") not in ("", "0"):
-        return True
-    return torch.device(device).type == "cuda"
+    return triton_unavailable(device) is None
 
 
 def cpu_kernel_available(device: torch.device | str) -> bool:

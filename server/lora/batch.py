@@ -5,9 +5,11 @@ every LoRA-wrapped linear of that model; the engine refreshes it once per step b
 Consecutive sequences on the same slot are merged into one segment (SGMV); base-model rows (slot -1)
 get no segment at all, so they cost nothing in the LoRA op.
 
-The ops read the rows grouped by slot (``SlotRows``): one jagged group per slot of the live range,
-whatever the rows per slot (prefill chunks of any length, single decode rows, base rows between).
-It is built once per step, on first use, and shared by every layer.
+Two views of the same segments, each built once per step on first use and shared by every layer:
+the ``[3, capacity]`` segment table the Triton kernels read (in the model runner's step buffers when
+bound, so a captured graph reads the next step's), and ``SlotRows``, the rows grouped by slot that the
+torch and native CPU ops read: one jagged group per slot of the live range, whatever the rows per
+slot (prefill chunks of any length, single decode rows, base rows between).
 """
 
 from __future__ import annotations
@@ -54,20 +56,43 @@ class SlotRows:
             y.index_add_(0, self.rows, delta)
 
 
+# Decode steps split segments at this many rows: the Triton kernel then runs one fixed row block per
+# segment, so a padded (graph) step and an eager one launch identical tiles and agree bit for bit.
+DECODE_SEGMENT_ROWS = 16
+
+
 class LoRABatch:
-    """Segments ``(start, end, slot)`` over the flattened token rows of the current forward."""
+    """Segments ``(start, end, slot)`` over the flattened token rows of the current forward.
+
+    The kernels read the segments as a ``[3, capacity]`` int32 table (starts, lengths, slots; unused
+    columns have length 0). With ``bind`` the table lives in the model runner's step buffers, which
+    the runner copies to the device once per step; unbound (tests, tools) the batch keeps its own.
+    """
 
     def __init__(self, max_loras: int) -> None:
         self.max_loras = max_loras
         self.num_tokens: int | None = None  # None: no batch set, LoRA layers act as the base model
         self.segments: list[tuple[int, int, int]] = []
+        self.static = False  # a padded decode step: launches depend on its row count only
+        self.launch_segments = 0  # segment programs a kernel launches (>= len(segments))
+        self.segment_rows: int | None = None  # decode: the fixed row block per segment
+        self._bound: tuple[torch.Tensor, torch.Tensor] | None = None
         self._device_cache: dict[torch.device, torch.Tensor] = {}
         self._rows_cache: dict[torch.device, SlotRows] = {}
 
-    def set(self, seq_slots: Sequence[int], seq_num_tokens: Sequence[int]) -> None:
-        """Sequence i occupies the next ``seq_num_tokens[i]`` rows and uses slot ``seq_slots[i]`` (-1 = none)."""
+    def bind(self, host: torch.Tensor, device: torch.Tensor) -> None:
+        """Keeps the segment table in ``host`` (written by ``set``), read by kernels from ``device``."""
+        self._bound = (host, device)
+
+    def set(self, seq_slots: Sequence[int], seq_num_tokens: Sequence[int], static: bool = False) -> None:
+        """Sequence i occupies the next ``seq_num_tokens[i]`` rows and uses slot ``seq_slots[i]`` (-1 = none).
+        ``static``: a decode step padded to ``len(seq_slots)`` rows for a captured graph."""
         if len(seq_slots) != len(seq_num_tokens):
             raise ValueError(f"{len(seq_slots)} slots for {len(seq_num_tokens)} sequences")
+        decode = len(seq_num_tokens) > 0 and all(int(n) == 1 for n in seq_num_tokens)
+        if static and not decode:
+            raise ValueError("a static LoRA batch must be a decode step (one token per sequence)")
+        limit = DECODE_SEGMENT_ROWS if decode else None
         segments: list[tuple[int, int, int]] = []
         row = 0
         for slot, n in zip(seq_slots, seq_num_tokens, strict=True):
@@ -75,37 +100,69 @@ class LoRABatch:
             if n < 0 or not -1 <= slot < self.max_loras:
                 raise ValueError(f"invalid sequence: slot {slot} (max_loras={self.max_loras}), {n} tokens")
             if slot >= 0 and n > 0:
-                if segments and segments[-1][2] == slot and segments[-1][1] == row:
-                    segments[-1] = (segments[-1][0], row + n, slot)
+                last = segments[-1] if segments else None
+                if (
+                    last
+                    and last[2] == slot
+                    and last[1] == row
+                    and (limit is None or row + n - last[0] <= limit)
+                ):
+                    segments[-1] = (last[0], row + n, slot)
                 else:
                     segments.append((row, row + n, slot))
             row += n
         self.num_tokens = row
         self.segments = segments
+        self.static = static
+        self.launch_segments = len(seq_slots) if static else len(segments)
+        self.segment_rows = limit
         self._device_cache = {}
         self._rows_cache = {}
+        if self._bound is not None:
+            self._write_table(self._bound[0])
 
     def clear(self) -> None:
         """Back to "no batch": every row runs the base model."""
         self.num_tokens = None
         self.segments = []
+        self.static = False
+        self.launch_segments = 0
+        self.segment_rows = None
         self._device_cache = {}
         self._rows_cache = {}
 
     @property
     def max_segment_len(self) -> int:
+        if self.segment_rows is not None:
+            return self.segment_rows
         return max((end - start for start, end, _ in self.segments), default=0)
 
     def segment_table(self, device: torch.device) -> torch.Tensor:
-        """``[3, S]`` int32 on ``device`` for the kernels: rows ``starts``, ``lens`` and ``slots`` of the
-        segments, built once per step. Starts and lengths rather than an indptr because base-model
-        rows leave gaps between segments."""
+        """``[3, capacity]`` int32 on ``device`` for the kernels: rows ``starts``, ``lens`` and ``slots``
+        of the segments (columns past the live ones have length 0). Starts and lengths rather than an
+        indptr because base-model rows leave gaps between segments."""
+        if self._bound is not None:
+            return self._bound[1]
         cached = self._device_cache.get(device)
         if cached is None:
-            rows = [[s, e - s, slot] for s, e, slot in self.segments]
-            table = torch.tensor(rows, dtype=torch.int32).reshape(-1, 3)
-            cached = self._device_cache[device] = table.t().contiguous().to(device)
+            table = torch.zeros(3, max(self.launch_segments, 1), dtype=torch.int32)
+            self._write_table(table)
+            cached = self._device_cache[device] = table.to(device)
         return cached
+
+    def _write_table(self, table: torch.Tensor) -> None:
+        capacity = table.shape[1]
+        if self.launch_segments > capacity:
+            raise ValueError(f"{self.launch_segments} LoRA segments; the step buffers hold {capacity}")
+        columns = [[s, e - s, slot] for s, e, slot in self.segments]
+        if columns:
+            table[:, : len(columns)] = torch.tensor(columns, dtype=torch.int32).t()
+        table[1, len(columns) : self.launch_segments] = 0  # programs past the live segments add nothing
+
+    @property
+    def live_slots(self) -> tuple[int, ...]:
+        """The slots with rows this step, ascending (host values: no device work)."""
+        return tuple(sorted({slot for _, _, slot in self.segments}))
 
     def slot_rows(self, device: torch.device) -> SlotRows:
         """The LoRA rows grouped by slot (see ``SlotRows``), built once per step; needs a segment."""

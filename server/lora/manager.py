@@ -16,6 +16,11 @@ from server.lora.ref import AdapterRef
 from server.lora.slot_table import SlotTable
 
 
+def needs_host_pass(adapter) -> bool:
+    """DoRA magnitudes or lora_bias vectors: the backend applies those per segment on the host."""
+    return any(w.dora_g is not None or w.bias is not None for w in adapter.modules.values())
+
+
 class AdapterManager:
     def __init__(self, lora: LoRAModel, cache: HostCache) -> None:
         self.lora = lora
@@ -24,6 +29,7 @@ class AdapterManager:
         self._slots = SlotTable(lora.max_loras)  # engine thread only
         self._slot_epoch: dict[str, object] = {}
         self._retiring: set[str] = set()  # guarded by cache.lock: unloaded keys awaiting unpin
+        self._host_pass_slots: dict[int, bool] = {}  # slot -> holds DoRA or lora_bias weights
 
     @property
     def max_loras(self) -> int:
@@ -80,6 +86,7 @@ class AdapterManager:
                     self._slot_epoch.pop(evicted, None)
                     self.counters.add(evictions=1)
             self.lora.set_slot(slot, adapter)
+            self._host_pass_slots[slot] = needs_host_pass(adapter)
             self._slot_epoch[key] = epoch
             self.counters.add(activations=1)
             slots[key] = slot
@@ -102,8 +109,16 @@ class AdapterManager:
         if self._slots.unpin(key) == 0:
             self._reap_retired()
 
-    def prepare_batch(self, seq_slots: list[int], seq_num_tokens: list[int]) -> None:
-        self.lora.backend.plan(seq_slots, seq_num_tokens)
+    def bind_step_buffers(self, host, device) -> None:
+        self.lora.backend.batch.bind(host, device)
+
+    def prepare_batch(self, seq_slots: list[int], seq_num_tokens: list[int], static: bool = False) -> None:
+        self.lora.backend.plan(seq_slots, seq_num_tokens, static)
+
+    def graph_safe(self) -> bool:
+        """A captured decode replays the backend's fixed launches only: no slot may need the DoRA or
+        lora_bias passes, which loop over segments on the host."""
+        return self.lora.backend.capturable and not any(self._host_pass_slots.values())
 
     def resident(self) -> list[str]:
         self._reap_retired()
@@ -120,3 +135,4 @@ class AdapterManager:
             self._slot_epoch.pop(key, None)
             if slot is not None:
                 self.lora.clear_slot(slot)
+                self._host_pass_slots.pop(slot, None)

@@ -9,7 +9,7 @@ import torch
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, PreTrainedTokenizerBase
 
 from server.config import cpu_has_native_bf16
-from server.model.attention.hf_bridge import register_attention_interface
+from server.model.attention.hf_bridge import BACKEND_NAME, register_attention_interface
 from server.model.cpu_linear import use_packed_linears
 from server.model.fused_linear import fuse_projections
 
@@ -25,7 +25,9 @@ def load_model(model_dir: Path, device: str, dtype: torch.dtype) -> torch.nn.Mod
     if not (Path(model_dir) / "config.json").is_file():
         raise FileNotFoundError(f"{model_dir} is not a Hugging Face model directory (no config.json)")
     if torch.device(device).type == "cpu" and dtype == torch.bfloat16 and not cpu_has_native_bf16():
-        log.warning("bfloat16 on a CPU without native bf16 (no avx512_bf16/AMX): emulated, slower than float32")
+        log.warning(
+            "bfloat16 on a CPU without native bf16 (no avx512_bf16/AMX): emulated, slower than float32"
+        )
     attn_implementation = register_attention_interface()
     config = AutoConfig.from_pretrained(model_dir, local_files_only=True)
     model = AutoModelForCausalLM.from_pretrained(
@@ -37,6 +39,16 @@ def load_model(model_dir: Path, device: str, dtype: torch.dtype) -> torch.nn.Mod
     fuse_projections(model)
     use_packed_linears(model)  # CPU only; a no-op on CUDA
     return model
+
+
+def check_serving_model(model: torch.nn.Module) -> None:
+    """Raises unless ``model``'s attention layers call the engine's backend (``hf_bridge``)."""
+    implementation = getattr(model.config, "_attn_implementation", None)
+    if implementation != BACKEND_NAME:
+        raise ValueError(
+            f"the model's attention implementation is {implementation!r}; models served by loraplex are "
+            f"built with attn_implementation={BACKEND_NAME!r} (load_model and the synthetic builders do this)"
+        )
 
 
 def load_tokenizer(model_dir: Path) -> PreTrainedTokenizerBase:

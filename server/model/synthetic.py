@@ -74,6 +74,26 @@ def make_random_model(
     return Path(out_dir)
 
 
+def build_random_model(
+    config: PretrainedConfig, device: str | torch.device, dtype: torch.dtype, seed: int = 0,
+    attn_implementation: str = "sdpa",
+) -> torch.nn.Module:  # fmt: skip
+    """A seeded random-init model built directly on ``device`` in ``dtype`` (transformers' own init,
+    run there): an 8B model in seconds on a GPU, never written to disk. Frozen, in eval mode."""
+    torch.manual_seed(seed)
+    with torch.device(device):
+        model = AutoModelForCausalLM.from_config(config, dtype=dtype, attn_implementation=attn_implementation)
+    return model.eval().requires_grad_(False)
+
+
+def use_attention(model: torch.nn.Module, implementation: str) -> None:
+    """Routes ``model``'s attention layers to ``implementation`` (a registered name, e.g. the engine's)."""
+    if hasattr(model, "set_attn_implementation"):
+        model.set_attn_implementation(implementation)
+    else:  # older transformers: every layer reads the shared config
+        model.config._attn_implementation = implementation
+
+
 def byte_bpe_tokenizer(vocab_size: int) -> PreTrainedTokenizerFast:
     """A byte-level BPE trained in-process on Python's bundled docs text: real text round-trips."""
     from pydoc_data.topics import topics

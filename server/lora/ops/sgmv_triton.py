@@ -18,8 +18,8 @@ from server.lora.batch import LoRABatch
 
 @triton.jit
 def _segment_rows(seg_ptr, num_segs, BLOCK_M: tl.constexpr, rows_axis: tl.constexpr, seg_axis: tl.constexpr):
-    """This program's block of rows of its segment (``seg_ptr`` is the [3, S] table of starts, lengths
-    and slots): the rows, their mask, the segment's slot, and whether the block has any row."""
+    """This program's block of rows of its segment (``seg_ptr`` is the [3, num_segs] table of starts,
+    lengths and slots): the rows, their mask, the segment's slot, and whether the block has any row."""
     seg = tl.program_id(seg_axis)
     first = tl.program_id(rows_axis) * BLOCK_M
     length = tl.load(seg_ptr + num_segs + seg)
@@ -76,10 +76,10 @@ def sgmv_triton(
     """``y[s:e] += (x[s:e] @ A[slot]) @ B[slot]`` per segment of ``batch``; A in rank blocks
     [slots, rank / 16, in, 16] (one member's view of ``SlotWeights.a``), B [slots, rank, out] (padded
     ranks contribute zeros)."""
-    if not batch.segments:
+    if not batch.segments and not batch.static:
         return
-    segments = batch.segment_table(x.device)
-    num_segments = len(batch.segments)
+    segments = batch.segment_table(x.device)  # [3, capacity]: the kernel's row stride is the capacity
+    table_stride, num_segments = segments.shape[1], batch.launch_segments
     rank, k, n_out = lora_a_blocks.shape[1] * lora_a_blocks.shape[3], x.shape[1], y.shape[1]
     precision = "ieee" if x.dtype == torch.float32 else "tf32"
     block_m = _block(batch.max_segment_len, 16, 64)
@@ -96,7 +96,7 @@ def sgmv_triton(
     ):
         grid = (rows_grid, triton.cdiv(n_dim, block_n), num_segments)
         _segment_gemm[grid](
-            inp, weights, out, segments, num_segments, k_dim, n_dim,
+            inp, weights, out, segments, table_stride, k_dim, n_dim,
             *inp.stride(), *strides, *out.stride(),
             BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k, ACCUMULATE=accumulate, PRECISION=precision,
         )  # fmt: skip

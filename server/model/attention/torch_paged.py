@@ -34,9 +34,9 @@ class _PrefillChunk:
 
 @dataclass
 class _DecodeBatch:
-    rows: torch.Tensor  # [Bd] packed rows of the decode queries
-    block_tables: torch.Tensor  # [Bd, max_blocks], padded with block 0
-    context_lens: torch.Tensor  # [Bd] keys each query attends to
+    rows: torch.Tensor  # [Bd] int32 packed rows of the decode queries
+    block_tables: torch.Tensor  # [Bd, max_blocks] int32, padded with stale entries
+    context_lens: torch.Tensor  # [Bd] int32 keys each query attends to
     mask: torch.Tensor | None = None  # [Bd, 1, 1, max_blocks * block_size], True on real keys (SDPA path)
 
     def key_mask(self, block_size: int) -> torch.Tensor:
@@ -52,7 +52,12 @@ MAX_NATIVE_GROUP = 16  # query heads per KV head the kernel handles
 
 def native_decode_supported(head_dim: int, dtype: torch.dtype, device: torch.device) -> bool:
     """Whether the native decode kernel serves this model here (it builds it on the first call)."""
-    if device.type != "cpu" or dtype not in (torch.float32, torch.bfloat16) or head_dim % 16 or head_dim > 256:
+    if (
+        device.type != "cpu"
+        or dtype not in (torch.float32, torch.bfloat16)
+        or head_dim % 16
+        or head_dim > 256
+    ):
         return False
     return load_kernel("loraplex_paged_attention_cpu", NATIVE_SOURCE)
 
@@ -83,14 +88,17 @@ class TorchPagedAttention(AttentionBackend):
     name = "torch"
 
     def allocate_kv_cache(self, dtype: torch.dtype) -> list[torch.Tensor]:
-        g = self.geometry
-        self.native_decode = native_decode_supported(g.head_dim, dtype, self.device)
-        shape = (2, self.num_blocks, self.block_size, g.num_kv_heads, g.head_dim)
-        return [torch.zeros(shape, dtype=dtype, device=self.device) for _ in range(g.num_layers)]
+        self.native_decode = native_decode_supported(self.geometry.head_dim, dtype, self.device)
+        return super().allocate_kv_cache(dtype)
 
     def plan(self, layout: StepLayout) -> None:
         device = self.device
-        self.slot_mapping = torch.tensor(layout.slot_mapping, dtype=torch.long, device=device)
+        self.slot_mapping = layout.device.slot_mapping[: layout.num_tokens].long()
+        if layout.is_decode and self.native_decode:  # the step buffers are the kernel's inputs as they are
+            n, host = layout.num_seqs, layout.host
+            self.prefills = []
+            self.decode = _DecodeBatch(host.query_start[:n], host.block_tables[:n], host.context_lens[:n])
+            return
         self.prefills = [
             _PrefillChunk(
                 s.start,
@@ -107,11 +115,11 @@ class TorchPagedAttention(AttentionBackend):
     def _plan_decode(self, spans) -> _DecodeBatch:
         max_blocks = max(len(s.block_table) for s in spans)
         padded = [s.block_table + [0] * (max_blocks - len(s.block_table)) for s in spans]
-        ctx = torch.tensor([s.context_len for s in spans], dtype=torch.long, device=self.device)
+        ints = {"dtype": torch.int32, "device": self.device}
         return _DecodeBatch(
-            rows=torch.tensor([s.start for s in spans], dtype=torch.long, device=self.device),
-            block_tables=torch.tensor(padded, dtype=torch.long, device=self.device),
-            context_lens=ctx,
+            rows=torch.tensor([s.start for s in spans], **ints),
+            block_tables=torch.tensor(padded, **ints),
+            context_lens=torch.tensor([s.context_len for s in spans], **ints),
         )
 
     def forward(self, layer_idx, query, key, value, scaling, sliding_window, softcap) -> torch.Tensor:
@@ -133,7 +141,9 @@ class TorchPagedAttention(AttentionBackend):
                 self.decode.context_lens, scale, softcap or 0.0, sliding_window or 0,
             )  # fmt: skip
         elif self.decode is not None:
-            out.index_copy_(0, self.decode.rows, self._decode(cache, q_all, scaling, sliding_window, softcap))
+            out.index_copy_(
+                0, self.decode.rows.long(), self._decode(cache, q_all, scaling, sliding_window, softcap)
+            )
         return out.unsqueeze(0)
 
     def _prefill(self, chunk, q_all, key, value, k_flat, v_flat, scaling, sliding_window, softcap):

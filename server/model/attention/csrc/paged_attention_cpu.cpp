@@ -40,7 +40,7 @@ inline v16 cap(v16 s, float softcap) {
 // the live registers to one head's query, partial sums and accumulator.
 template <typename T>
 void attend(T* out, const T* q, int64_t q_row_stride, int64_t q_head_stride, const T* k_cache, const T* v_cache,
-            int64_t block_size, int64_t kvh, int64_t hd, const int64_t* table, int64_t ctx, int64_t row,
+            int64_t block_size, int64_t kvh, int64_t hd, const int32_t* table, int64_t ctx, int64_t row,
             int64_t g, int64_t group, float scale, float softcap, int64_t window, int64_t out_row_stride,
             int64_t out_head_stride) {
   const int nv = hd / 16;
@@ -90,8 +90,26 @@ void attend(T* out, const T* q, int64_t q_row_stride, int64_t q_head_stride, con
   }
 }
 
+template <typename T>
+void run(at::Tensor& out, const at::Tensor& q, const at::Tensor& k_cache, const at::Tensor& v_cache,
+         const int32_t* rows, const int32_t* tables, int64_t ld_table, const int32_t* ctx, int64_t B, int64_t kvh,
+         int64_t bs, int64_t hd, int64_t group, double scale, double softcap, int64_t window) {
+  T* op = out.data_ptr<T>();
+  const T* qp = q.data_ptr<T>();
+  const T* kp = k_cache.data_ptr<T>();
+  const T* vp = v_cache.data_ptr<T>();
+  at::parallel_for(0, B * kvh, 1, [&](int64_t lo, int64_t hi) {
+    for (int64_t i = lo; i < hi; ++i) {
+      const int64_t b = i / kvh, g = i % kvh;
+      attend<T>(op, qp, q.stride(0), q.stride(1), kp, vp, bs, kvh, hd, tables + b * ld_table, ctx[b], rows[b], g,
+                group, (float)scale, (float)softcap, window, out.stride(0), out.stride(1));
+    }
+  });
+}
+
 // out, q: [T, H, D] (head_dim contiguous); k_cache, v_cache: [num_blocks, block_size, KVH, D]
-// contiguous; rows, context_lens: int64 [B]; block_tables: int64 [B, max_blocks].
+// contiguous; rows, context_lens: int32 [B]; block_tables: int32 [B, >= max blocks] (rows may be
+// longer than needed: the engine's step buffers are sized for the longest context).
 void paged_decode(at::Tensor out, const at::Tensor& q, const at::Tensor& k_cache, const at::Tensor& v_cache,
                   const at::Tensor& rows, const at::Tensor& block_tables, const at::Tensor& context_lens,
                   double scale, double softcap, int64_t window) {
@@ -104,44 +122,27 @@ void paged_decode(at::Tensor out, const at::Tensor& q, const at::Tensor& k_cache
                   hd / 16 <= kMaxVecs && H / kvh <= kMaxGroup, "paged_decode: unsupported head shapes");
   TORCH_CHECK(q.scalar_type() == out.scalar_type() && k_cache.scalar_type() == out.scalar_type() &&
                   v_cache.scalar_type() == out.scalar_type(), "paged_decode: one dtype");
-  TORCH_CHECK(rows.scalar_type() == at::kLong && block_tables.scalar_type() == at::kLong &&
-                  context_lens.scalar_type() == at::kLong && rows.is_contiguous() && block_tables.is_contiguous() &&
-                  context_lens.is_contiguous() && block_tables.dim() == 2 && block_tables.size(0) == rows.numel() &&
-                  context_lens.numel() == rows.numel(), "paged_decode: int64 rows, tables, lengths");
-  const int64_t B = rows.numel(), mb = block_tables.size(1);
-  const int64_t* rp = rows.data_ptr<int64_t>();
-  const int64_t* tp = block_tables.data_ptr<int64_t>();
-  const int64_t* cp = context_lens.data_ptr<int64_t>();
+  TORCH_CHECK(rows.scalar_type() == at::kInt && block_tables.scalar_type() == at::kInt &&
+                  context_lens.scalar_type() == at::kInt && rows.is_contiguous() && context_lens.is_contiguous() &&
+                  block_tables.dim() == 2 && block_tables.stride(1) == 1 && block_tables.size(0) == rows.numel() &&
+                  context_lens.numel() == rows.numel(), "paged_decode: int32 rows, block tables, lengths");
+  const int64_t B = rows.numel(), mb = block_tables.size(1), ld_table = block_tables.stride(0);
+  const int32_t* rp = rows.data_ptr<int32_t>();
+  const int32_t* tp = block_tables.data_ptr<int32_t>();
+  const int32_t* cp = context_lens.data_ptr<int32_t>();
   for (int64_t b = 0; b < B; ++b) {
     TORCH_CHECK(rp[b] >= 0 && rp[b] < q.size(0) && rp[b] < out.size(0), "paged_decode: row out of range");
     TORCH_CHECK(cp[b] >= 0 && cp[b] <= mb * bs, "paged_decode: context beyond the block table");
-    for (int64_t i = 0; i < (cp[b] + bs - 1) / bs; ++i)
-      TORCH_CHECK(tp[b * mb + i] >= 0 && tp[b * mb + i] < nb, "paged_decode: block out of range");
+    const int64_t first = window > 0 ? std::max<int64_t>(0, cp[b] - window) / bs : 0;
+    for (int64_t i = first; i < (cp[b] + bs - 1) / bs; ++i)
+      TORCH_CHECK(tp[b * ld_table + i] >= 0 && tp[b * ld_table + i] < nb, "paged_decode: block out of range");
   }
   const int64_t group = H / kvh;
   AT_DISPATCH_SWITCH(out.scalar_type(), "paged_decode",
-    AT_DISPATCH_CASE(at::kFloat, [&] {
-      using T = float;
-      at::parallel_for(0, B * kvh, 1, [&](int64_t lo, int64_t hi) {
-        for (int64_t i = lo; i < hi; ++i) {
-          const int64_t b = i / kvh, g = i % kvh;
-          attend<T>(out.data_ptr<T>(), q.data_ptr<T>(), q.stride(0), q.stride(1), k_cache.data_ptr<T>(),
-                    v_cache.data_ptr<T>(), bs, kvh, hd, tp + b * mb, cp[b], rp[b], g, group, (float)scale,
-                    (float)softcap, window, out.stride(0), out.stride(1));
-        }
-      });
-    })
-    AT_DISPATCH_CASE(at::kBFloat16, [&] {
-      using T = c10::BFloat16;
-      at::parallel_for(0, B * kvh, 1, [&](int64_t lo, int64_t hi) {
-        for (int64_t i = lo; i < hi; ++i) {
-          const int64_t b = i / kvh, g = i % kvh;
-          attend<T>(out.data_ptr<T>(), q.data_ptr<T>(), q.stride(0), q.stride(1), k_cache.data_ptr<T>(),
-                    v_cache.data_ptr<T>(), bs, kvh, hd, tp + b * mb, cp[b], rp[b], g, group, (float)scale,
-                    (float)softcap, window, out.stride(0), out.stride(1));
-        }
-      });
-    }));
+    AT_DISPATCH_CASE(at::kFloat, [&] { run<float>(out, q, k_cache, v_cache, rp, tp, ld_table, cp, B, kvh, bs, hd,
+                                                   group, scale, softcap, window); })
+    AT_DISPATCH_CASE(at::kBFloat16, [&] { run<c10::BFloat16>(out, q, k_cache, v_cache, rp, tp, ld_table, cp, B, kvh,
+                                                             bs, hd, group, scale, softcap, window); }));
 }
 
 }  // namespace

@@ -14,7 +14,7 @@ from collections.abc import Sequence
 
 import torch
 
-from server.lora.batch import LoRABatch, SlotRows
+from server.lora.batch import LoRABatch
 from server.lora.slot_weights import SlotWeights
 from server.triton_support import triton_unavailable
 

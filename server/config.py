@@ -62,7 +62,13 @@ class Settings(BaseSettings):
         "else torch (the CPU reference).",
     )
     enforce_eager: bool = Field(
-        False, description="No CUDA graphs: decode steps run eagerly (same padded shapes, same outputs)."
+        False,
+        description="No CUDA graphs and no compiled CPU decode: decode steps run eagerly (same outputs).",
+    )
+    compile_decode: bool = Field(
+        False,
+        description="CPU: torch.compile the decode forward at start-up (one dynamic-batch graph for every "
+        "bucket; ~1 min of start-up on 2 cores, cached across restarts; ~5-10% faster decode measured).",
     )
 
     # --- LoRA -------------------------------------------------------------------------------

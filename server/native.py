@@ -18,6 +18,8 @@ import threading
 import time
 from pathlib import Path
 
+import torch
+
 log = logging.getLogger(__name__)
 
 INCLUDE_DIR = Path(__file__).parent / "csrc"  # headers shared by the kernels (vec16.h)
@@ -36,12 +38,22 @@ def _cpu_fingerprint() -> str:
     return platform.processor() or platform.machine()
 
 
-def load_kernel(name: str, source: Path) -> bool:
-    """Builds (first time on this machine) and loads ``source``; True when its ops are registered."""
+def load_kernel(name: str, source: Path, fakes: tuple[str, ...] = ()) -> bool:
+    """Builds (first time on this machine) and loads ``source``; True when its ops are registered.
+
+    ``fakes``: ops (``namespace::name``) that only write into their arguments and return nothing;
+    each gets a no-op fake implementation, so torch.compile can trace through them."""
     with _lock:
         if name not in _loaded:
             _loaded[name] = _build_and_load(name, source)
+            if _loaded[name]:
+                for op in fakes:
+                    torch.library.register_fake(op)(_writes_only)
         return _loaded[name]
+
+
+def _writes_only(*args, **kwargs) -> None:
+    """Fake of an op that mutates its arguments in place and returns nothing."""
 
 
 def _build_and_load(name: str, source: Path) -> bool:

@@ -42,8 +42,9 @@ class LoRABackend:
 
     @property
     def active(self) -> bool:
-        """Whether any row of the current batch uses an adapter."""
-        return bool(self.batch.segments)
+        """Whether the current batch may add any delta. A static step of a capturable backend always
+        runs its op (a compiled graph must not depend on which rows have adapters this step)."""
+        return (self.batch.static and self.capturable) or bool(self.batch.segments)
 
     def apply(self, y: torch.Tensor, x: torch.Tensor, weights: SlotWeights) -> None:
         """Adds each row's adapter delta to ``y`` [N, out] in place, from ``x`` [N, in].
@@ -54,6 +55,9 @@ class LoRABackend:
             y[i] += (x[i] @ a[s]) @ b[s] + bias[s]           # per member column slice (see the ops)
         """
         batch = self.batch
+        if batch.static and self.capturable and not weights.resident_host_pass:  # maybe in a compiled graph
+            self.sgmv_static(y, x, weights)
+            return
         batch.check_rows(x.shape[0])
         if not batch.segments and not batch.static:
             return
@@ -73,6 +77,12 @@ class LoRABackend:
         batch (slot ``s``) and member ``j``; see ``server.lora.ops.sgmv_torch``."""
         raise NotImplementedError
 
+    def sgmv_static(self, y: torch.Tensor, x: torch.Tensor, weights: SlotWeights) -> None:
+        """``sgmv`` for a static step of a ``capturable`` backend: the same launches every step,
+        reading the step's slots from persistent buffers (no DoRA or lora_bias slot is resident then:
+        ``AdapterManager.graph_safe``)."""
+        self.sgmv(y, x, weights)
+
 
 class TorchLoRABackend(LoRABackend):
     name = "torch"
@@ -86,12 +96,19 @@ class TorchLoRABackend(LoRABackend):
 
 class CpuLoRABackend(LoRABackend):
     name = "cpu"
+    capturable = True  # static steps: one kernel call per target over the persistent per-row slots
 
     def sgmv(self, y, x, weights) -> None:
         from server.lora.ops.sgmv_cpu import sgmv_cpu
 
         if self.batch.segments:
             sgmv_cpu(y, x, weights, self.batch.slot_rows(x.device))
+
+    def sgmv_static(self, y, x, weights) -> None:
+        from server.lora.ops.sgmv_cpu import sgmv_cpu_rows
+
+        n, static = x.shape[0], self.batch.static_rows
+        sgmv_cpu_rows(y, x, weights, static.rows[:n], static.slots[:n])
 
 
 class TritonLoRABackend(LoRABackend):

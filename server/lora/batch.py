@@ -56,6 +56,23 @@ class SlotRows:
             y.index_add_(0, self.rows, delta)
 
 
+class StaticRows:
+    """Every row's slot (-1: a base row) of a static (padded decode) step, in persistent tensors: a
+    compiled decode graph reads these same tensors every step, whatever the step's slots are.
+    Sized by the first (largest) bucket, which is captured first."""
+
+    def __init__(self) -> None:
+        self.rows = torch.zeros(0, dtype=torch.long)
+        self.slots = torch.zeros(0, dtype=torch.long)
+
+    def fill(self, seq_slots: Sequence[int]) -> None:
+        n = len(seq_slots)
+        if n > self.slots.numel():
+            self.rows = torch.arange(n, dtype=torch.long)
+            self.slots = torch.full((n,), -1, dtype=torch.long)
+        self.slots[:n] = torch.as_tensor(list(seq_slots), dtype=torch.long)
+
+
 # Decode steps split segments at this many rows: the Triton kernel then runs one fixed row block per
 # segment, so a padded (graph) step and an eager one launch identical tiles and agree bit for bit.
 DECODE_SEGMENT_ROWS = 16
@@ -79,6 +96,7 @@ class LoRABatch:
         self._bound: tuple[torch.Tensor, torch.Tensor] | None = None
         self._device_cache: dict[torch.device, torch.Tensor] = {}
         self._rows_cache: dict[torch.device, SlotRows] = {}
+        self.static_rows = StaticRows()
 
     def bind(self, host: torch.Tensor, device: torch.Tensor) -> None:
         """Keeps the segment table in ``host`` (written by ``set``), read by kernels from ``device``."""
@@ -120,6 +138,8 @@ class LoRABatch:
         self._rows_cache = {}
         if self._bound is not None:
             self._write_table(self._bound[0])
+        if static:
+            self.static_rows.fill(seq_slots)
 
     def clear(self) -> None:
         """Back to "no batch": every row runs the base model."""
@@ -168,40 +188,8 @@ class LoRABatch:
         """The LoRA rows grouped by slot (see ``SlotRows``), built once per step; needs a segment."""
         cached = self._rows_cache.get(device)
         if cached is None:
-            cached = self._rows_cache[device] = self._group_rows(device)
+            cached = self._rows_cache[device] = group_rows(self.segments, device)
         return cached
-
-    def _group_rows(self, device: torch.device) -> SlotRows:
-        by_slot: dict[int, list[tuple[int, int]]] = {}
-        for start, end, slot in self.segments:
-            by_slot.setdefault(slot, []).append((start, end))
-        live = tuple(sorted(by_slot))
-        lo, hi = live[0], live[-1]
-        ordered = [span for slot in live for span in by_slot[slot]]
-        in_place = all(prev[1] == nxt[0] for prev, nxt in zip(ordered, ordered[1:], strict=False))
-        ends, row_slot, total = [], [], 0
-        for slot in range(lo, hi + 1):
-            for start, end in by_slot.get(slot, ()):
-                total += end - start
-                row_slot += [slot] * (end - start)
-            ends.append(total)
-        if in_place:
-            batch_rows = torch.arange(ordered[0][0], ordered[-1][1], dtype=torch.long, device=device)
-        else:
-            batch_rows = torch.tensor(
-                [r for s, e in ordered for r in range(s, e)], dtype=torch.long, device=device
-            )
-        return SlotRows(
-            lo,
-            hi,
-            torch.tensor(ends, dtype=torch.int32, device=device),
-            torch.tensor(row_slot, dtype=torch.long, device=device),
-            batch_rows,
-            None if in_place else batch_rows,
-            ordered[0][0],
-            ordered[-1][1],
-            live,
-        )
 
     def check_rows(self, rows: int) -> None:
         """Raises if a layer sees a different number of rows than the engine announced."""
@@ -209,3 +197,37 @@ class LoRABatch:
             raise RuntimeError(
                 f"LoRA batch was set for {self.num_tokens} tokens but the layer got {rows} rows"
             )
+
+
+def group_rows(segments: list[tuple[int, int, int]], device: torch.device) -> SlotRows:
+    """The rows of ``segments`` grouped by slot (see ``SlotRows``); needs a segment."""
+    by_slot: dict[int, list[tuple[int, int]]] = {}
+    for start, end, slot in segments:
+        by_slot.setdefault(slot, []).append((start, end))
+    live = tuple(sorted(by_slot))
+    lo, hi = live[0], live[-1]
+    ordered = [span for slot in live for span in by_slot[slot]]
+    in_place = all(prev[1] == nxt[0] for prev, nxt in zip(ordered, ordered[1:], strict=False))
+    ends, row_slot, total = [], [], 0
+    for slot in range(lo, hi + 1):
+        for start, end in by_slot.get(slot, ()):
+            total += end - start
+            row_slot += [slot] * (end - start)
+        ends.append(total)
+    if in_place:
+        batch_rows = torch.arange(ordered[0][0], ordered[-1][1], dtype=torch.long, device=device)
+    else:
+        batch_rows = torch.tensor(
+            [r for s, e in ordered for r in range(s, e)], dtype=torch.long, device=device
+        )
+    return SlotRows(
+        lo,
+        hi,
+        torch.tensor(ends, dtype=torch.int32, device=device),
+        torch.tensor(row_slot, dtype=torch.long, device=device),
+        batch_rows,
+        None if in_place else batch_rows,
+        ordered[0][0],
+        ordered[-1][1],
+        live,
+    )

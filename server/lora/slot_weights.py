@@ -58,6 +58,10 @@ class SlotWeights(nn.Module):
         self.rank = [[0] * max_loras for _ in self.names]  # [member][slot]
         self._bias = [[False] * max_loras for _ in self.names]
         self._dora = [[False] * max_loras for _ in self.names]
+        self.register_buffer(
+            "slot_rank", torch.zeros(max_loras, dtype=torch.long, device=device), persistent=False
+        )
+        self._refresh_resident()
 
     @property
     def num_members(self) -> int:
@@ -67,6 +71,15 @@ class SlotWeights(nn.Module):
         """The rank the op needs for these slots: the largest live one, rounded up to RANK_BLOCK."""
         r = max((ranks[s] for ranks in self.rank for s in slots), default=0)
         return -(-r // RANK_BLOCK) * RANK_BLOCK
+
+    def _refresh_resident(self) -> None:
+        """Facts over every slot, kept as plain attributes: a compiled (static) step reads them as
+        constants or tensors it reads each step: ``slot_rank`` (each slot's rank over its members,
+        rounded up to ``RANK_BLOCK``: the native kernel's per-slot rank) and ``resident_host_pass``,
+        whether a slot needs the DoRA or lora_bias pass (then no static step runs)."""
+        for slot in range(len(self.rank[0])):
+            self.slot_rank[slot] = self.live_rank([slot])
+        self.resident_host_pass = any(any(flags) for flags in (*self._dora, *self._bias))
 
     def any_dora(self, slots: Iterable[int]) -> bool:
         return any(flags[s] for flags in self._dora for s in slots)
@@ -104,6 +117,7 @@ class SlotWeights(nn.Module):
             self.bias[slot, cols].copy_(weights.bias * row_scale)
             self._bias[member][slot] = True
         self.rank[member][slot] = r
+        self._refresh_resident()
 
     @torch.no_grad()
     def clear(self, slot: int, member: int) -> None:
@@ -117,3 +131,4 @@ class SlotWeights(nn.Module):
         self.rank[member][slot] = 0
         self._bias[member][slot] = False
         self._dora[member][slot] = False
+        self._refresh_resident()

@@ -52,7 +52,22 @@ class LinearKernel:
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
         if self.packed is None or x.dtype != self.weight.dtype:
             return F.linear(x, self.weight, self.bias)
+        if torch.compiler.is_compiling():  # inductor lowers mkldnn linears only for frozen weights
+            return packed_linear(x, self.packed, self.bias, self.weight.shape[0])
         return torch.ops.mkldnn._linear_pointwise(x, self.packed, self.bias, "none", [None], "")
+
+
+@torch.library.custom_op("loraplex::packed_linear", mutates_args=())
+def packed_linear(
+    x: torch.Tensor, packed: torch.Tensor, bias: torch.Tensor | None, out_features: int
+) -> torch.Tensor:
+    """The packed oneDNN linear as an opaque op for torch.compile'd graphs (eager calls it directly)."""
+    return torch.ops.mkldnn._linear_pointwise(x, packed, bias, "none", [None], "")
+
+
+@packed_linear.register_fake
+def _(x, packed, bias, out_features):
+    return x.new_empty(*x.shape[:-1], out_features)
 
 
 class PackedLinear(nn.Linear):

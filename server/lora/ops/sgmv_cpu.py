@@ -23,16 +23,19 @@ SOURCE = Path(__file__).parent / "csrc" / "sgmv_cpu.cpp"
 
 def sgmv_cpu_available() -> bool:
     """Builds the kernel on first call (tens of seconds, once per machine); False if it cannot."""
-    return load_kernel("loraplex_sgmv_cpu", SOURCE)
+    return load_kernel("loraplex_sgmv_cpu", SOURCE, fakes=("loraplex_cpu::sgmv",))
 
 
 def sgmv_cpu(y: torch.Tensor, x: torch.Tensor, weights: SlotWeights, rows: SlotRows) -> None:
     """``y[i, cols_j] += (x[i] @ a[s, :, :r, j]) @ b[s, :r, cols_j]`` for every LoRA row ``i`` (slot
     ``s``) and member ``j``; ``y`` and ``x`` need contiguous rows (the layers' outputs and inputs do)."""
-    r = weights.live_rank(rows.live_slots)
-    if r == 0:
-        return
+    sgmv_cpu_rows(y, x, weights, rows.batch_rows, rows.row_slot)
+
+
+def sgmv_cpu_rows(y, x, weights: SlotWeights, rows: torch.Tensor, slots: torch.Tensor) -> None:
+    """The kernel call: batch rows ``rows`` with slots ``slots`` (int64 [M], -1: skipped), each slot
+    at its own rank (``weights.slot_rank``)."""
     bounds = [cols.start for cols in weights.slices] + [weights.slices[-1].stop]
     if x.stride(-1) != 1:
         x = x.contiguous()
-    torch.ops.loraplex_cpu.sgmv(y, x, weights.a, weights.b, bounds, rows.batch_rows, rows.row_slot, r)
+    torch.ops.loraplex_cpu.sgmv(y, x, weights.a, weights.b, bounds, rows, slots, weights.slot_rank)

@@ -59,7 +59,8 @@ def native_decode_supported(head_dim: int, dtype: torch.dtype, device: torch.dev
         or head_dim > 256
     ):
         return False
-    return load_kernel("loraplex_paged_attention_cpu", NATIVE_SOURCE)
+    fakes = ("loraplex_attention_cpu::paged_decode", "loraplex_attention_cpu::store_kv")
+    return load_kernel("loraplex_paged_attention_cpu", NATIVE_SOURCE, fakes=fakes)
 
 
 def sdpa(q, k, v, mask, scaling, is_causal, softcap):
@@ -89,11 +90,14 @@ class TorchPagedAttention(AttentionBackend):
 
     def allocate_kv_cache(self, dtype: torch.dtype) -> list[torch.Tensor]:
         self.native_decode = native_decode_supported(self.geometry.head_dim, dtype, self.device)
+        # A padded decode step plans from the persistent step buffers and runs the same native calls
+        # every step: what a compiled decode (or a graph) needs.
+        self.supports_cuda_graphs = self.native_decode
         return super().allocate_kv_cache(dtype)
 
     def plan(self, layout: StepLayout) -> None:
         device = self.device
-        self.slot_mapping = layout.device.slot_mapping[: layout.num_tokens].long()
+        self.slot_mapping = layout.device.slot_mapping[: layout.num_tokens]  # int32
         if layout.is_decode and self.native_decode:  # the step buffers are the kernel's inputs as they are
             n, host = layout.num_seqs, layout.host
             self.prefills = []
@@ -126,8 +130,7 @@ class TorchPagedAttention(AttentionBackend):
         cache = self.kv_caches[layer_idx]
         k_flat = cache[0].view(-1, *cache.shape[3:])
         v_flat = cache[1].view(-1, *cache.shape[3:])
-        k_flat.index_copy_(0, self.slot_mapping, key[0].transpose(0, 1))
-        v_flat.index_copy_(0, self.slot_mapping, value[0].transpose(0, 1))
+        self._store_kv(cache, k_flat, v_flat, key[0].transpose(0, 1), value[0].transpose(0, 1))
         q_all = query[0]  # [H, T, D]
         out = torch.empty_like(q_all.transpose(0, 1))  # [T, H, D]
         for chunk in self.prefills:
@@ -137,7 +140,7 @@ class TorchPagedAttention(AttentionBackend):
         if self.decode is not None and native:
             scale = scaling if scaling is not None else q_all.shape[-1] ** -0.5
             torch.ops.loraplex_attention_cpu.paged_decode(
-                out, q_all.transpose(0, 1), cache[0], cache[1], self.decode.rows, self.decode.block_tables,
+                out, q_all.transpose(0, 1), cache, self.decode.rows, self.decode.block_tables,
                 self.decode.context_lens, scale, softcap or 0.0, sliding_window or 0,
             )  # fmt: skip
         elif self.decode is not None:
@@ -145,6 +148,18 @@ class TorchPagedAttention(AttentionBackend):
                 0, self.decode.rows.long(), self._decode(cache, q_all, scaling, sliding_window, softcap)
             )
         return out.unsqueeze(0)
+
+    def _store_kv(self, cache, k_flat, v_flat, k_rows, v_rows) -> None:
+        """This step's K/V rows [T, KVH, D] into their cache slots: one native call (in place, also
+        under torch.compile) when the rows have the usual layout, else two ``index_copy_``."""
+        if self.native_decode and all(
+            t.stride(2) == 1 and t.stride(1) == t.shape[2] for t in (k_rows, v_rows)
+        ):
+            torch.ops.loraplex_attention_cpu.store_kv(cache, k_rows, v_rows, self.slot_mapping)
+            return
+        slots = self.slot_mapping.long()
+        k_flat.index_copy_(0, slots, k_rows)
+        v_flat.index_copy_(0, slots, v_rows)
 
     def _prefill(self, chunk, q_all, key, value, k_flat, v_flat, scaling, sliding_window, softcap):
         """One sequence's chunk attending to its cached prefix and itself, causally: [n, H, D]."""

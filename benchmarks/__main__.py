@@ -1,5 +1,6 @@
-"""``python -m benchmarks [--lora] [--device cuda --dtype bfloat16]``: tokens/s tables with ratios
-against the peers (transformers, PEFT), every system on the same device and dtype in one run."""
+"""``python -m benchmarks [--lora] [--structured] [--device cuda --dtype bfloat16]``: tokens/s tables
+with ratios against the peers (transformers, PEFT) or the unconstrained batch, every system on the same
+device and dtype in one run."""
 
 from __future__ import annotations
 
@@ -27,6 +28,11 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--lora", action="store_true", help="also run the multi-LoRA benchmark")
     parser.add_argument("--only-lora", action="store_true", help="run only the multi-LoRA benchmark")
+    parser.add_argument(
+        "--structured",
+        action="store_true",
+        help="run only the structured-outputs benchmark (half the batch JSON)",
+    )
     parser.add_argument("--model-dir", type=Path, default=None, help="reuse a built benchmark model")
     parser.add_argument("--quick", action="store_true", help="tiny model and workload: a smoke run")
     parser.add_argument("--device", default="auto", help="'auto', 'cpu', 'cuda' or 'cuda:N'")
@@ -39,6 +45,14 @@ def main() -> None:
     )
     workload = Workload(num_requests=8, prompt_len=16, new_tokens=8) if args.quick else Workload()
     with tempfile.TemporaryDirectory() as tmp:
+        if args.structured:
+            from benchmarks.structured_bench import bench_structured
+
+            shorter = (
+                Workload(num_requests=8, prompt_len=16, new_tokens=8) if args.quick else Workload(32, 32, 32)
+            )
+            bench_structured(Path(tmp), shorter, target, args.quick, print_table)
+            return
         model_dir = make_bench_model(
             args.model_dir or Path(tmp) / "bench-llama", "bench-quick" if args.quick else "bench"
         )

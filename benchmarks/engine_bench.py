@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
+import time
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 from transformers import AutoModelForCausalLM
 
+from benchmarks.roofline import ModelShape, decode_step_rate, gemm_peak, roofline_line
 from benchmarks.workload import Target, Workload, timed
 from server.bootstrap import Runtime, build_runtime
 from server.config import Settings
@@ -52,10 +55,26 @@ def build_bench_runtime(model_dir: Path, target: Target, **overrides) -> Runtime
     return rt
 
 
+@dataclass(frozen=True)
+class DecodeStep:
+    """One engine step in which every scheduled sequence decoded one token (no prefill in it)."""
+
+    seconds: float
+    batch: int
+    context: float  # mean tokens per sequence, its attention span
+    lora_rows: int
+
+
 def run_engine(
-    rt: Runtime, prompts, new_tokens: int, target: Target, adapters: list[str] | None = None
+    rt: Runtime,
+    prompts,
+    new_tokens: int,
+    target: Target,
+    adapters: list[str] | None = None,
+    decode_steps: list[DecodeStep] | None = None,
 ) -> float:
-    """Tokens/s of our engine: all requests queued at once, stepped until done."""
+    """Tokens/s of our engine: all requests queued at once, stepped until done. Pure decode steps are
+    appended to ``decode_steps`` when given (for the roofline line)."""
     params = SamplingParams(max_tokens=new_tokens, temperature=0.0, ignore_eos=True)
     core = rt.engine.core
 
@@ -66,8 +85,21 @@ def run_engine(
             core.add(Sequence(f"bench-{i}", p, params, ref))
         produced = 0
         while core.has_work():
-            for _, out in core.step():
-                produced += len(out.new_token_ids)
+            tokens_before = core.counters.batched_tokens
+            start = time.perf_counter()
+            results = core.step()
+            seconds = time.perf_counter() - start
+            produced += sum(len(out.new_token_ids) for _, out in results)
+            if (
+                decode_steps is not None
+                and results
+                and core.counters.batched_tokens - tokens_before == len(results)
+            ):
+                seqs = [seq for seq, _ in results]
+                context = sum(len(s) for s in seqs) / len(seqs)
+                decode_steps.append(
+                    DecodeStep(seconds, len(seqs), context, sum(1 for s in seqs if s.adapter_key))
+                )
         return produced
 
     for i, p in enumerate(prompts[:2]):  # warm-up
@@ -82,7 +114,20 @@ def run_engine(
 def bench_engine(model_dir: Path, workload: Workload, target: Target) -> list[tuple[str, float]]:
     prompts = workload.prompts(32000)
     hf = transformers_generate(model_dir, prompts, workload.new_tokens, target)
-    ours = run_engine(
-        build_bench_runtime(model_dir, target, enable_lora=False), prompts, workload.new_tokens, target
-    )
+    rt = build_bench_runtime(model_dir, target, enable_lora=False)
+    steps: list[DecodeStep] = []
+    ours = run_engine(rt, prompts, workload.new_tokens, target, decode_steps=steps)
+    print_roofline(ModelShape.of_model(model_dir), steps, target)
     return [("transformers generate() static batch", hf), ("loraplex engine", ours)]
+
+
+def print_roofline(shape: ModelShape, steps: list[DecodeStep], target: Target) -> None:
+    """The engine's decode steps against the dense GEMM peak measured now (benchmarks/roofline.py)."""
+    peak = gemm_peak(target.dtype, device=str(target.device))
+    rate = decode_step_rate(steps, shape)
+    print(f"  dense GEMM peak ({target.dtype}, torch.matmul 2048^3): {peak / 1e9:.1f} GFLOP/s")
+    if rate:
+        print(
+            "  "
+            + roofline_line(f"loraplex decode step @ batch {rate[1]} (median of {rate[2]})", rate[0], peak)
+        )

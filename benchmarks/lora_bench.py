@@ -49,7 +49,8 @@ def peft_mixed(
     return hf_generate_tps(model, prompts, new_tokens, target, adapter_names=per_row)
 
 
-def _preloaded(model_dir: Path, store: Path, target: Target, names: list[str], **overrides):
+def preloaded_runtime(model_dir: Path, store: Path, target: Target, names: list[str], **overrides):
+    """Our runtime with ``names`` parsed into host memory, so timing starts with them at hand."""
     rt = build_bench_runtime(model_dir, target, adapter_store=store, **overrides)
     for name in names:
         rt.lora.cache.get(name)  # parsed into host memory before timing
@@ -80,7 +81,7 @@ def bench_lora(
         )
     ]
     rows.append(("PEFT mixed batch, 8 adapters", peft_mixed(model_dir, store, names, prompts, new, target)))
-    rt = _preloaded(model_dir, store, target, names, max_loras=8)
+    rt = preloaded_runtime(model_dir, store, target, names, max_loras=8)
     rows.append((BASE_ROW, run_engine(rt, prompts, new, target)))
     rows.append(("loraplex mixed, 8 adapters", run_engine(rt, prompts, new, target, adapters=names)))
     del rt
@@ -110,7 +111,7 @@ def bench_lora(
 
     many = make_adapters(model_dir, store, many_adapters)
     slots = max(1, many_adapters // 4)
-    rt = _preloaded(model_dir, store, target, many, max_loras=slots, max_cpu_loras=many_adapters)
+    rt = preloaded_runtime(model_dir, store, target, many, max_loras=slots, max_cpu_loras=many_adapters)
     many_prompts = (prompts * (many_adapters // len(prompts) + 1))[:many_adapters]
     many_tps = run_engine(rt, many_prompts, new, target, adapters=many)
     print(

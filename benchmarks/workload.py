@@ -8,7 +8,7 @@ from pathlib import Path
 
 import torch
 
-from server.model.synthetic import make_random_model, model_config, word_tokenizer
+from server.model.synthetic import char_tokenizer, make_random_model, model_config
 
 
 @dataclass
@@ -48,11 +48,12 @@ class Target:
 
 def make_bench_model(out_dir: Path, shape: str = "bench") -> Path:
     """The ~55M-parameter Llama (hidden 512, 8 layers, GQA 8/2, vocab 32000), random init, with a
-    word-level tokenizer (prompts are token ids)."""
+    one-character-per-token tokenizer: prompts are token ids, and the same ids as text (a server
+    benchmark) or in llama.cpp's GGUF conversion."""
     if (out_dir / "model.safetensors").exists():
         return out_dir
     config = model_config("llama", shape)
-    return make_random_model(out_dir, config, word_tokenizer(config.vocab_size), seed=0)
+    return make_random_model(out_dir, config, char_tokenizer(config.vocab_size), seed=0)
 
 
 def timed(fn, target: Target) -> tuple[float, object]:

@@ -14,9 +14,6 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
-import os
-import socket
-import subprocess
 import sys
 import tempfile
 import time
@@ -25,7 +22,8 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
-from clients import AsyncLoraplexClient, LoraplexClient  # noqa: E402
+from benchmarks.servers import ServerProcess, free_port  # noqa: E402
+from clients import AsyncLoraplexClient  # noqa: E402
 from clients.loadgen import (  # noqa: E402
     ArrivalSpec,
     LengthSpec,
@@ -71,57 +69,6 @@ def resolve_model(arg: Path | None, work: Path) -> Path:
     from benchmarks.workload import make_bench_model  # the engine benchmark's ~55M Llama
 
     return make_bench_model(work / "bench-model")
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-class ServerProcess:
-    """A server subprocess on 127.0.0.1; waits for /ready, terminates on exit, keeps its log."""
-
-    def __init__(
-        self,
-        label: str,
-        argv: list[str],
-        port: int,
-        log: Path,
-        env: dict | None = None,
-        threads: int | None = None,
-    ) -> None:
-        self.label, self.argv, self.port, self.log_path = label, argv, port, log
-        self.env = {**os.environ, **(env or {})}
-        if threads:
-            self.env["OMP_NUM_THREADS"] = str(threads)  # torch's intra-op threads in the server
-        self.url = f"http://127.0.0.1:{port}"
-        self.proc: subprocess.Popen | None = None
-
-    def __enter__(self) -> ServerProcess:
-        self.log = open(self.log_path, "w")  # noqa: SIM115 - closed in __exit__
-        self.proc = subprocess.Popen(
-            self.argv, stdout=self.log, stderr=subprocess.STDOUT, env=self.env, cwd=REPO
-        )
-        deadline = time.monotonic() + 600
-        with LoraplexClient(self.url, timeout=5) as probe:
-            while time.monotonic() < deadline:
-                if self.proc.poll() is not None:
-                    raise RuntimeError(f"{self.label} exited early; see {self.log_path}")
-                if probe.ready():
-                    return self
-                time.sleep(0.5)
-        raise TimeoutError(f"{self.label} not ready after 600 s; see {self.log_path}")
-
-    def __exit__(self, *exc) -> None:
-        if self.proc is not None and self.proc.poll() is None:
-            self.proc.terminate()
-            try:
-                self.proc.wait(timeout=60)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait()
-        self.log.close()
 
 
 def ours(args, model: Path, work: Path, port: int) -> ServerProcess:

@@ -33,7 +33,8 @@ from server.model.attention import AttentionBackend, attention_backend_class
 from server.model.geometry import ModelGeometry
 from server.model.loader import check_serving_model, eos_token_ids, load_model, load_tokenizer
 from server.service.adapter_service import AdapterService
-from server.store import AdapterStore
+from server.store import AdapterStore, recover_dir
+from server.structured.compiler import GrammarCompiler
 
 log = logging.getLogger(__name__)
 
@@ -48,11 +49,13 @@ class Runtime:
     lora: LoRAStack | None
     device: torch.device
     dtype: torch.dtype
+    grammars: GrammarCompiler  # structured outputs: compiles off the engine thread, cached
 
     def close(self) -> None:
-        """Releases what outlives the engine thread (the adapter loader pool)."""
+        """Releases what outlives the engine thread (the adapter loader and grammar pools)."""
         if self.lora is not None:
             self.lora.close()
+        self.grammars.close()
 
 
 def build_attention(
@@ -118,6 +121,8 @@ def build_runtime(settings: Settings, model: torch.nn.Module | None = None, toke
     dtype = next(model.parameters()).dtype  # a prebuilt model's own
     geometry = ModelGeometry.of(model.config)
     store = AdapterStore(settings.adapter_store)
+    recover_dir(store.root)  # what a crash left: staging and trash directories, half-done exports
+    recover_dir(settings.export_dir)
     lora = build_lora(model, settings, store)
     slots = lora.manager if lora is not None else None
     num_blocks = kv_cache_blocks(settings, model, slots, geometry, device, dtype)
@@ -142,17 +147,18 @@ def build_runtime(settings: Settings, model: torch.nn.Module | None = None, toke
         settings.max_num_batched_tokens,
         slots,
     )
+    eos_ids = eos_token_ids(model, tokenizer)
     core = LLMEngine(
-        runner, scheduler, Sampler(device, settings.seed), tokenizer,
-        EngineLimits(max_model_len, eos_token_ids(model, tokenizer)), slots,
+        runner, scheduler, Sampler(device, settings.seed, eos_ids), tokenizer,
+        EngineLimits(max_model_len, eos_ids), slots,
     )  # fmt: skip
     name = settings.served_model_name or Path(settings.model).resolve().name
-    engine = AsyncEngine(
-        core, ServedModel(name, tokenizer, max_model_len, geometry.vocab_size), settings.max_queue_len
-    )
+    served = ServedModel(name, tokenizer, max_model_len, geometry.vocab_size)
+    engine = AsyncEngine(core, served, settings.max_queue_len, settings.engine_step_timeout_s)
     adapters = AdapterService(settings, store, lora, name, engine.stats)
     graphs = runner.graphs
     replay = "off" if graphs is None else graphs.strategy.name if graphs.active else graphs.disabled_reason
     log.info("built %s on %s (%s), attention %s, %d KV blocks, decode replay: %s", name, device, dtype,
              attention.name, num_blocks, replay)  # fmt: skip
-    return Runtime(settings, engine, adapters, lora, torch.device(device), dtype)
+    grammars = GrammarCompiler(tokenizer, geometry.vocab_size, eos_ids)
+    return Runtime(settings, engine, adapters, lora, torch.device(device), dtype, grammars)

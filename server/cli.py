@@ -2,7 +2,8 @@
 
 ``serve`` flags are generated from :class:`server.config.Settings`, one per field (``max_loras`` ->
 ``--max-loras``), so the CLI can never drift from the settings; an unset flag falls back to the
-``LORAPLEX_*`` environment and then to the default. Lists take several values, dicts take JSON.
+``LORAPLEX_*`` environment and then to the default. Lists take several values (or comma-separated
+ones), dicts take JSON.
 """
 
 from __future__ import annotations
@@ -10,6 +11,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import os
 import sys
 import types
 import typing
@@ -42,24 +44,31 @@ def _scalar_type(tp):
     return tp if tp in (int, float, Path) else str
 
 
+def flags_of(name: str) -> list[str]:
+    """``drain_timeout_s`` -> ``--drain-timeout-s`` and, for a seconds field, ``--drain-timeout`` too."""
+    flag = "--" + name.replace("_", "-")
+    return [flag, flag.removesuffix("-s")] if name.endswith("_s") else [flag]
+
+
 def add_settings_flags(parser: argparse.ArgumentParser) -> None:
     for name, info in Settings.model_fields.items():
-        flag = "--" + name.replace("_", "-")
+        flags = flags_of(name)
         kind, args = _field_kind(info.annotation)
         help_text = (info.description or "") + f" [env LORAPLEX_{name.upper()}]"
-        if "key" in name:
+        if "key" in name and kind != "bool":
             help_text += " (prefer the env var: flags show in the process list)"
         common = dict(dest=name, default=None, help=help_text)
         if kind == "bool":
-            parser.add_argument(flag, action=argparse.BooleanOptionalAction, **common)
+            parser.add_argument(*flags, action=argparse.BooleanOptionalAction, **common)
         elif kind == "choice":
-            parser.add_argument(flag, choices=list(args), **common)
-        elif kind == "list":
-            parser.add_argument(flag, nargs="*", type=_scalar_type(args[0] if args else str), **common)
+            parser.add_argument(*flags, choices=list(args), **common)
+        elif kind == "list":  # items are split on commas too (Settings' split_list)
+            common["help"] = help_text + " (several values, or comma-separated)"
+            parser.add_argument(*flags, nargs="*", type=_scalar_type(args[0] if args else str), **common)
         elif kind == "dict":
-            parser.add_argument(flag, type=json.loads, metavar="JSON", **common)
+            parser.add_argument(*flags, type=json.loads, metavar="JSON", **common)
         else:
-            parser.add_argument(flag, type=_scalar_type(args[0]), **common)
+            parser.add_argument(*flags, type=_scalar_type(args[0]), **common)
 
 
 def settings_from_args(ns: argparse.Namespace) -> Settings:
@@ -103,25 +112,26 @@ def is_loopback(host: str) -> bool:
 
 
 def cmd_serve(ns: argparse.Namespace) -> int:
-    import uvicorn
-
-    from server.api.app import create_app
+    from server import runtime_env
 
     settings = settings_from_args(ns)
+    runtime_env.reexec_if_needed(settings.runtime_tuning, settings.device)  # returns when nothing to do
+
+    import torch  # noqa: F401 - loads OpenMP now, in this thread, which it pins to one core
+
+    from server.api.app import create_app
+    from server.api.serving import serve
+
+    runtime_env.unpin_main_thread()
     logging.basicConfig(level=ns.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    logging.getLogger("loraplex").info(runtime_env.describe(runtime_env.loaded_libraries(), dict(os.environ)))
     if not (settings.api_keys or settings.admin_keys) and not is_loopback(settings.host):
         logging.getLogger("loraplex").warning(
             "auth is off (no LORAPLEX_API_KEYS / LORAPLEX_ADMIN_KEYS) and the server listens on %s: "
             "anyone who can reach it may upload, load, merge and delete adapters",
             settings.host,
         )
-    uvicorn.run(
-        create_app(settings),
-        host=settings.host,
-        port=settings.port,
-        log_level=ns.log_level,
-        timeout_graceful_shutdown=int(settings.drain_timeout_s) + 1,
-    )
+    serve(create_app(settings), settings.host, settings.port, ns.log_level)
     return 0
 
 

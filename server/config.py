@@ -9,18 +9,43 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import Literal
+from typing import Annotated, Literal, TypeVar
 
-from pydantic import Field, field_validator, model_validator
-from pydantic_settings import BaseSettings, SettingsConfigDict
+from pydantic import BeforeValidator, Field, field_validator, model_validator
+from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 DEFAULT_MODEL_DIR = REPO_ROOT / "models" / "demo"
 DEFAULT_STORE_DIR = REPO_ROOT / "adapters_store"
 
+T = TypeVar("T")
+
+
+def split_list(value):
+    """A list setting from text: a JSON list, or comma-separated items (what operators type in a
+    Kubernetes Secret or ``docker run -e``: ``LORAPLEX_API_KEYS=a,b``). List items are split the same
+    way (``--api-keys a,b``), so commas always separate items."""
+    if isinstance(value, str):
+        text = value.strip()
+        if text.startswith("["):
+            items = json.loads(text)
+            if not isinstance(items, list):
+                raise ValueError("expected a JSON list")
+            return items
+        return [item.strip() for item in text.split(",") if item.strip()]
+    if isinstance(value, (list, tuple)):
+        return [part for item in value for part in (split_list(item) if isinstance(item, str) else [item])]
+    return value
+
+
+# A list setting: from env/flags as JSON or comma-separated (NoDecode: not JSON-only, pydantic-settings'
+# default for complex types).
+TextList = Annotated[list[T], NoDecode, BeforeValidator(split_list)]
+
 
 class Settings(BaseSettings):
-    """Server configuration; env vars use the ``LORAPLEX_`` prefix (lists as JSON)."""
+    """Server configuration; env vars use the ``LORAPLEX_`` prefix (lists as JSON or comma-separated,
+    mappings as JSON)."""
 
     model_config = SettingsConfigDict(env_prefix="LORAPLEX_", extra="ignore")
 
@@ -34,6 +59,11 @@ class Settings(BaseSettings):
         "bf16 (avx512_bf16, AMX), else float32.",
     )
     seed: int = 0
+    runtime_tuning: bool = Field(
+        True,
+        description="On CPU, restart once under tcmalloc/jemalloc and Intel/LLVM OpenMP where installed, "
+        "OMP threads = usable cores, bound (server/runtime_env.py); logged at start-up.",
+    )
 
     # --- engine -----------------------------------------------------------------------------
     max_num_seqs: int = Field(64, ge=1, description="Cap on sequences in the running batch.")
@@ -56,6 +86,12 @@ class Settings(BaseSettings):
         "weights, adapter slots and the profiled activation peak leave of it.",
     )
     max_queue_len: int = Field(1024, ge=1, description="Waiting requests before 429.")
+    engine_step_timeout_s: float = Field(
+        300.0,
+        ge=0,
+        description="A step running longer than this makes /health fail (Kubernetes restarts the pod) "
+        "and /ready 503; 0 = off.",
+    )
     attention_backend: Literal["auto", "torch", "triton", "flashinfer"] = Field(
         "auto",
         description="Paged attention: 'auto' = flashinfer if installed on CUDA, else triton on CUDA, "
@@ -82,7 +118,7 @@ class Settings(BaseSettings):
     )
     merged_adapter: str | None = Field(None, description="Serve this adapter merged into the base.")
     export_dir: Path = Field(REPO_ROOT / "exports", description="Where merged models are written.")
-    allowed_lora_roots: list[Path] = Field(
+    allowed_lora_roots: TextList[Path] = Field(
         default_factory=list, description="Roots that /v1/load_lora_adapter may read lora_path from."
     )
     max_adapter_bytes: int = Field(512 * 1024 * 1024, ge=1024, description="Upload size cap.")
@@ -90,14 +126,22 @@ class Settings(BaseSettings):
     # --- HTTP -------------------------------------------------------------------------------
     host: str = "127.0.0.1"
     port: int = Field(8000, ge=0, le=65535)
-    api_keys: list[str] = Field(default_factory=list, description="Bearer keys; empty = no auth.")
-    admin_keys: list[str] = Field(default_factory=list, description="Keys allowed to mutate adapters.")
+    api_keys: TextList[str] = Field(default_factory=list, description="Bearer keys; empty = no auth.")
+    admin_keys: TextList[str] = Field(default_factory=list, description="Keys allowed to mutate adapters.")
     key_adapter_allowlists: dict[str, list[str]] = Field(
         default_factory=dict, description="Per-key glob patterns of usable adapters."
     )
     max_body_bytes: int = Field(8 * 1024 * 1024, ge=1024)
     drain_timeout_s: float = Field(
-        30.0, ge=0, description="On shutdown, how long running requests may take to finish before abort."
+        30.0,
+        ge=0,
+        description="On SIGTERM, how long running requests may take to finish; those still running then "
+        "end with a 503 error (streams: an error event and [DONE]).",
+    )
+    metrics_require_key: bool = Field(
+        False,
+        description="Put /metrics behind the API keys (off: the inference gateway scrapes it; its labels "
+        "name adapters).",
     )
 
     @field_validator("device")

@@ -20,6 +20,8 @@ from prometheus_client import CollectorRegistry, Counter, Histogram, generate_la
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
 
+from server.engine.types import ErrorKind
+
 if TYPE_CHECKING:
     from server.bootstrap import Runtime
     from server.lora.counters import LoRACounters
@@ -72,9 +74,24 @@ class EngineCollector(Collector):
             ("loraplex_batched_tokens", "Tokens run through the model.", stats.num_batched_tokens_total),
         ):
             yield _counter(name, doc, value)
+        yield _step_failures(stats.failed_steps)
         counters = runtime.adapters.stats()
         if counters is not None:
             yield from _adapter_metrics(counters)
+
+
+_STEP_FAILURE_KINDS = (ErrorKind.INTERNAL.value, ErrorKind.OUT_OF_MEMORY.value)  # what a step raises as
+
+
+def _step_failures(failed_steps: dict[str, int]) -> CounterMetricFamily:
+    c = CounterMetricFamily(
+        "loraplex_engine_step_failures",
+        "Engine steps that raised (their requests failed, the engine went on), by kind.",
+        labels=["kind"],
+    )
+    for kind in sorted({*_STEP_FAILURE_KINDS, *failed_steps}):
+        c.add_metric([kind], failed_steps.get(kind, 0))
+    return c
 
 
 def _gauge(name: str, doc: str, value: float) -> GaugeMetricFamily:

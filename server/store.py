@@ -8,7 +8,13 @@ directory fails, which makes "two uploads of one name" resolve to exactly one wi
 processes. Readers therefore see either no adapter or a complete one, never a half-written one.
 
 Hidden entries (``.staging-*``, ``.trash-*``) can never collide with adapter names, because
-``ADAPTER_NAME_PATTERN`` requires a leading letter or digit.
+``ADAPTER_NAME_PATTERN`` requires a leading letter or digit. Each temporary entry's name ends with the
+``<pid>@<host>`` of the process that made it, so a server starting after a crash (SIGKILL, OOM kill,
+power loss) removes what *it* left behind (:func:`recover_dir`) without touching what another replica
+sharing the volume is writing right now.
+
+An adapter directory, or a file in it, that is a symbolic link resolving outside the store is not an
+adapter: it is not listed, served, loaded, merged or deleted through, and is reported once in the log.
 """
 
 from __future__ import annotations
@@ -17,24 +23,35 @@ import contextlib
 import errno
 import hashlib
 import json
+import logging
 import os
 import re
 import shutil
+import socket
+import time
 import uuid
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from server.confined import escaping_link
+
+log = logging.getLogger(__name__)
+
 # A PEFT adapter directory: these two files, and only these are ever read (no pickle formats).
 CONFIG_FILE = "adapter_config.json"
 WEIGHTS_FILE = "adapter_model.safetensors"
 ADAPTER_FILES = (CONFIG_FILE, WEIGHTS_FILE)
+MAX_CONFIG_BYTES = 1 << 20  # PEFT configs are a few kB; a larger one is only there to be slow to parse
 
 # Letters, digits, '.', '_', '-', starting with a letter or digit: no separators, no '..', no hidden
 # names, so a valid name joined to a root can never leave it.
 ADAPTER_NAME_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$"
 _NAME_RE = re.compile(ADAPTER_NAME_PATTERN)
 _HASH_CHUNK = 1 << 20
+# ".<kind>-<uuid>.<pid>@<host>", optionally followed by export_merged's ".tmp-<hex>"
+_TEMP_RE = re.compile(r"^\..*-[0-9a-f]{32}\.(?P<pid>\d+)@(?P<host>[A-Za-z0-9_.-]+?)(?:\.tmp-[0-9a-f]{8})?$")
+LEFTOVER_MAX_AGE_S = 6 * 3600  # another host's temporary entry untouched this long: its process is gone
 
 
 class StoreError(Exception):
@@ -86,17 +103,73 @@ def tree_digest(root: Path) -> str:
     return hashlib.sha256("".join(lines).encode("utf-8")).hexdigest()
 
 
+def temp_name(kind: str) -> str:
+    """A hidden, unique name saying which process made it: ``.<kind>-<uuid>.<pid>@<host>``."""
+    return f".{kind}-{uuid.uuid4().hex}.{os.getpid()}@{socket.gethostname()}"
+
+
 def replace_dir(src: Path, dst: Path) -> None:
     """Moves ``src`` onto ``dst``; an existing ``dst`` is swapped out first and deleted after, so a
-    reader sees the old tree or the new one, never half of either. Both must be on one filesystem."""
+    reader sees the old tree or the new one, never half of either. Both must be on one filesystem.
+    A crash between the two renames leaves ``.<dst>.old-*``, which :func:`recover_dir` puts back."""
     src, dst = Path(src), Path(dst)
     if not dst.exists():
         os.replace(src, dst)
         return
-    old = dst.parent / f".{dst.name}.old-{uuid.uuid4().hex[:8]}"
+    old = dst.parent / temp_name(f"{dst.name}.old")
     os.replace(dst, old)
     os.replace(src, dst)
     shutil.rmtree(old, ignore_errors=True)
+
+
+def _process_gone(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return True
+    except PermissionError:
+        return False
+    return pid == os.getpid()  # a previous life of this container, which had our pid
+
+
+def _left_behind(path: Path) -> bool:
+    """Whether the process that made the temporary entry ``path`` is gone: it was of this host and no
+    longer runs, or nothing touched the entry for ``LEFTOVER_MAX_AGE_S`` (another host's; a reused pid)."""
+    match = _TEMP_RE.match(path.name)
+    if match is None:
+        return False
+    if match["host"] == socket.gethostname() and _process_gone(int(match["pid"])):
+        return True
+    with contextlib.suppress(OSError):
+        newest = max([path.lstat().st_mtime, *(p.lstat().st_mtime for p in path.iterdir())])
+        return time.time() - newest > LEFTOVER_MAX_AGE_S
+    return False
+
+
+def recover_dir(directory: Path) -> list[str]:
+    """At start: deletes the trash (``.trash-*``) and the temporary entries whose process is gone
+    (staging and export directories), and puts back a directory a crash left swapped out by
+    :func:`replace_dir`. Returns what it did, one line per entry."""
+    directory = Path(directory)
+    if not directory.is_dir():
+        return []
+    done = []
+    for entry in sorted(directory.iterdir()):
+        if not (entry.name.startswith(".trash-") or _left_behind(entry)):
+            continue
+        original = directory / entry.name[1:].rpartition(".old-")[0] if ".old-" in entry.name else None
+        try:
+            if original is not None and not original.exists():
+                os.rename(entry, original)
+                done.append(f"restored {original.name} from {entry.name}")
+            else:
+                shutil.rmtree(entry)
+                done.append(f"removed {entry.name}")
+        except OSError as exc:  # a read-only volume, a racing replica: serving goes on regardless
+            log.warning("%s: could not clear %s (%s)", directory, entry.name, exc)
+    for line in done:
+        log.info("%s: %s (left by an earlier crash)", directory, line)
+    return done
 
 
 def _fsync_path(path: Path) -> None:
@@ -148,6 +221,7 @@ class AdapterStore:
         self.root = root.resolve()
         # (name -> (stat fingerprint, digest)); owned by this instance, so no global state.
         self._digests: dict[str, tuple[tuple, str]] = {}
+        self._reported: set[str] = set()  # names already logged as escaping the store
 
     # --- lookup -----------------------------------------------------------------------------
     def path_of(self, name: str) -> Path:
@@ -158,11 +232,30 @@ class AdapterStore:
         return path
 
     def exists(self, name: str) -> bool:
+        """A complete adapter directory of the store (a linked directory, or one holding a link that
+        resolves outside the store, is not one)."""
         try:
             path = self.path_of(name)
         except InvalidAdapterNameError:
             return False
-        return (path / CONFIG_FILE).is_file() and not path.is_symlink()
+        if path.is_symlink():
+            self._report(name, path)
+            return False
+        if not (path / CONFIG_FILE).is_file():
+            return False
+        link = escaping_link(path, self.root)
+        if link is not None:
+            self._report(name, link)
+            return False
+        self._reported.discard(name)
+        return True
+
+    def _report(self, name: str, link: Path) -> None:
+        if name not in self._reported:
+            self._reported.add(name)
+            log.warning("adapter store: '%s' is not served: %s is a symbolic link to %s (linked adapter "
+                        "directories, and links leading outside %s, are refused)",
+                        name, link, os.path.realpath(link), self.root)  # fmt: skip
 
     def names(self) -> list[str]:
         out = []
@@ -177,8 +270,10 @@ class AdapterStore:
         path = self.path_of(name)
         files = sorted(p for p in path.rglob("*") if p.is_file())
         try:
+            if (path / CONFIG_FILE).stat().st_size > MAX_CONFIG_BYTES:
+                raise ValueError("oversize config")
             config = json.loads((path / CONFIG_FILE).read_text("utf-8"))
-        except (OSError, ValueError):
+        except (OSError, ValueError, RecursionError):
             config = {}
         return StoredAdapter(
             name=name,
@@ -207,7 +302,7 @@ class AdapterStore:
     @contextlib.contextmanager
     def staging(self) -> Iterator[Path]:
         """A fresh hidden directory inside the root; removed on exit unless it was committed."""
-        path = self.root / f".staging-{uuid.uuid4().hex}"
+        path = self.root / temp_name("staging")
         path.mkdir()
         try:
             yield path
@@ -237,7 +332,7 @@ class AdapterStore:
         """Hides the adapter at once (rename to ``.trash-*``); returns the trash path to purge."""
         if not self.exists(name):
             raise AdapterMissingError(f"adapter '{name}' is not in the store")
-        trash = self.root / f".trash-{uuid.uuid4().hex}"
+        trash = self.root / temp_name("trash")
         os.rename(self.path_of(name), trash)
         _fsync_path(self.root)
         self._digests.pop(name, None)

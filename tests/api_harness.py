@@ -49,6 +49,9 @@ class LiveServer:
     def engine(self):
         return self.runtime.engine if self.runtime is not None else None
 
+    def client(self, timeout: float = 120) -> httpx.Client:
+        return httpx.Client(base_url=self.url, timeout=timeout)
+
     def start(self) -> LiveServer:
         self._thread.start()
         deadline = time.monotonic() + self.ready_timeout

@@ -21,6 +21,15 @@ def tiny_llama_dir(tmp_path_factory) -> Path:
 
 
 @pytest.fixture(scope="session")
+def tiny_llama_spec(tiny_llama_dir):
+    """What adapters for the tiny Llama are validated against (its targetable linears)."""
+    from server.lora.spec import BaseModelSpec
+    from tests.lora_fixtures import load_base
+
+    return BaseModelSpec.from_model(load_base(tiny_llama_dir))
+
+
+@pytest.fixture(scope="session")
 def tiny_qwen2_dir(tmp_path_factory) -> Path:
     """A random-init Qwen2 (q/k/v biases) saved in HF format."""
     return make_tiny_model(tmp_path_factory.mktemp("tiny_qwen2"), "qwen2")

@@ -65,6 +65,23 @@ def test_no_keys_means_open_admin_access():
     assert principal.is_admin and principal.can_use("x")
 
 
+def test_metrics_behind_the_keys_only_when_the_operator_asks():
+    """``--metrics-require-key``: off by default (the inference gateway scrapes /metrics)."""
+    from fastapi.testclient import TestClient
+
+    from server.api.app import create_app
+
+    # No lifespan (no `with`): nothing boots, which /health, /ready and /metrics do not need.
+    assert TestClient(create_app(auth_settings())).get("/metrics").status_code == 200
+    locked = TestClient(create_app(auth_settings(metrics_require_key=True)))
+    r = locked.get("/metrics")
+    assert r.status_code == 401 and r.json()["error"]["type"] == "authentication_error"
+    assert locked.get("/metrics", headers={"Authorization": "Bearer sk-guess"}).status_code == 401
+    r = locked.get("/metrics", headers={"Authorization": f"Bearer {KEYS['a']}"})
+    assert r.status_code == 200 and "loraplex_http_requests_total" in r.text
+    assert locked.get("/health").status_code == 200  # probes stay open
+
+
 @pytest.fixture(scope="module")
 def server(tmp_path_factory, tiny_llama_dir):
     root = tmp_path_factory.mktemp("api_auth")

@@ -3,13 +3,8 @@
 from __future__ import annotations
 
 import json
-import os
 import shutil
 import signal
-import socket
-import subprocess
-import sys
-import time
 from pathlib import Path
 
 import httpx
@@ -19,8 +14,7 @@ from server.cli import build_parser, is_loopback, main, settings_from_args
 from server.store import tree_digest
 from tests.api_harness import greedy_ids, peft_model
 from tests.lora_fixtures import make_peft_adapter
-
-REPO = Path(__file__).resolve().parent.parent
+from tests.server_process import ServerProcess
 
 
 def test_serve_flags_map_onto_settings(tmp_path):
@@ -47,6 +41,20 @@ def test_serve_flags_map_onto_settings(tmp_path):
     assert s.key_adapter_allowlists == {"k1": ["team-*"]}
     assert s.allowed_lora_roots == [Path("/a"), Path("/b")]
     assert s.dtype == "float32" and s.drain_timeout_s == 2.5
+
+
+def test_seconds_flags_also_take_the_name_without_the_unit():
+    ns = build_parser().parse_args(
+        ["serve", "--drain-timeout", "2.5", "--engine-step-timeout", "7", "--metrics-require-key"]
+    )
+    s = settings_from_args(ns)
+    assert s.drain_timeout_s == 2.5 and s.engine_step_timeout_s == 7 and s.metrics_require_key is True
+    assert (
+        settings_from_args(
+            build_parser().parse_args(["serve", "--engine-step-timeout-s", "0"])
+        ).engine_step_timeout_s
+        == 0
+    )
 
 
 def test_unset_flags_fall_back_to_the_environment(monkeypatch):
@@ -93,54 +101,46 @@ def test_merge_by_store_name(tmp_path, tiny_llama_dir, capsys):
     )
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def test_serve_runs_the_app_and_stops_cleanly_on_sigterm(tmp_path, tiny_llama_dir):
-    port = _free_port()
     store = tmp_path / "store"
     shutil.copytree(make_peft_adapter(tiny_llama_dir, tmp_path / "made", r=4, seed=3), store / "ad1")
-    cmd = [
-        sys.executable, "-m", "server", "serve",
+    args = [
         "--model", str(tiny_llama_dir), "--served-model-name", "tiny",
-        "--adapter-store", str(store), "--port", str(port), "--device", "cpu",
-        "--num-kv-blocks", "64", "--log-level", "info",
+        "--adapter-store", str(store), "--device", "cpu", "--num-kv-blocks", "64", "--log-level", "info",
     ]  # fmt: skip
-    env = {**os.environ, "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1"}
-    proc = subprocess.Popen(
-        cmd, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True
-    )
-    try:
-        url = f"http://127.0.0.1:{port}"
-        deadline = time.monotonic() + 90
-        while time.monotonic() < deadline:
-            assert proc.poll() is None, proc.stdout.read()
-            try:
-                if httpx.get(f"{url}/ready", timeout=1).status_code == 200:
-                    break
-            except httpx.HTTPError:
-                pass
-            time.sleep(0.2)
+    with ServerProcess(args, tmp_path / "server.log") as srv:
         r = httpx.post(
-            f"{url}/v1/completions", json={"model": "ad1", "prompt": "hello", "max_tokens": 3}, timeout=30
+            f"{srv.url}/v1/completions", json={"model": "ad1", "prompt": "hello", "max_tokens": 3}, timeout=30
         )
         assert r.status_code == 200 and r.json()["usage"]["completion_tokens"] == 3
-        proc.send_signal(signal.SIGTERM)
+        srv.signal(signal.SIGTERM)
         # uvicorn shuts down gracefully, then re-raises the captured signal as its exit status.
-        assert proc.wait(timeout=30) in (0, -signal.SIGTERM)
-        log = proc.stdout.read()
+        assert srv.wait(timeout=30) in (0, -signal.SIGTERM)
+        log = srv.log()
         assert "Application shutdown complete" in log, log
         assert "auth is off" not in log  # loopback without keys is the local-development setup
-    finally:
-        if proc.poll() is None:
-            proc.kill()
-            proc.wait()
 
 
 def test_loopback_hosts():
     """Serving without keys on anything but these logs a warning that adapters are open to mutation."""
     assert all(map(is_loopback, ["127.0.0.1", "::1", "localhost", "127.0.0.2"]))
     assert not any(map(is_loopback, ["0.0.0.0", "::", "10.0.0.5", "example.org"]))
+
+
+def test_list_settings_take_comma_separated_or_json_values(monkeypatch):
+    """What operators type in a Kubernetes Secret or ``docker run -e`` works, and JSON still does."""
+    monkeypatch.setenv("LORAPLEX_API_KEYS", "k1, k2,k3")
+    monkeypatch.setenv("LORAPLEX_ADMIN_KEYS", '["a,1", "b"]')  # JSON: a comma inside an item stays
+    monkeypatch.setenv("LORAPLEX_ALLOWED_LORA_ROOTS", "/srv/a,/srv/b")
+    s = settings_from_args(build_parser().parse_args(["serve"]))
+    assert s.api_keys == ["k1", "k2", "k3"] and s.admin_keys == ["a,1", "b"]
+    assert s.allowed_lora_roots == [Path("/srv/a"), Path("/srv/b")]
+    monkeypatch.setenv("LORAPLEX_API_KEYS", "single")
+    assert settings_from_args(build_parser().parse_args(["serve"])).api_keys == ["single"]
+    monkeypatch.setenv("LORAPLEX_API_KEYS", "")
+    assert settings_from_args(build_parser().parse_args(["serve"])).api_keys == []
+    ns = build_parser().parse_args(["serve", "--api-keys", "x,y", "z", "--admin-keys", '["p", "q"]'])
+    s = settings_from_args(ns)
+    assert s.api_keys == ["x", "y", "z"] and s.admin_keys == ["p", "q"]
+    monkeypatch.setenv("LORAPLEX_API_KEYS", "[not json")
+    assert main(["serve"]) == 2

@@ -269,7 +269,7 @@ def test_errors_are_openai_shaped(http):
     e = err(http.post("/v1/completions", json={"model": BASE, "prompt": [7] * 256}), 400)
     assert "256" in e["message"]
     err(http.post("/v1/completions", json={"model": BASE, "prompt": [1, 2, 99999]}), 400)
-    err(http.post("/v1/completions", json={"model": BASE, "prompt": "x", "logprobs": 3}), 400)
+    err(http.post("/v1/completions", json={"model": BASE, "prompt": "x", "logprobs": 21}), 400)
     err(http.post("/v1/completions", json={"model": BASE, "prompt": ""}), 400)
     err(http.post("/v1/completions", content=b"{not json", headers={"content-type": "application/json"}), 400)
     err(http.post("/v1/completions", json={"model": BASE, "prompt": "x" * 70_000}), 413)

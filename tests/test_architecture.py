@@ -2,6 +2,7 @@
 
 - imports point one way: ``server.lora`` imports neither ``server.engine`` nor ``server.api``;
   ``server.engine`` does not import ``server.api`` (nor ``server.lora``: it owns a protocol instead);
+  ``server.structured`` (the grammar engine) imports none of them: it satisfies the engine's protocol;
   nothing below ``server.api`` imports ``server.api``;
 - no ``server/api`` module touches a ``_private`` name of another package;
 - HTTP status codes live in ``server/api`` only;
@@ -44,10 +45,26 @@ def _imports(tree: ast.Module) -> list[tuple[str, list[str]]]:
 
 FORBIDDEN = {  # package -> packages it must not import
     "server.lora": ("server.engine", "server.api", "server.service", "server.bootstrap"),
-    "server.engine": ("server.api", "server.lora", "server.service", "server.bootstrap"),
+    "server.engine": ("server.api", "server.lora", "server.service", "server.bootstrap", "server.structured"),
     "server.model": ("server.engine", "server.api", "server.lora", "server.service", "server.bootstrap"),
     "server.service": ("server.api", "server.bootstrap"),
     "server.store": ("server.engine", "server.api", "server.lora", "server.model", "server.service"),
+    "server.confined": (
+        "server.engine",
+        "server.api",
+        "server.lora",
+        "server.model",
+        "server.service",
+        "server.store",
+    ),
+    "server.structured": (
+        "server.engine",
+        "server.api",
+        "server.lora",
+        "server.model",
+        "server.service",
+        "server.bootstrap",
+    ),  # fmt: skip
 }
 
 

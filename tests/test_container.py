@@ -12,7 +12,6 @@ from __future__ import annotations
 import json
 import os
 import shutil
-import socket
 import subprocess
 import time
 import uuid
@@ -23,6 +22,7 @@ import pytest
 
 from tests.api_harness import greedy_ids, peft_model, token_ids_of
 from tests.lora_fixtures import make_peft_adapter
+from tests.server_process import free_port
 
 pytestmark = [pytest.mark.container, pytest.mark.timeout(1800)]
 
@@ -42,12 +42,6 @@ def podman(*args: str, check: bool = True, timeout: float = 120) -> subprocess.C
     if check and out.returncode != 0:
         raise AssertionError(f"podman {' '.join(args)} failed:\n{out.stdout}\n{out.stderr}")
     return out
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 @pytest.fixture(scope="module")

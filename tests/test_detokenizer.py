@@ -36,3 +36,18 @@ def test_stop_string_is_never_streamed(tiny_llama_dir):
     deltas, hit = _stream(tok, tok.encode(TEXT), stop=["日本"])
     assert hit == "日本"
     assert "".join(deltas) == "naïve café — "
+
+
+def test_first_token_keeps_its_space_after_a_tail_of_special_tokens():
+    """Decoders that put spaces between tokens (WordPiece here) give the first token of a decode no
+    space: the context must reach back past special tokens to real prompt text."""
+    from server.model.synthetic import word_tokenizer
+
+    tok = word_tokenizer(64)
+    for prompt in ([5, 7], [5] + [1] * 8, [5] + [2] * 30, [1] * 12):
+        detok = IncrementalDetokenizer(tok, prompt, [])
+        for token in (9, 11):
+            detok.add_tokens([token])
+        text = detok.flush(finished=True)
+        prompt_text = tok.decode(prompt, skip_special_tokens=True)
+        assert prompt_text + text == tok.decode(prompt + [9, 11], skip_special_tokens=True), prompt

@@ -86,6 +86,10 @@ def test_good_adapter_loads_with_peft_names_and_scales(good, spec):
         dict(target_modules=ALL_LINEAR, exclude_modules=["k_proj"]),
         dict(target_modules=ALL_LINEAR, exclude_modules=r".*mlp.*"),
         dict(target_modules=["model.layers.1.mlp.gate_proj", "v_proj"]),
+        dict(
+            target_modules=["self_attn.q_proj", "mlp.down_proj"], exclude_modules=["layers.0.mlp.down_proj"]
+        ),
+        dict(target_modules=["q_proj", "o_proj"], layers_to_transform=[0, 1], layers_pattern=["h", "layers"]),
     ],
 )
 def test_target_matching_equals_peft(config, spec, tmp_path):

@@ -24,6 +24,7 @@ from server.api.limits import BodySizeLimitMiddleware
 from server.api.routes_adapters import router as adapters_router
 from server.api.routes_openai import router as openai_router
 from server.api.routes_ops import router as ops_router
+from server.api.routes_tokenize import router as tokenize_router
 from server.api.state import AppState
 from server.config import Settings
 from server.metrics import ServerMetrics
@@ -74,6 +75,8 @@ async def _boot(state: AppState, runtime: Runtime | None) -> None:
 
             runtime = await asyncio.to_thread(build_runtime, state.settings)
         state.runtime = runtime
+        if state.draining:
+            return  # SIGTERM came while the model loaded: nothing left to start
         if not runtime.engine.ready:
             await runtime.engine.start()
         log.info("engine ready: serving %s", runtime.engine.served.name)
@@ -116,6 +119,7 @@ def create_app(settings: Settings, runtime: Runtime | None = None) -> FastAPI:
     app.include_router(openai_router)
     app.include_router(adapters_router)
     app.include_router(ops_router)
+    app.include_router(tokenize_router)
     app.add_middleware(
         BodySizeLimitMiddleware,
         default_limit=settings.max_body_bytes,

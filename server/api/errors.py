@@ -93,7 +93,12 @@ _STATUS_OF_EXCEPTION: dict[type[Exception], int] = {
     LoRADisabledError: 400,
     PathNotAllowedError: 400,
 }
-STATUS_OF_ERROR_KIND = {ErrorKind.ADAPTER_UNAVAILABLE: 400, ErrorKind.INTERNAL: 500}
+STATUS_OF_ERROR_KIND = {
+    ErrorKind.ADAPTER_UNAVAILABLE: 400,
+    ErrorKind.INTERNAL: 500,
+    ErrorKind.OUT_OF_MEMORY: 503,
+    ErrorKind.SHUTTING_DOWN: 503,
+}
 
 
 def api_error_from(exc: EngineError | AdapterServiceError) -> APIError:
@@ -112,6 +117,9 @@ def _validation_message(exc: RequestValidationError) -> tuple[str, str | None]:
     loc = [str(part) for part in first.get("loc", ()) if part not in ("body", "query", "path", "header")]
     param = ".".join(loc) or None
     message = f"{param}: {first.get('msg', 'invalid value')}" if param else str(first.get("msg", "invalid"))
+    named = (first.get("ctx") or {}).get("param")  # schemas.refused(): the message names it already
+    if named:
+        param, message = named, str(first.get("msg"))
     if len(errors) > 1:
         message += f" (and {len(errors) - 1} more problem{'s' if len(errors) > 2 else ''})"
     return message, param

@@ -21,7 +21,7 @@ from dataclasses import dataclass, field
 from fastapi import Request
 
 from server.api.errors import STATUS_OF_ERROR_KIND, APIError
-from server.engine.types import ErrorKind, RequestOutput, SamplingParams
+from server.engine.types import ErrorKind, RequestOutput, SamplingParams, TopLogprobs
 from server.lora.ref import AdapterRef
 from server.metrics import ServerMetrics
 
@@ -45,6 +45,28 @@ class GenerationJob:
 
 
 @dataclass
+class TokenRun:
+    """Consecutive tokens with their logprobs (None where a position has none: the first prompt token)."""
+
+    token_ids: list[int]
+    logprobs: list[float | None]
+    top: list[TopLogprobs | None]
+
+    @classmethod
+    def of_output(cls, choice_ids: list[int], logprobs: list[float], top: list[TopLogprobs]) -> TokenRun:
+        return cls(list(choice_ids), list(logprobs), list(top) or [[] for _ in choice_ids])
+
+    @classmethod
+    def of_prompt(cls, prompt_ids: list[int], logprobs: list[float], top: list[TopLogprobs]) -> TokenRun:
+        return cls(list(prompt_ids), [None, *logprobs], [None, *top])
+
+    def __add__(self, other: TokenRun) -> TokenRun:
+        return TokenRun(
+            self.token_ids + other.token_ids, self.logprobs + other.logprobs, self.top + other.top
+        )
+
+
+@dataclass
 class Choice:
     """Accumulated output of one engine request."""
 
@@ -55,6 +77,9 @@ class Choice:
     token_ids: list[int] = field(default_factory=list)
     text: str = ""
     logprobs: list[float] = field(default_factory=list)
+    top_logprobs: list[TopLogprobs] = field(default_factory=list)
+    prompt_logprobs: list[float] = field(default_factory=list)
+    prompt_top_logprobs: list[TopLogprobs] = field(default_factory=list)
     finished: bool = False
     finish_reason: str | None = None
     error: str | None = None
@@ -66,10 +91,20 @@ class Choice:
         self.text += out.new_text
         if out.logprobs:
             self.logprobs.extend(out.logprobs)
+            self.top_logprobs.extend(out.top_logprobs or [])
+        if out.prompt_logprobs is not None:
+            self.prompt_logprobs = out.prompt_logprobs
+            self.prompt_top_logprobs = out.prompt_top_logprobs or []
         if out.finished:
             self.finished = True
             self.finish_reason = out.finish_reason.value if out.finish_reason is not None else None
             self.error, self.error_kind = out.error, out.error_kind
+
+    def output_run(self) -> TokenRun:
+        return TokenRun.of_output(self.token_ids, self.logprobs, self.top_logprobs)
+
+    def prompt_run(self, prompt_ids: list[int]) -> TokenRun:
+        return TokenRun.of_prompt(prompt_ids, self.prompt_logprobs, self.prompt_top_logprobs)
 
 
 def seed_for(seed: int | None, i: int) -> int | None:
@@ -190,4 +225,6 @@ class RequestGroup:
 
 def raise_if_failed(choice: Choice) -> None:
     if choice.finished and choice.error is not None:
-        raise APIError(STATUS_OF_ERROR_KIND.get(choice.error_kind, 500), choice.error)
+        status = STATUS_OF_ERROR_KIND.get(choice.error_kind, 500)
+        headers = {"Retry-After": "1"} if status == 503 else None
+        raise APIError(status, choice.error, headers=headers)

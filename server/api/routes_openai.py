@@ -9,8 +9,8 @@ from __future__ import annotations
 
 import time
 import uuid
-from collections.abc import AsyncIterator
 from dataclasses import dataclass
+from functools import partial
 from typing import TYPE_CHECKING
 
 from fastapi import APIRouter, Depends, Request
@@ -18,17 +18,26 @@ from fastapi.responses import JSONResponse, Response, StreamingResponse
 
 from server.api.auth import Principal, require_key
 from server.api.errors import APIError
-from server.api.generation import ClientDisconnected, GenerationJob, RequestGroup, raise_if_failed
-from server.api.openai_format import DONE, ResponseBuilder, chat_logprobs, completion_logprobs, sse
-from server.api.schemas import ChatCompletionRequest, CompletionRequest, _SamplingFields
+from server.api.generation import ClientDisconnected, GenerationJob, RequestGroup
+from server.api.openai_format import EchoedPrompt, Rendering, ResponseBuilder
+from server.api.schemas import (
+    ChatCompletionRequest,
+    ChatMessage,
+    CompletionRequest,
+    StreamOptions,
+    _SamplingFields,
+)
 from server.api.state import AppState, app_state
-from server.engine.types import RequestOutput, SamplingParams, check_context_length
+from server.api.streaming import StreamRenderer
+from server.engine.types import SamplingParams, check_context_length
 from server.lora.ref import AdapterRef
 from server.service.resolve import not_found
+from server.structured.compiler import InvalidGrammarError
 
 if TYPE_CHECKING:
     from server.bootstrap import Runtime
     from server.engine.async_engine import AsyncEngine
+    from server.engine.structured import Grammar
 
 router = APIRouter(tags=["openai"])
 
@@ -92,18 +101,23 @@ def caller(
 async def completions(body: CompletionRequest, ctx: Caller = Depends(caller)) -> Response:
     rt = ctx.state.ready_runtime()
     adapter, labels = resolve_adapter(rt, ctx.principal, body)
-    prompts = []
+    tokenizer = rt.engine.served.tokenizer
+    prompts: list[EchoedPrompt] = []
     for prompt in body.prompt_list():
         if isinstance(prompt, str):
-            prompt = await ctx.state.on_tokenizer_thread(rt.engine.served.tokenizer.encode, prompt)
-        prompts.append(list(prompt))
-    max_tokens = check_context_length(
-        rt.engine.served.max_model_len, [len(p) for p in prompts], body.max_tokens
-    )
+            encode = partial(tokenizer.encode, add_special_tokens=body.add_special_tokens)
+            prompts.append(EchoedPrompt(prompt, await ctx.state.on_tokenizer_thread(encode, prompt)))
+        else:
+            text = await ctx.state.on_tokenizer_thread(_decode, tokenizer, prompt) if body.echo else ""
+            prompts.append(EchoedPrompt(text, list(prompt)))
+    ids = [p.token_ids for p in prompts]
+    max_tokens = check_context_length(rt.engine.served.max_model_len, [len(p) for p in ids], body.max_tokens)
     want_logprobs = body.logprobs is not None
-    job = GenerationJob(prompts, sampling_params(body, max_tokens, want_logprobs), body.n, adapter, labels)
-    builder = ResponseBuilder("completion", f"cmpl-{uuid.uuid4().hex}", body.model)
-    return await respond(ctx, rt.engine, job, builder, body, want_logprobs)
+    render = Rendering(_token_namer(rt, body), want_logprobs, body.logprobs or 0, body.echo)
+    params = await sampling_params(ctx, rt, body, max_tokens, render)
+    job = GenerationJob(ids, params, body.n, adapter, labels)
+    builder = ResponseBuilder("completion", f"cmpl-{uuid.uuid4().hex}", body.model, render)
+    return await respond(ctx, rt.engine, job, builder, body, prompts)
 
 
 @router.post("/v1/chat/completions")
@@ -111,42 +125,81 @@ async def chat_completions(body: ChatCompletionRequest, ctx: Caller = Depends(ca
     rt = ctx.state.ready_runtime()
     served = rt.engine.served
     adapter, labels = resolve_adapter(rt, ctx.principal, body)
-    if not getattr(served.tokenizer, "chat_template", None):
-        raise APIError(
-            400,
-            f"model '{served.name}' has no chat template in its tokenizer; use /v1/completions",
-            param="messages",
-        )
-    messages = [
-        {"role": m.role, "content": m.text(), **({"name": m.name} if m.name else {})} for m in body.messages
-    ]
-    prompt = await ctx.state.on_tokenizer_thread(_render_chat, served.tokenizer, messages)
+    render_ids = partial(render_chat, served.tokenizer, body.messages, body.add_special_tokens)
+    prompt = await ctx.state.on_tokenizer_thread(render_ids)
     max_tokens = check_context_length(served.max_model_len, [len(prompt)], body.token_limit())
-    job = GenerationJob([prompt], sampling_params(body, max_tokens, body.logprobs), body.n, adapter, labels)
-    builder = ResponseBuilder("chat", f"chatcmpl-{uuid.uuid4().hex}", body.model)
-    return await respond(ctx, rt.engine, job, builder, body, body.logprobs)
+    render = Rendering(_token_namer(rt, body), body.logprobs, body.top_logprobs or 0)
+    params = await sampling_params(ctx, rt, body, max_tokens, render)
+    job = GenerationJob([prompt], params, body.n, adapter, labels)
+    builder = ResponseBuilder("chat", f"chatcmpl-{uuid.uuid4().hex}", body.model, render)
+    return await respond(ctx, rt.engine, job, builder, body, [])
 
 
-def _render_chat(tokenizer, messages: list[dict]) -> list[int]:
+def _token_namer(rt: Runtime, body: _SamplingFields):
+    """The tokenizer that names logprob tokens, or None for vLLM's ``token_id:<id>`` names."""
+    return None if body.return_tokens_as_token_ids else rt.engine.served.tokenizer
+
+
+def _decode(tokenizer, token_ids: list[int]) -> str:
+    return tokenizer.decode(token_ids, skip_special_tokens=True, clean_up_tokenization_spaces=False)
+
+
+def render_chat(
+    tokenizer, messages: list[ChatMessage], add_special_tokens: bool, add_generation_prompt: bool = True
+) -> list[int]:
+    """The chat prompt's token ids: the messages through the tokenizer's chat template."""
+    if not getattr(tokenizer, "chat_template", None):
+        raise APIError(
+            400, "the model's tokenizer has no chat template; use /v1/completions", param="messages"
+        )
+    rendered = [
+        {"role": m.role, "content": m.text(), **({"name": m.name} if m.name else {})} for m in messages
+    ]
     try:
-        text = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+        text = tokenizer.apply_chat_template(
+            rendered, tokenize=False, add_generation_prompt=add_generation_prompt
+        )
     except Exception as exc:  # jinja's raise_exception() and template errors: the messages' fault
         raise APIError(400, f"chat template rejected the messages: {exc}", param="messages") from None
-    return tokenizer.encode(text, add_special_tokens=False)
+    return tokenizer.encode(text, add_special_tokens=add_special_tokens)
 
 
-def sampling_params(body: _SamplingFields, max_tokens: int, logprobs: bool) -> SamplingParams:
+async def compile_grammar(ctx: Caller, rt: Runtime, body: _SamplingFields) -> Grammar | None:
+    """The request's output constraint compiled (cached; on the grammar thread), or a 400 naming it."""
+    asked = body.grammar_request()
+    if asked is None:
+        return None
+    field, spec = asked
+    await ctx.state.on_tokenizer_thread(rt.grammars.prepare)
+    try:
+        return await rt.grammars.compile(spec)
+    except InvalidGrammarError as exc:
+        raise APIError(400, str(exc), param=field) from None
+
+
+async def sampling_params(
+    ctx: Caller, rt: Runtime, body: _SamplingFields, max_tokens: int, render: Rendering
+) -> SamplingParams:
     try:
         return SamplingParams(
             max_tokens=max_tokens,
             temperature=body.temperature,
             top_p=body.top_p,
             top_k=max(body.top_k, 0),
+            min_p=body.min_p,
             seed=body.seed,
             stop=body.stop_list(),
             stop_token_ids=list(body.stop_token_ids or []),
             ignore_eos=body.ignore_eos,
-            logprobs=logprobs,
+            min_tokens=body.min_tokens,
+            presence_penalty=body.presence_penalty,
+            frequency_penalty=body.frequency_penalty,
+            repetition_penalty=body.repetition_penalty,
+            logit_bias=body.logit_bias_ids(),
+            logprobs=render.logprobs,
+            top_logprobs=render.top_logprobs,
+            prompt_logprobs=render.echo and render.logprobs,
+            grammar=await compile_grammar(ctx, rt, body),
         )
     except ValueError as exc:
         raise APIError(400, str(exc)) from None
@@ -158,11 +211,10 @@ async def respond(
     job: GenerationJob,
     builder: ResponseBuilder,
     body: _SamplingFields,
-    want_logprobs: bool,
+    prompts: list[EchoedPrompt],
 ) -> Response:
     request = ctx.request
     group = RequestGroup(engine, ctx.state.metrics, builder.id)
-    tokenizer = None if body.return_tokens_as_token_ids else engine.served.tokenizer
     await group.open(job)
     if not body.stream:
         try:
@@ -171,7 +223,7 @@ async def respond(
             return Response(status_code=_CLIENT_CLOSED)
         finally:
             group.close()
-        return JSONResponse(builder.final(choices, group.usage(), tokenizer, want_logprobs))
+        return JSONResponse(builder.final(choices, group.usage(), prompts))
     try:
         primed = await group.prime(request)
     except ClientDisconnected:
@@ -180,64 +232,5 @@ async def respond(
     except BaseException:
         group.close()
         raise
-    include_usage = bool(body.stream_options and body.stream_options.include_usage)
-    events = _sse_events(group, primed, builder, tokenizer, include_usage, want_logprobs)
+    events = StreamRenderer(group, builder, prompts, body.stream_options or StreamOptions()).events(primed)
     return StreamingResponse(events, media_type="text/event-stream", headers={"Cache-Control": "no-cache"})
-
-
-async def _sse_events(
-    group: RequestGroup,
-    primed: list,
-    builder: ResponseBuilder,
-    tokenizer,
-    include_usage: bool,
-    want_logprobs: bool,
-) -> AsyncIterator[str]:
-    """The SSE body; its ``finally`` runs when the client disconnects (Starlette cancels us)."""
-    offsets = {c.index: 0 for c in group.choices}
-
-    def render(choice, out: RequestOutput) -> str | None:
-        has_tokens = want_logprobs and bool(out.new_token_ids)
-        if not (out.new_text or out.finished or has_tokens):
-            return None  # text held back (partial UTF-8 or a possible stop string)
-        reason = choice.finish_reason if out.finished else None
-        if builder.kind == "completion":
-            logprobs = None
-            if has_tokens:
-                logprobs = completion_logprobs(
-                    tokenizer, out.new_token_ids, out.logprobs or [], offsets[choice.index]
-                )
-            offsets[choice.index] += len(out.new_text)
-            item = {
-                "index": choice.index,
-                "text": out.new_text,
-                "logprobs": logprobs,
-                "finish_reason": reason,
-            }
-        else:
-            logprobs = chat_logprobs(tokenizer, out.new_token_ids, out.logprobs or []) if has_tokens else None
-            delta = {"content": out.new_text} if out.new_text else {}
-            item = {"index": choice.index, "delta": delta, "logprobs": logprobs, "finish_reason": reason}
-        return builder.chunk(item, include_usage)
-
-    try:
-        if builder.kind == "chat":
-            for c in group.choices:
-                role = {"index": c.index, "delta": {"role": "assistant", "content": ""}, "logprobs": None}
-                yield builder.chunk({**role, "finish_reason": None}, include_usage)
-        for choice, out in primed:
-            if (chunk := render(choice, out)) is not None:
-                yield chunk
-        while not group.done:
-            choice, out = await group.next_event()
-            raise_if_failed(choice)
-            if (chunk := render(choice, out)) is not None:
-                yield chunk
-        if include_usage:
-            yield builder.usage_chunk(group.usage())
-        yield DONE
-    except APIError as exc:  # a step or adapter failure after the headers went out
-        yield sse(exc.body())
-        yield DONE
-    finally:
-        group.close()

@@ -32,6 +32,7 @@ class AppState:
     metrics: ServerMetrics
     runtime: Runtime | None = None  # set once built
     boot_error: str | None = None
+    draining: bool = False  # set on SIGTERM: /ready and new requests answer 503 from then on
     # Fast tokenizers are not safe to call from several threads at once ("Already borrowed"),
     # so all tokenization runs on one worker thread, off the event loop.
     tokenizer_pool: ThreadPoolExecutor = field(
@@ -41,6 +42,8 @@ class AppState:
     def ready_runtime(self) -> Runtime:
         """The runtime if its engine is loaded and warm; 503 (retryable) otherwise."""
         runtime = self.runtime
+        if self.draining:
+            raise APIError(503, "the server is shutting down", headers={"Retry-After": "1"})
         if runtime is None or not runtime.engine.ready:
             detail = (
                 f"engine failed to start: {self.boot_error}" if self.boot_error else "engine is not ready"

@@ -25,12 +25,15 @@ from server.engine.sequence import Sequence
 from server.engine.types import (
     EngineStats,
     EngineStoppedError,
+    ErrorKind,
+    FinishReason,
     InvalidRequestError,
     QueueFullError,
     RequestOutput,
     SamplingParams,
     check_context_length,
 )
+from server.engine.watchdog import StepWatchdog
 
 log = logging.getLogger(__name__)
 
@@ -45,11 +48,27 @@ class ServedModel:
     vocab_size: int
 
 
+def shutdown_output(request_id: str) -> RequestOutput:
+    """The last output of a request still running when the shutdown drain deadline passes."""
+    return RequestOutput(
+        request_id=request_id,
+        new_token_ids=[],
+        new_text="",
+        finished=True,
+        finish_reason=FinishReason.ERROR,
+        error="the server is shutting down and this request did not finish within the drain timeout",
+        error_kind=ErrorKind.SHUTTING_DOWN,
+    )
+
+
 class AsyncEngine:
-    def __init__(self, core: LLMEngine, served: ServedModel, max_queue_len: int) -> None:
+    def __init__(
+        self, core: LLMEngine, served: ServedModel, max_queue_len: int, step_timeout_s: float = 0.0
+    ) -> None:
         self.core = core
         self.served = served
         self.max_queue_len = max_queue_len
+        self.watchdog = StepWatchdog(step_timeout_s)
         self.ready = False
         self._accepting = True
         self._commands: queue.SimpleQueue = queue.SimpleQueue()
@@ -70,17 +89,27 @@ class AsyncEngine:
         warmup = SamplingParams(max_tokens=2, temperature=0.0, ignore_eos=True)
         async for _ in await self.add_request([self.served.tokenizer.bos_token_id or 0], warmup):
             pass
+        self.watchdog.armed = True
         self.ready = True
 
-    async def shutdown(self, drain_timeout: float = 30.0) -> None:
-        """Stops admitting, lets running requests finish (up to the timeout), then stops the thread."""
+    async def drain(self, timeout: float) -> int:
+        """Stops admitting (``ready`` is False at once); running requests get ``timeout`` seconds, then
+        each one left ends with a SHUTTING_DOWN error, put on its stream here on the event loop (so a
+        stuck engine thread cannot delay it) while the engine aborts it. Returns how many were cut."""
         self._accepting = False
         self.ready = False
-        deadline = time.monotonic() + drain_timeout
+        deadline = time.monotonic() + timeout
         while self._streams and time.monotonic() < deadline:
             await asyncio.sleep(0.02)
-        for request_id in list(self._streams):
+        cut = list(self._streams.items())
+        for request_id, stream in cut:
+            stream.put_nowait(shutdown_output(request_id))
             self.abort(request_id)
+        return len(cut)
+
+    async def shutdown(self, drain_timeout: float = 30.0) -> None:
+        """Drains (see :meth:`drain`), then stops the engine thread."""
+        await self.drain(drain_timeout)
         self._stop.set()
         self._wake.set()
         if self._thread is not None:
@@ -129,6 +158,9 @@ class AsyncEngine:
         vocab = self.served.vocab_size
         if any(not 0 <= t < vocab for t in prompt_ids):
             raise InvalidRequestError(f"prompt token ids must be in [0, {vocab})", "prompt")
+        for name in ("logit_bias", "stop_token_ids"):
+            if any(not 0 <= t < vocab for t in getattr(params, name)):
+                raise InvalidRequestError(f"{name} token ids must be in [0, {vocab})", name)
         check_context_length(self.served.max_model_len, [len(prompt_ids)], params.max_tokens)
 
     def stats(self) -> EngineStats:
@@ -144,11 +176,14 @@ class AsyncEngine:
                 self._wake.wait(0.05)
                 self._wake.clear()
                 continue
+            self.watchdog.step_started()
             try:
                 results = self.core.step()
-            except Exception:  # a bug outside the model call: keep the server alive
+            except Exception:  # a bug in scheduling itself: keep the server alive
                 log.exception("engine step crashed")
                 results = []
+            finally:
+                self.watchdog.step_finished()
             self._publish([out for _, out in results])
 
     def _drain_commands(self) -> None:

@@ -11,12 +11,13 @@ from __future__ import annotations
 from transformers import PreTrainedTokenizerBase
 
 _CONTEXT_TOKENS = 6  # prompt tokens kept so the first output token decodes with correct spacing
+_MAX_CONTEXT_TOKENS = 96  # how far back to look for prompt text when the tail is all special tokens
 
 
 class IncrementalDetokenizer:
     def __init__(self, tokenizer: PreTrainedTokenizerBase, prompt_ids: list[int], stop: list[str]) -> None:
         self.tokenizer = tokenizer
-        self.tokens: list[int] = list(prompt_ids[-_CONTEXT_TOKENS:])
+        self.tokens: list[int] = self._context(prompt_ids)
         self.prefix_offset = 0
         self.read_offset = len(self.tokens)
         self.stop = [s for s in stop if s]
@@ -27,8 +28,20 @@ class IncrementalDetokenizer:
     def _decode(self, ids: list[int]) -> str:
         return self.tokenizer.decode(ids, skip_special_tokens=True, clean_up_tokenization_spaces=False)
 
-    def add_tokens(self, new_ids: list[int]) -> str | None:
-        """Appends tokens; returns the matched stop string if generation must stop here."""
+    def _context(self, prompt_ids: list[int]) -> list[int]:
+        """The prompt's tail that the first output token is decoded after. Decoders that put spaces
+        between tokens (WordPiece, Metaspace) give the first token of a decode no space, so the tail
+        must decode to some text: when its last tokens are all special (skipped), look further back,
+        so prompt text + output text is the decoding of all ids."""
+        start = max(0, len(prompt_ids) - _CONTEXT_TOKENS)
+        floor = max(0, len(prompt_ids) - _MAX_CONTEXT_TOKENS)
+        while start > floor and not self._decode(prompt_ids[start:]):
+            start = max(floor, start - _CONTEXT_TOKENS)
+        return list(prompt_ids[start:])
+
+    def add_tokens(self, new_ids: list[int], check_stop: bool = True) -> str | None:
+        """Appends tokens; returns the matched stop string if generation must stop here (only looked
+        for when ``check_stop``: not before the request's ``min_tokens``)."""
         self.tokens.extend(new_ids)
         prefix_text = self._decode(self.tokens[self.prefix_offset : self.read_offset])
         new_text = self._decode(self.tokens[self.prefix_offset :])
@@ -37,7 +50,7 @@ class IncrementalDetokenizer:
             self.text += new_text[len(prefix_text) :]
             self.prefix_offset = self.read_offset
             self.read_offset = len(self.tokens)
-            for stop in self.stop:
+            for stop in self.stop if check_stop else ():
                 at = self.text.find(stop, search_from)
                 if at != -1:
                     self.text = self.text[:at]

@@ -6,13 +6,16 @@ Only the engine thread calls ``step``; everything here is single-threaded by des
 from __future__ import annotations
 
 import logging
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+
+import torch
 
 from server.engine.adapter_slots import AdapterSlots
 from server.engine.block_manager import BlockManager
 from server.engine.detokenizer import IncrementalDetokenizer
+from server.engine.faults import NO_FAULTS, FaultPoint, StepFaults
 from server.engine.model_runner import ModelRunner
-from server.engine.sampler import Sampler
+from server.engine.sampler import Sampler, SamplerOutput, score_prompts
 from server.engine.scheduler import Scheduler, SchedulerOutput
 from server.engine.sequence import Sequence
 from server.engine.types import EngineStats, ErrorKind, FinishReason, RequestOutput
@@ -34,6 +37,35 @@ class StepCounters:
     last_batch_size: int = 0
     scheduled_seqs: int = 0
     batched_tokens: int = 0
+    failed_steps: dict[str, int] = field(default_factory=dict)  # ErrorKind value -> count
+
+    def record(self, out: SchedulerOutput) -> None:
+        self.steps += 1
+        self.last_batch_size = len(out.scheduled)
+        self.scheduled_seqs += len(out.scheduled)
+        self.batched_tokens += out.num_tokens
+
+    def record_failure(self, kind: ErrorKind) -> None:
+        self.failed_steps[kind.value] = self.failed_steps.get(kind.value, 0) + 1
+
+
+def classify_step_error(exc: Exception) -> tuple[ErrorKind, str]:
+    """What a step's exception means for its requests: device out of memory (503, retry) - the
+    allocator's ``torch.OutOfMemoryError``, or a library's "out of memory" RuntimeError (cuBLAS,
+    a kernel launch) - or internal (500). The one place OOM is recognised."""
+    message = str(exc).lower()
+    if isinstance(exc, torch.OutOfMemoryError) or (
+        type(exc) is RuntimeError and ("out of memory" in message or "cublas_status_alloc_failed" in message)
+    ):
+        first_line = (str(exc).splitlines() or [""])[0]
+        return ErrorKind.OUT_OF_MEMORY, f"out of device memory in the engine step, retry later ({first_line})"
+    return ErrorKind.INTERNAL, f"internal error in engine step: {exc}"
+
+
+def release_cached_device_memory() -> None:
+    """After an out-of-memory step, hand the allocator's cached blocks back so the next step can fit."""
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
 
 
 class LLMEngine:
@@ -53,6 +85,7 @@ class LLMEngine:
         self.limits = limits
         self.slots = slots
         self.counters = StepCounters()
+        self.faults: StepFaults = NO_FAULTS  # tests inject failures here: see server/engine/faults.py
 
     @property
     def block_manager(self) -> BlockManager:
@@ -68,7 +101,7 @@ class LLMEngine:
         if seq is None:
             return None
         self.scheduler.finish(seq, FinishReason.ABORT)
-        return self._output(seq, [])
+        return request_output(seq, [])
 
     def has_work(self) -> bool:
         return self.scheduler.has_work()
@@ -83,28 +116,35 @@ class LLMEngine:
         if not out.scheduled:
             return results
         try:
-            seqs = self._assign_slots(out)
-            logits = self.runner.run(seqs)
-            sampling = [s for s in seqs if s.will_sample]
-            tokens, logprobs = self.sampler(logits, sampling) if sampling else ([], None)
+            self._run_batch(out, results)
         except Exception as exc:  # one bad step fails its own requests, the engine keeps serving
-            log.exception("engine step failed; failing the %d requests in it", len(out.scheduled))
-            message = f"internal error in engine step: {exc}"
-            return results + [(s, self._fail(s, message, ErrorKind.INTERNAL)) for s in out.scheduled]
-        self._count(out)
-        self.scheduler.postprocess(out, {id(s): t for s, t in zip(sampling, tokens, strict=True)})
-        for i, seq in enumerate(sampling):
-            if logprobs is not None and seq.params.logprobs:
-                seq.logprobs.append(logprobs[i])
-            results.append((seq, self._process_token(seq, tokens[i])))
+            kind, message = classify_step_error(exc)
+            log.exception("engine step failed (%s); failing the %d requests in it", kind.value,
+                          len(out.scheduled))  # fmt: skip
+            self.counters.record_failure(kind)
+            if kind is ErrorKind.OUT_OF_MEMORY:
+                release_cached_device_memory()
+            results += [(s, self._fail(s, message, kind)) for s in out.scheduled if not s.is_finished]
         return results
 
-    def _count(self, out: SchedulerOutput) -> None:
-        c = self.counters
-        c.steps += 1
-        c.last_batch_size = len(out.scheduled)
-        c.scheduled_seqs += len(out.scheduled)
-        c.batched_tokens += out.num_tokens
+    def _run_batch(self, out: SchedulerOutput, results: list[tuple[Sequence, RequestOutput]]) -> None:
+        """Activate -> forward -> sample -> postprocess; appends each sequence's output to ``results``."""
+        self.faults.at(FaultPoint.ACTIVATE, out.scheduled)
+        seqs = self._assign_slots(out)
+        self.faults.at(FaultPoint.FORWARD, seqs)
+        logits = self.runner.run(seqs)
+        sampling = [s for s in seqs if s.will_sample]
+        score_prompts(logits[len(sampling) :], seqs)
+        sampled = self.sampler(logits[: len(sampling)], sampling) if sampling else SamplerOutput([])
+        self.faults.at(FaultPoint.SAMPLED, sampling)
+        self.counters.record(out)
+        self.scheduler.postprocess(out, {id(s): t for s, t in zip(sampling, sampled.tokens, strict=True)})
+        self.faults.at(FaultPoint.POSTPROCESS, sampling)
+        for i, seq in enumerate(sampling):
+            if seq.params.logprobs:
+                seq.logprobs.append(sampled.logprobs[i])
+                seq.top_logprobs.append(sampled.top_logprobs[i])
+            results.append((seq, self._process_token(seq, sampled.tokens[i])))
 
     def _assign_slots(self, out: SchedulerOutput) -> list[Sequence]:
         """Activates the step's adapters and orders sequences by slot so LoRA segments are long."""
@@ -124,39 +164,30 @@ class LLMEngine:
     def _process_token(self, seq: Sequence, token: int) -> RequestOutput:
         params = seq.params
         reason = None
-        stop_hit = seq.detokenizer.add_tokens([token])
+        may_stop = seq.num_output_tokens >= params.min_tokens
+        stop_hit = seq.detokenizer.add_tokens([token], check_stop=may_stop)
+        if seq.matcher is not None and not seq.matcher.accept(token):
+            return self._fail(
+                seq, f"token {token} was sampled outside the request's grammar", ErrorKind.INTERNAL
+            )
+        grammar_done = seq.matcher is not None and seq.matcher.is_finished()
         if (
             (not params.ignore_eos and token in self.limits.eos_token_ids)
             or token in params.stop_token_ids
             or stop_hit is not None
+            or grammar_done
         ):
             reason = FinishReason.STOP
         elif seq.num_output_tokens >= params.max_tokens or len(seq) >= self.limits.max_model_len:
             reason = FinishReason.LENGTH
         if reason is not None:
             self.scheduler.finish(seq, reason)
-        return self._output(seq, [token])
+        return request_output(seq, [token])
 
     def _fail(self, seq: Sequence, message: str, kind: ErrorKind) -> RequestOutput:
         seq.error, seq.error_kind = message, kind
         self.scheduler.finish(seq, FinishReason.ERROR)
-        return self._output(seq, [])
-
-    def _output(self, seq: Sequence, new_ids: list[int]) -> RequestOutput:
-        finished = seq.is_finished
-        text = seq.detokenizer.flush(finished) if seq.detokenizer is not None else ""
-        return RequestOutput(
-            request_id=seq.request_id,
-            new_token_ids=new_ids,
-            new_text=text,
-            finished=finished,
-            finish_reason=seq.finish_reason,
-            num_prompt_tokens=seq.num_prompt_tokens,
-            num_output_tokens=seq.num_output_tokens,
-            error=seq.error,
-            error_kind=seq.error_kind,
-            logprobs=seq.logprobs[-len(new_ids) :] if seq.params.logprobs and new_ids else None,
-        )
+        return request_output(seq, [])
 
     def stats(self) -> EngineStats:
         running, waiting, c = self.scheduler.running, self.scheduler.waiting, self.counters
@@ -173,4 +204,28 @@ class LLMEngine:
             last_batch_size=c.last_batch_size,
             num_scheduled_seqs_total=c.scheduled_seqs,
             num_batched_tokens_total=c.batched_tokens,
+            failed_steps=dict(c.failed_steps),
         )
+
+
+def request_output(seq: Sequence, new_ids: list[int]) -> RequestOutput:
+    """The increment to send for ``seq`` after it gained ``new_ids`` (or ended)."""
+    finished = seq.is_finished
+    text = seq.detokenizer.flush(finished) if seq.detokenizer is not None else ""
+    out = RequestOutput(
+        request_id=seq.request_id,
+        new_token_ids=new_ids,
+        new_text=text,
+        finished=finished,
+        finish_reason=seq.finish_reason,
+        num_prompt_tokens=seq.num_prompt_tokens,
+        num_output_tokens=seq.num_output_tokens,
+        error=seq.error,
+        error_kind=seq.error_kind,
+    )
+    if seq.params.logprobs and new_ids:
+        out.logprobs = seq.logprobs[-len(new_ids) :]
+        out.top_logprobs = seq.top_logprobs[-len(new_ids) :]
+    if seq.params.prompt_logprobs and seq.num_output_tokens == len(new_ids):  # the first increment
+        out.prompt_logprobs, out.prompt_top_logprobs = seq.prompt_logprobs, seq.prompt_top_logprobs
+    return out

@@ -71,15 +71,26 @@ class ModelRunner:
     def block_size(self) -> int:
         return self.attention.block_size
 
+    @staticmethod
+    def prompt_logprob_rows(seqs: list[Sequence]) -> list[int]:
+        """Rows whose logits score a prompt token (requests asking for prompt logprobs), in order."""
+        rows, row = [], 0
+        for seq in seqs:
+            rows.extend(row + p - seq.num_computed_tokens for p in seq.prompt_logprob_positions())
+            row += seq.num_new_tokens
+        return rows
+
     @torch.inference_mode()
     def run(self, seqs: list[Sequence]) -> torch.Tensor:
-        """Runs one step; returns logits [num sampling seqs, vocab] in ``seqs`` order (float32)."""
-        bucket = self._decode_bucket(seqs)
-        step = self._prepare(seqs, bucket)
+        """Runs one step; returns float32 logits [num sampling seqs + num prompt-logprob rows, vocab]:
+        first one row per sampling sequence in ``seqs`` order, then ``prompt_logprob_rows(seqs)``."""
+        prompt_rows = self.prompt_logprob_rows(seqs)
+        bucket = None if prompt_rows else self._decode_bucket(seqs)
+        step = self._prepare(seqs, bucket, prompt_rows)
         if bucket is not None:
             return self.graphs.run(bucket)[: len(seqs)].float()
         logits = self._forward(step.input_ids, step.positions, step.logits_rows)
-        return logits[: step.num_sampled].float()
+        return logits[: step.num_sampled + len(prompt_rows)].float()
 
     @torch.inference_mode()
     def capture_decode_graphs(self) -> None:
@@ -95,15 +106,21 @@ class ModelRunner:
         graphs.capture_all(self._prepare_dummy_decode, self._bucket_forward)
 
     def _decode_bucket(self, seqs: list[Sequence]) -> int | None:
+        """The bucket of a pure decode step (every sequence adds one token and samples it: a replayed
+        bucket returns one logits row per sequence), else None."""
         graphs = self.graphs
-        if graphs is None or not graphs.active or any(s.num_new_tokens != 1 for s in seqs):
+        if (
+            graphs is None
+            or not graphs.active
+            or any(s.num_new_tokens != 1 or not s.will_sample for s in seqs)
+        ):
             return None
         if graphs.strategy.needs_static_backends and self.lora is not None and not self.lora.graph_safe():
             return None
         return graphs.bucket_for(len(seqs))
 
-    def _prepare(self, seqs: list[Sequence], bucket: int | None) -> PreparedStep:
-        step = self.inputs.prepare(seqs, pad_to=bucket)
+    def _prepare(self, seqs: list[Sequence], bucket: int | None, extra_rows: list[int]) -> PreparedStep:
+        step = self.inputs.prepare(seqs, pad_to=bucket, extra_rows=extra_rows)
         self.attention.plan(step.layout)
         if self.lora is not None:
             self.lora.prepare_batch(step.lora_slots, step.lora_tokens, static=bucket is not None)

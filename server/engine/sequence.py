@@ -6,12 +6,13 @@ from enum import Enum, auto
 from typing import TYPE_CHECKING
 
 from server.engine.adapter_slots import AdapterHandle
-from server.engine.types import ErrorKind, FinishReason, SamplingParams
+from server.engine.types import ErrorKind, FinishReason, SamplingParams, TopLogprobs
 
 if TYPE_CHECKING:
     import torch
 
     from server.engine.detokenizer import IncrementalDetokenizer
+    from server.engine.structured import GrammarMatcher
 
 
 class SequenceStatus(Enum):
@@ -50,6 +51,10 @@ class Sequence:
         self.error: str | None = None
         self.error_kind: ErrorKind | None = None
         self.logprobs: list[float] = []
+        self.top_logprobs: list[TopLogprobs] = []
+        self.prompt_logprobs: list[float] = []  # of prompt tokens 1.. (filled by prefill steps)
+        self.prompt_top_logprobs: list[TopLogprobs] = []
+        self.matcher: GrammarMatcher | None = params.grammar.matcher() if params.grammar else None
         self.generator: torch.Generator | None = None  # for seeded sampling, made by the sampler
         self.detokenizer: IncrementalDetokenizer | None = None  # set by the engine
 
@@ -72,6 +77,17 @@ class Sequence:
     def will_sample(self) -> bool:
         """True when this step's chunk reaches the last known token, so its logits are needed."""
         return self.num_computed_tokens + self.num_new_tokens == len(self.token_ids)
+
+    def prompt_logprob_positions(self) -> range:
+        """Positions of this step's chunk whose logits score a prompt token not yet scored.
+
+        The logits at position p score token p + 1; preemption recomputes the prompt, but each
+        token is scored once.
+        """
+        if not self.params.prompt_logprobs:
+            return range(0)
+        start = max(self.num_computed_tokens, len(self.prompt_logprobs))
+        return range(start, min(self.num_computed_tokens + self.num_new_tokens, self.num_prompt_tokens - 1))
 
     def reset_for_recompute(self) -> None:
         self.num_computed_tokens = 0

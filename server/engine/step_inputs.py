@@ -93,7 +93,7 @@ class StepInputs:
                 "input_ids": (tokens,),
                 "positions": (tokens,),
                 "slot_mapping": (tokens,),
-                "logits_rows": (seqs,),
+                "logits_rows": (tokens,),  # sampled rows, then any prompt-logprob rows
                 "query_start": (seqs + 1,),
                 "context_lens": (seqs,),
                 "lora_segments": (3, seqs),
@@ -107,9 +107,12 @@ class StepInputs:
         """The [3, max_num_seqs] int32 region the LoRA side writes its segment table into (host, device)."""
         return self.buffers.host_view("lora_segments"), self.buffers.device_view("lora_segments")
 
-    def prepare(self, seqs: list[Sequence], pad_to: int | None = None) -> PreparedStep:
+    def prepare(
+        self, seqs: list[Sequence], pad_to: int | None = None, extra_rows: list[int] = ()
+    ) -> PreparedStep:
         """Writes the step's inputs on the host; ``upload`` then moves them. ``pad_to``: a decode step
-        padded with dummy rows to that many sequences (they write and read only the padding block)."""
+        padded with dummy rows to that many sequences (they write and read only the padding block).
+        ``extra_rows``: more rows whose logits are kept after the sampled ones (prompt logprobs)."""
         num_rows = pad_to or len(seqs)
         if num_rows > self.limits.max_num_seqs:
             raise ValueError(f"{num_rows} sequences in one step; the buffers hold {self.limits.max_num_seqs}")
@@ -118,7 +121,7 @@ class StepInputs:
             self._pad(len(seqs), pad_to)
             tokens, sampled = pad_to, list(range(pad_to))
             max_query, max_context = 1, max(max_context, 1)
-        keep = sampled or [tokens - 1]  # chunks only: K/V are still written, one row is computed
+        keep = sampled + list(extra_rows) or [tokens - 1]  # chunks only: K/V still written, one row computed
         self._np["logits_rows"][: len(keep)] = keep
         dev = self.buffers.device_view
         layout = StepLayout(

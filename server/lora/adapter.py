@@ -1,6 +1,9 @@
 """PEFT LoRA adapters: read from ``adapter_config.json`` + ``adapter_model.safetensors``, validated.
 
-Only safetensors are read (a pickle can execute code; ``torch.load`` is never called). Every check
+Only safetensors are read (a pickle can execute code; ``torch.load`` is never called), and only from
+inside the adapter's confinement root (``server/confined.py``), checked on the opened file. What a
+hostile file could make expensive is bounded before it is parsed: the config's size, and the tensor
+count, read from the safetensors header alone against what the base model can hold. Every check
 raises :class:`AdapterError` naming the file, tensor key or module and the expected vs actual value,
 so a bad upload is refused at load time instead of failing a request later. The result holds fp32
 CPU tensors in PEFT's own layout (A: [r, in], B: [out, r]) plus the precomputed DoRA rescale.
@@ -9,16 +12,22 @@ CPU tensors in PEFT's own layout (A: [r, in], B: [out, r]) plus the precomputed 
 from __future__ import annotations
 
 import json
+import os
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
 from safetensors import SafetensorError, safe_open
 
+from server.confined import PathEscapeError, open_confined
 from server.lora.errors import AdapterError
-from server.lora.peft_config import LoraConfigView, parse_lora_config
+from server.lora.peft_config import LoraConfigView, PatternError, parse_lora_config
 from server.lora.spec import BaseModelSpec, LinearSpec
-from server.store import CONFIG_FILE, WEIGHTS_FILE
+from server.store import CONFIG_FILE, MAX_CONFIG_BYTES, WEIGHTS_FILE
+
+_TENSORS_PER_MODULE = 4  # lora_A, lora_B, lora_B.bias or magnitude, plus slack for the older magnitude key
+_HEADER_BYTES_PER_TENSOR = 512  # a header entry is ~130 bytes: key, dtype, shape, offsets
+_HEADER_SLACK_BYTES = 64 * 1024  # __metadata__
 
 _PREFIX = "base_model.model."
 _SUFFIXES = {  # tensor key suffix -> role
@@ -78,8 +87,11 @@ class LoRAAdapter:
         return any(m.dora_g is not None for m in self.modules.values())
 
 
-def load_peft_adapter(path: Path, name: str, base: BaseModelSpec, max_rank: int) -> LoRAAdapter:
-    """Reads and validates the PEFT LoRA adapter in directory ``path`` against ``base``."""
+def load_peft_adapter(
+    path: Path, name: str, base: BaseModelSpec, max_rank: int, root: Path | None = None
+) -> LoRAAdapter:
+    """Reads and validates the PEFT LoRA adapter in directory ``path`` against ``base``; its files must
+    resolve inside ``root`` (resolved; None: anywhere, for trusted local paths such as the CLI's)."""
     path = Path(path)
     if not path.is_dir():
         raise AdapterError(f"adapter '{name}': directory {path} does not exist")
@@ -95,30 +107,77 @@ def load_peft_adapter(path: Path, name: str, base: BaseModelSpec, max_rank: int)
             )
         raise AdapterError(f"adapter '{name}': missing {WEIGHTS_FILE} in {path}")
     try:
-        raw = json.loads(config_path.read_text())
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise AdapterError(f"adapter '{name}': {CONFIG_FILE} is not valid JSON ({exc})") from None
-    try:
-        config = parse_lora_config(raw)
+        config = parse_lora_config(_read_config(config_path, root))
     except AdapterError as exc:
         raise AdapterError(f"adapter '{name}': {exc}") from None
-    _check_config_targets(config, base, name)
-    tensors = _read_safetensors(weights_path, name)
-    modules = _group_by_module(tensors, name)
-    _check_modules(config, modules, base, name)
-    built = {
-        module: _build_module(module, roles, config, base, max_rank, name)
-        for module, roles in modules.items()
-    }
+    try:  # module names are matched against the config's patterns from here on
+        _check_config_targets(config, base, name)
+        tensors = _read_safetensors(weights_path, name, root, max_tensors_for(base))
+        modules = _group_by_module(tensors, name)
+        _check_modules(config, modules, base, name)
+        built = {
+            module: _build_module(module, roles, config, base, max_rank, name)
+            for module, roles in modules.items()
+        }
+    except PatternError as exc:
+        raise AdapterError(f"adapter '{name}': {exc}") from None
     return LoRAAdapter(name=name, modules=built, source=path, config=config)
 
 
-def _read_safetensors(path: Path, name: str) -> dict[str, torch.Tensor]:
+def max_tensors_for(base: BaseModelSpec) -> int:
+    """Most tensors a LoRA adapter of ``base`` can hold: A, B and a bias or DoRA magnitude per linear."""
+    return _TENSORS_PER_MODULE * len(base.linears)
+
+
+def _read_config(path: Path, root: Path | None) -> object:
     try:
-        with safe_open(str(path), framework="pt", device="cpu") as f:
-            return {key: f.get_tensor(key) for key in f.keys()}  # noqa: SIM118 - safe_open has no __iter__
+        with open_confined(path, root) as f:
+            if f.size > MAX_CONFIG_BYTES:
+                raise AdapterError(f"{CONFIG_FILE} is {f.size} bytes, over the limit of {MAX_CONFIG_BYTES}")
+            return json.loads(_read_exactly(f.fd, f.size, 0))
+    except PathEscapeError as exc:
+        raise AdapterError(f"{CONFIG_FILE} refused: {exc}") from None
+    except (OSError, UnicodeDecodeError, RecursionError, ValueError) as exc:
+        raise AdapterError(f"{CONFIG_FILE} is not valid JSON ({exc})") from None
+
+
+def _read_safetensors(path: Path, name: str, root: Path | None, max_tensors: int) -> dict[str, torch.Tensor]:
+    try:
+        with open_confined(path, root) as f:
+            _check_header(f.fd, max_tensors)
+            with safe_open(f.reopen_path, framework="pt", device="cpu") as st:
+                return {key: st.get_tensor(key) for key in st.keys()}  # noqa: SIM118 - no __iter__
+    except PathEscapeError as exc:
+        raise AdapterError(f"adapter '{name}': {WEIGHTS_FILE} refused: {exc}") from None
+    except AdapterError as exc:
+        raise AdapterError(f"adapter '{name}': {WEIGHTS_FILE} {exc}") from None
     except (SafetensorError, OSError, RuntimeError, ValueError) as exc:
         raise AdapterError(f"adapter '{name}': {WEIGHTS_FILE} is corrupt or truncated ({exc})") from None
+
+
+def _check_header(fd: int, max_tensors: int) -> None:
+    """Refuses, from the header alone, a file with more tensors than an adapter of the base can hold
+    (parsing 100,000 tiny tensors would hold a worker - and the GIL - for seconds)."""
+    max_header = max_tensors * _HEADER_BYTES_PER_TENSOR + _HEADER_SLACK_BYTES
+    length = int.from_bytes(_read_exactly(fd, 8, 0), "little")
+    if length > max_header:
+        raise AdapterError(
+            f"has a {length}-byte header, more than {max_tensors} tensors (the most a LoRA adapter of "
+            f"this base model holds) can need ({max_header} bytes)"
+        )
+    header = json.loads(_read_exactly(fd, length, 8))
+    count = len(header) - ("__metadata__" in header) if isinstance(header, dict) else 0
+    if count > max_tensors:
+        raise AdapterError(
+            f"holds {count} tensors, more than a LoRA adapter of this base model can ({max_tensors})"
+        )
+
+
+def _read_exactly(fd: int, size: int, offset: int) -> bytes:
+    data = os.pread(fd, size, offset)
+    if len(data) != size:
+        raise ValueError(f"file ends after {offset + len(data)} bytes, expected {offset + size}")
+    return data
 
 
 def _group_by_module(

@@ -63,8 +63,10 @@ def export_merged(
     *,
     max_rank: int | None = None,
     overwrite: bool = False,
+    confine_to: Path | None = None,
 ) -> Path:
-    """Writes base + merged adapter as a standalone HF checkpoint (safetensors, config, tokenizer)."""
+    """Writes base + merged adapter as a standalone HF checkpoint (safetensors, config, tokenizer); an
+    adapter directory's files must resolve inside ``confine_to`` when it is set."""
     from transformers import AutoConfig, AutoModelForCausalLM
 
     base_dir, out_dir = Path(base_dir), Path(out_dir)
@@ -75,7 +77,8 @@ def export_merged(
     model = AutoModelForCausalLM.from_pretrained(base_dir, dtype=torch.float32)
     if not isinstance(adapter, LoRAAdapter):
         path = Path(adapter)
-        adapter = load_peft_adapter(path, path.name, BaseModelSpec.from_model(model), max_rank or 1 << 30)
+        spec = BaseModelSpec.from_model(model)
+        adapter = load_peft_adapter(path, path.name, spec, max_rank or 1 << 30, confine_to)
     merge_adapter_into_model(model, adapter)
     if isinstance(saved_dtype, str):
         saved_dtype = getattr(torch, saved_dtype, None)

@@ -29,14 +29,15 @@ class AdapterReader:
 
     def read(self, name: str) -> LoRAAdapter:
         """The adapter the catalog knows as ``name``."""
-        return self._timed(lambda: self._parse(self.catalog.path_of(name), name))
+        return self._timed(lambda: self._parse(*self.catalog.locate(name), name))
 
-    def read_dir(self, path: Path, name: str) -> LoRAAdapter:
-        """The adapter in directory ``path`` (an upload being staged, a runtime path), as ``name``."""
-        return self._timed(lambda: self._parse(path, name))
+    def read_dir(self, path: Path, name: str, root: Path) -> LoRAAdapter:
+        """The adapter in directory ``path`` (an upload being staged, a runtime path), as ``name``; its
+        files must resolve inside ``root``."""
+        return self._timed(lambda: self._parse(path, Path(root).resolve(), name))
 
-    def _parse(self, path: Path, name: str) -> LoRAAdapter:
-        adapter = load_peft_adapter(path, name, self.base, self.max_rank)
+    def _parse(self, path: Path, root: Path, name: str) -> LoRAAdapter:
+        adapter = load_peft_adapter(path, name, self.base, self.max_rank, root)
         self.lora.check(adapter)
         return adapter
 

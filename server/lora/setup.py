@@ -65,6 +65,6 @@ def merge_store_adapter(model: torch.nn.Module, name: str, store: AdapterStore, 
     """Merges the store adapter ``name`` into ``model`` in place."""
     if not store.exists(name):
         raise AdapterError(f"merged_adapter '{name}' is not in the adapter store {store.root}")
-    adapter = load_peft_adapter(store.path_of(name), name, base_spec, max_rank=1 << 30)
+    adapter = load_peft_adapter(store.path_of(name), name, base_spec, max_rank=1 << 30, root=store.root)
     merge_adapter_into_model(model, adapter)
     log.info("merged adapter '%s' into the base weights", name)

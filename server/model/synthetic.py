@@ -9,6 +9,7 @@ seed always give the same model. ``weight_std`` widens the init so tiny models h
 
 from __future__ import annotations
 
+from collections.abc import Iterable
 from pathlib import Path
 
 import torch
@@ -94,8 +95,9 @@ def use_attention(model: torch.nn.Module, implementation: str) -> None:
         model.config._attn_implementation = implementation
 
 
-def byte_bpe_tokenizer(vocab_size: int) -> PreTrainedTokenizerFast:
-    """A byte-level BPE trained in-process on Python's bundled docs text: real text round-trips."""
+def byte_bpe_tokenizer(vocab_size: int, corpus: Iterable[str] | None = None) -> PreTrainedTokenizerFast:
+    """A byte-level BPE trained in-process on Python's bundled docs text (or ``corpus``): real text
+    round-trips. The docs alone give a few thousand merges; a larger corpus fills a larger vocabulary."""
     from pydoc_data.topics import topics
 
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
@@ -108,12 +110,42 @@ def byte_bpe_tokenizer(vocab_size: int) -> PreTrainedTokenizerFast:
         special_tokens=["<pad>", "<s>", "</s>"],
         initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
     )
-    tok.train_from_iterator(list(topics.values())[:40], trainer)
+    tok.train_from_iterator(corpus if corpus is not None else list(topics.values())[:40], trainer)
     return PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<s>", eos_token="</s>", pad_token="<pad>")
 
 
+# Letters that no normalizer, pre-tokenizer or byte fallback touches: CJK ideographs, then Hangul.
+_CHAR_BLOCKS = ((0x4E00, 0x9FFF), (0x3400, 0x4DBF), (0xAC00, 0xD7A3))
+_CHAR_SPECIALS = ("<unk>", "<s>", "</s>")
+
+
+def char_tokenizer(vocab_size: int) -> PreTrainedTokenizerFast:
+    """Token i >= 3 is one distinct CJK or Hangul character (0-2: ``<unk> <s> </s>``).
+
+    For workloads of token ids that must also travel as text: every tokenizer splits such text one
+    character per token, so a decoded prompt re-encodes to the same ids in every server. It has the
+    shape of a Llama tokenizer.json (BPE, byte fallback, a decoder sequence), which llama.cpp's GGUF
+    converter reads as a SentencePiece vocabulary with the same ids; no merges, no space prefix, no BOS.
+    """
+    from tokenizers import Tokenizer, decoders, models, processors
+
+    letters = (chr(c) for lo, hi in _CHAR_BLOCKS for c in range(lo, hi + 1))
+    pieces = list(_CHAR_SPECIALS) + [next(letters) for _ in range(vocab_size - len(_CHAR_SPECIALS))]
+    tok = Tokenizer(
+        models.BPE({p: i for i, p in enumerate(pieces)}, [], unk_token="<unk>", byte_fallback=True)
+    )
+    tok.decoder = decoders.Sequence([decoders.ByteFallback(), decoders.Fuse()])
+    # A no-op post-processor (ids untouched) that tells the GGUF converter "no BOS": without one,
+    # llama.cpp would prepend <s> to text prompts that the other servers take as they are.
+    tok.post_processor = processors.ByteLevel(trim_offsets=False)
+    return PreTrainedTokenizerFast(
+        tokenizer_object=tok, unk_token="<unk>", bos_token="<s>", eos_token="</s>", add_prefix_space=False
+    )
+
+
 def word_tokenizer(vocab_size: int) -> PreTrainedTokenizerFast:
-    """Token i is the word ``t<i>``: any vocabulary size at once, for token-id workloads."""
+    """Token i is the word ``t<i>``, decoded with spaces between tokens (WordPiece-style): any
+    vocabulary size at once, for token-id workloads and for decoders that put spaces between tokens."""
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers
 
     tok = Tokenizer(models.WordLevel({f"t{i}": i for i in range(vocab_size)}, unk_token="t0"))

@@ -11,7 +11,6 @@ from __future__ import annotations
 import asyncio
 import shutil
 import time
-import uuid
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -35,7 +34,14 @@ from server.service.errors import (
 from server.service.paths import allowed_adapter_path, check_name
 from server.service.resolve import resolve_model
 from server.service.results import AdapterInfo, MergeResult
-from server.store import AdapterExistsError, AdapterMissingError, AdapterStore, replace_dir, tree_digest
+from server.store import (
+    AdapterExistsError,
+    AdapterMissingError,
+    AdapterStore,
+    replace_dir,
+    temp_name,
+    tree_digest,
+)
 
 
 @dataclass
@@ -92,7 +98,7 @@ class AdapterService:
         replaces what ``name`` served before."""
         lora = self._require_lora()
         check_name(name, "lora_name")
-        path = allowed_adapter_path(lora_path, self.settings.allowed_lora_roots)
+        path, root = allowed_adapter_path(lora_path, self.settings.allowed_lora_roots)
         if not inplace and lora.catalog.exists(name):
             raise InvalidAdapterError(
                 f"The lora adapter '{name}' has already been loaded. "
@@ -100,10 +106,10 @@ class AdapterService:
                 "lora_name",
             )
         try:
-            adapter = await asyncio.to_thread(lora.reader.read_dir, path, name)
+            adapter = await asyncio.to_thread(lora.reader.read_dir, path, name, root)
         except AdapterError as exc:
             raise InvalidAdapterError(str(exc), "lora_path") from None
-        lora.catalog.register(name, path)
+        lora.catalog.register(name, path, root)
         lora.cache.replace(name, adapter)
         lora.manager.revive(name)
 
@@ -160,9 +166,10 @@ class AdapterService:
             raise AdapterNotFoundError(f"The model `{name}` does not exist.", "name")
         export_root = Path(self.settings.export_dir)
         export_root.mkdir(parents=True, exist_ok=True)
-        staged, final = export_root / f".merge-{uuid.uuid4().hex}", export_root / name
+        staged, final = export_root / temp_name("merge"), export_root / name
         try:
-            await asyncio.to_thread(export_merged, self.settings.model, lora.catalog.path_of(name), staged)
+            path, root = lora.catalog.locate(name)
+            await asyncio.to_thread(export_merged, self.settings.model, path, staged, confine_to=root)
             digest = await asyncio.to_thread(tree_digest, staged)
             await asyncio.to_thread(replace_dir, staged, final)
         finally:
@@ -187,7 +194,7 @@ def stage_and_commit(
             with open(staged / file_name, "wb") as out:
                 shutil.copyfileobj(source, out, 1 << 20)
         try:
-            adapter = reader.read_dir(staged, name)
+            adapter = reader.read_dir(staged, name, staged)
         except AdapterError as exc:
             raise InvalidAdapterError(str(exc).replace(str(staged), "<upload>")) from None
         try:

@@ -15,8 +15,9 @@ def check_name(name: str, param: str) -> str:
         raise InvalidAdapterError(str(exc), param) from None
 
 
-def allowed_adapter_path(raw: str, allowed_roots: list[Path]) -> Path:
-    """``raw`` with symlinks resolved, if it is a directory inside one of ``allowed_roots``."""
+def allowed_adapter_path(raw: str, allowed_roots: list[Path]) -> tuple[Path, Path]:
+    """``raw`` with symlinks resolved, if it is a directory inside one of ``allowed_roots``; and that root
+    (resolved too), which every file of the adapter must still resolve into when it is opened."""
     roots = [Path(r).resolve() for r in allowed_roots]
     if not roots:
         raise PathNotAllowedError(
@@ -26,8 +27,9 @@ def allowed_adapter_path(raw: str, allowed_roots: list[Path]) -> Path:
         path = Path(raw).resolve(strict=True)
     except (OSError, RuntimeError, ValueError):
         raise AdapterNotFoundError(f"lora_path '{raw}' does not exist", "lora_path") from None
-    if not any(path == root or path.is_relative_to(root) for root in roots):
+    root = next((root for root in roots if path == root or path.is_relative_to(root)), None)
+    if root is None:
         raise PathNotAllowedError(f"lora_path '{raw}' is outside the allowed roots", "lora_path")
     if not path.is_dir():
         raise InvalidAdapterError(f"lora_path '{raw}' is not a directory", "lora_path")
-    return path
+    return path, root

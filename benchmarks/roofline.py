@@ -1,0 +1,115 @@
+"""The roofline line: a decode step's achieved FLOP/s as a fraction of this machine's dense GEMM peak.
+
+The peak is measured, not taken from a datasheet: the best of a few large square ``torch.matmul``s in
+the dtype under test, timed in the same run and with the same threads as the systems it judges, so a
+busy or throttled machine lowers the roof and the step alike. A step's work is the dense matmul work
+of a Llama forward (2 FLOPs per weight per token: every projection and the LM head; the embedding is a
+lookup), plus the attention score and value products over each token's context, plus the LoRA
+shrink and expand of the rows that carry an adapter.
+"""
+
+from __future__ import annotations
+
+import statistics
+import time
+from dataclasses import dataclass
+
+import torch
+
+LLAMA_PROJECTIONS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+
+
+@dataclass(frozen=True)
+class ModelShape:
+    """What the FLOP count of a Llama-shaped decoder needs from its config."""
+
+    hidden: int
+    intermediate: int
+    layers: int
+    heads: int
+    kv_heads: int
+    vocab: int
+
+    @classmethod
+    def from_config(cls, config) -> ModelShape:
+        return cls(
+            config.hidden_size,
+            config.intermediate_size,
+            config.num_hidden_layers,
+            config.num_attention_heads,
+            config.num_key_value_heads,
+            config.vocab_size,
+        )
+
+    @classmethod
+    def of_model(cls, model_dir) -> ModelShape:
+        from transformers import AutoConfig
+
+        return cls.from_config(AutoConfig.from_pretrained(model_dir))
+
+    def projection_dims(self) -> dict[str, tuple[int, int]]:
+        """(in, out) of each projection of one layer."""
+        kv = self.hidden // self.heads * self.kv_heads
+        h, i = self.hidden, self.intermediate
+        return {"q_proj": (h, h), "k_proj": (h, kv), "v_proj": (h, kv), "o_proj": (h, h),
+                "gate_proj": (h, i), "up_proj": (h, i), "down_proj": (i, h)}  # fmt: skip
+
+    def matmul_params(self) -> int:
+        """Weights a token multiplies by: every projection of every layer and the LM head."""
+        per_layer = sum(i * o for i, o in self.projection_dims().values())
+        return self.layers * per_layer + self.hidden * self.vocab
+
+    def lora_flops_per_token(self, rank: int, targets=LLAMA_PROJECTIONS) -> int:
+        """Shrink (in x r) and expand (r x out) on each targeted projection of every layer."""
+        dims = self.projection_dims()
+        return 2 * rank * self.layers * sum(dims[t][0] + dims[t][1] for t in targets)
+
+    def request_flops(self, prompt_len: int, new_tokens: int, lora_rank: int = 0) -> int:
+        """FLOPs of one request end to end: the prompt and every generated token but the last go
+        through the layers (attending to all positions so far), each generated token through the LM head."""
+        layer_params = self.matmul_params() - self.hidden * self.vocab
+        positions = prompt_len + new_tokens - 1
+        attention = 4 * self.layers * self.hidden * positions * (positions + 1) // 2
+        lora = positions * self.lora_flops_per_token(lora_rank) if lora_rank else 0
+        return 2 * layer_params * positions + attention + lora + 2 * self.hidden * self.vocab * new_tokens
+
+    def decode_step_flops(self, batch: int, context: int, lora_rows: int = 0, lora_rank: int = 0) -> int:
+        """FLOPs of one decode step of ``batch`` sequences at ``context`` tokens each."""
+        dense = 2 * self.matmul_params() * batch
+        attention = 4 * self.layers * self.hidden * context * batch  # QK^T and PV, every head
+        return dense + attention + lora_rows * self.lora_flops_per_token(lora_rank)
+
+
+def gemm_peak(dtype: torch.dtype, n: int = 2048, repeats: int = 5, device: str = "cpu") -> float:
+    """FLOP/s of the best of ``repeats`` ``n x n @ n x n`` matmuls (after one warm-up)."""
+    a = torch.randn(n, n, device=device).to(dtype)
+    b = torch.randn(n, n, device=device).to(dtype)
+    torch.matmul(a, b)
+    best = float("inf")
+    for _ in range(repeats):
+        if device != "cpu":
+            torch.cuda.synchronize(device)
+        start = time.perf_counter()
+        torch.matmul(a, b)
+        if device != "cpu":
+            torch.cuda.synchronize(device)
+        best = min(best, time.perf_counter() - start)
+    return 2 * n**3 / best
+
+
+def decode_step_rate(steps, shape: ModelShape, lora_rank: int = 0) -> tuple[float, int, int] | None:
+    """(median FLOP/s, batch, steps) over the pure decode steps at the largest batch in ``steps``
+    (each with ``seconds``, ``batch``, ``context``, ``lora_rows``); None when there were none."""
+    if not steps:
+        return None
+    batch = max(s.batch for s in steps)
+    rates = sorted(
+        shape.decode_step_flops(s.batch, round(s.context), s.lora_rows, lora_rank) / s.seconds
+        for s in steps
+        if s.batch == batch
+    )
+    return statistics.median(rates), batch, len(rates)
+
+
+def roofline_line(label: str, achieved: float, peak: float) -> str:
+    return f"{label:<58} {achieved / 1e9:8.1f} GFLOP/s = {100 * achieved / peak:5.1f} % of the GEMM peak"

@@ -1,0 +1,200 @@
+"""The CPU runtime `loraplex serve` sets up by default: a faster allocator and a tuned OpenMP.
+
+Much of a CPU decode step's cost sits below Python. glibc's malloc hands the large, short-lived
+activation buffers of every step back to the kernel and faults them in again; an OpenMP team whose
+threads float between cores loses its caches and, on a busy host, spin-waits on descheduled peers.
+vLLM-CPU's documented set-up preloads tcmalloc and Intel's OpenMP and binds its threads; this module
+gives loraplex's users the same by default (``benchmarks/runtime_bench.py`` measures each piece):
+
+- **allocator**: tcmalloc (Debian ``libtcmalloc-minimal4``), else jemalloc (``libjemalloc2``);
+- **OpenMP runtime**: Intel's ``libiomp5`` (pip ``intel-openmp``), else LLVM's ``libomp.so.5``, in
+  place of torch's own GNU ``libgomp`` (both serve torch's GOMP calls);
+- **threads**: ``OMP_NUM_THREADS`` = the CPUs this process may use (its affinity mask, capped by a
+  cgroup CPU quota, as in a container), bound one per core: ``KMP_AFFINITY=granularity=fine,compact,1,0``
+  for Intel's and LLVM's runtime, ``OMP_PROC_BIND=close OMP_PLACES=cores`` for GNU's. (Not
+  ``OMP_PROC_BIND`` for all three: the engine's team is started by the engine thread, not by the
+  process's first thread, and Intel's and LLVM's runtimes then put every thread of such a team on
+  the first core; ``KMP_AFFINITY`` binds it across the cores.)
+
+``LD_PRELOAD`` is read by the dynamic loader only when a process starts, so :func:`reexec_if_needed`
+re-executes the command once with the planned environment (``execv`` keeps the PID: in a container
+loraplex stays PID 1). What is missing is skipped (the server runs fine without any of it), variables
+the user already set win, and :func:`describe` reads what is really in effect back from the process's
+own memory maps for the start-up log. Opt out with ``--no-runtime-tuning`` (``LORAPLEX_RUNTIME_TUNING=0``).
+
+A bound OpenMP runtime pins the thread that loads it (the main thread, at ``import torch``) to the
+first core, and every thread started afterwards would inherit that one core: :func:`unpin_main_thread`
+gives the main thread back all CPUs right after torch is imported, so only OpenMP teams stay bound.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import re
+import sys
+import sysconfig
+from dataclasses import dataclass, field
+from pathlib import Path
+
+# Set in the re-executed process: the CPU list it may use (the main thread's mask before OpenMP pinned it).
+TUNED_MARKER = "LORAPLEX_RUNTIME_CPUS"
+ALLOCATORS = {"tcmalloc": ("libtcmalloc_minimal.so.4", "libtcmalloc.so.4"), "jemalloc": ("libjemalloc.so.2",)}
+OPENMP_RUNTIMES = {"intel": ("libiomp5.so",), "llvm": ("libomp.so.5",)}
+# Variables by which a user binds threads already: then the plan binds nothing.
+BIND_VARS = ("OMP_PROC_BIND", "OMP_PLACES", "KMP_AFFINITY", "GOMP_CPU_AFFINITY")
+KMP_BIND = {"KMP_AFFINITY": "granularity=fine,compact,1,0"}  # Intel and LLVM OpenMP
+GNU_BIND = {"OMP_PROC_BIND": "close", "OMP_PLACES": "cores"}
+# What each name looks like in /proc/self/maps, for describe().
+_MAPPED = {**ALLOCATORS, **OPENMP_RUNTIMES, "gnu": ("libgomp",)}
+
+
+@dataclass(frozen=True)
+class Pieces:
+    """Which parts of the set-up to apply (all by default; the runtime benchmark toggles each).
+    ``allocator`` / ``openmp``: "auto" (the first found, in the order of the tables above), one name
+    from them, or None (glibc malloc / torch's GNU libgomp)."""
+
+    allocator: str | None = "auto"
+    openmp: str | None = "auto"
+    threads: bool = True
+    bind: bool = True
+
+
+@dataclass(frozen=True)
+class RuntimePlan:
+    """The environment a tuned process gets, and what it found for it."""
+
+    cpus: tuple[int, ...]
+    allocator: tuple[str, Path] | None = None
+    openmp: tuple[str, Path] | None = None
+    env: dict[str, str] = field(default_factory=dict)
+
+
+def usable_cpus() -> tuple[int, ...]:
+    """The CPUs this process may run on, trimmed to a cgroup v2 CPU quota (a container's ``--cpus``)."""
+    cpus = tuple(sorted(os.sched_getaffinity(0)))
+    quota = _cgroup_cpu_quota(Path("/sys/fs/cgroup/cpu.max"))
+    return cpus[: max(1, math.ceil(quota))] if quota is not None and quota < len(cpus) else cpus
+
+
+def _cgroup_cpu_quota(path: Path) -> float | None:
+    try:
+        quota, period = path.read_text().split()[:2]
+    except (OSError, ValueError):
+        return None
+    return None if quota == "max" else int(quota) / int(period)
+
+
+def library_dirs() -> list[Path]:
+    """Where Debian packages and pip wheels (``intel-openmp`` installs into ``<prefix>/lib``) put libraries."""
+    multiarch = sysconfig.get_config_var("MULTIARCH") or "x86_64-linux-gnu"
+    roots = [Path(sys.prefix) / "lib", Path("/usr/local/lib"), Path("/usr/lib") / multiarch]
+    return roots + [Path("/lib") / multiarch, Path("/usr/lib64"), Path("/usr/lib")]
+
+
+def find_library(candidates: dict[str, tuple[str, ...]], dirs: list[Path]) -> tuple[str, Path] | None:
+    """The first ``(name, path)`` whose file exists, in the order of ``candidates`` (preference) then dirs."""
+    for name, files in candidates.items():
+        for filename in files:
+            for directory in dirs:
+                if (directory / filename).is_file():
+                    return name, directory / filename
+    return None
+
+
+def choose(table: dict[str, tuple[str, ...]], choice: str | None, dirs: list[Path], preload: str):
+    """The library ``choice`` selects from ``table``, unless the user preloads one of them already."""
+    if choice is None or any(f in preload for files in table.values() for f in files):
+        return None
+    return find_library(table if choice == "auto" else {choice: table[choice]}, dirs)
+
+
+def plan(environ: dict[str, str], pieces: Pieces = Pieces(), dirs: list[Path] | None = None) -> RuntimePlan:
+    """The variables to add to ``environ``; a variable the user already set is left as it is."""
+    dirs = library_dirs() if dirs is None else dirs
+    cpus = usable_cpus()
+    preload = environ.get("LD_PRELOAD", "")
+    allocator = choose(ALLOCATORS, pieces.allocator, dirs, preload)
+    openmp = choose(OPENMP_RUNTIMES, pieces.openmp, dirs, preload)
+    wanted: dict[str, str] = {}
+    libs = [str(found[1]) for found in (allocator, openmp) if found]
+    if libs:
+        wanted["LD_PRELOAD"] = ":".join(libs + ([preload] if preload else []))
+    if pieces.threads:
+        wanted["OMP_NUM_THREADS"] = str(len(cpus))
+    if pieces.bind and not any(var in environ for var in BIND_VARS):
+        kmp = openmp is not None or any(f in preload for files in OPENMP_RUNTIMES.values() for f in files)
+        wanted.update(KMP_BIND if kmp else GNU_BIND)
+    env = {k: v for k, v in wanted.items() if k == "LD_PRELOAD" or k not in environ}
+    return RuntimePlan(cpus, allocator, openmp, env)
+
+
+def cpu_list(cpus: tuple[int, ...]) -> str:
+    return ",".join(map(str, cpus))
+
+
+def tuned_environ(
+    environ: dict[str, str], pieces: Pieces = Pieces(), dirs: list[Path] | None = None
+) -> dict[str, str]:
+    """``environ`` plus the plan, marked so the re-executed process does not plan again."""
+    p = plan(environ, pieces, dirs)
+    return {**environ, **p.env, TUNED_MARKER: cpu_list(p.cpus)}
+
+
+def reexec_if_needed(enabled: bool, device: str) -> None:
+    """Re-executes this very command under the tuned environment, once; returns when nothing to do."""
+    if not enabled or TUNED_MARKER in os.environ or not serves_on_cpu(device):
+        return
+    env = tuned_environ(dict(os.environ))
+    sys.stdout.flush()
+    sys.stderr.flush()
+    try:
+        os.execve(sys.executable, list(sys.orig_argv), env)
+    except OSError as exc:  # the server still runs, untuned; describe() will say so
+        print(f"loraplex: CPU runtime tuning skipped, re-exec failed: {exc}", file=sys.stderr)
+
+
+def serves_on_cpu(device: str) -> bool:
+    """Whether the engine will run on the CPU, decided without importing torch (that would double
+    the start-up work before the re-exec): 'auto' means CPU where no NVIDIA device node exists."""
+    if device == "cpu":
+        return True
+    return device == "auto" and not any(Path("/dev").glob("nvidia[0-9]*"))
+
+
+def unpin_main_thread() -> None:
+    """Gives the main thread back the CPUs it started with, after a bound OpenMP pinned it to one core
+    on load (threads started later inherit the mask: the event loop and tokenizers must not share it)."""
+    cpus = os.environ.get(TUNED_MARKER)
+    if cpus:
+        os.sched_setaffinity(0, {int(c) for c in cpus.split(",")})
+
+
+def loaded_libraries(maps: Path = Path("/proc/self/maps")) -> dict[str, str]:
+    """{'tcmalloc' | 'jemalloc' | 'intel' | 'llvm' | 'gnu': path} for the runtimes mapped into this process."""
+    try:
+        paths = {line.split()[-1] for line in maps.read_text().splitlines() if "/" in line}
+    except OSError:
+        return {}
+    found = {}
+    for name, files in _MAPPED.items():
+        stems = "|".join(re.escape(f.split(".so")[0]) for f in files)  # libgomp.so.1, libgomp-ab12.so.1
+        hits = sorted(p for p in paths if re.match(rf"(?:{stems})[-.]", Path(p).name))
+        if hits:
+            found[name] = hits[0]
+    return found
+
+
+def describe(loaded: dict[str, str], environ: dict[str, str]) -> str:
+    """One start-up log line: the allocator, the OpenMP runtime, threads and binding really in effect."""
+    allocator = next((f"{n} ({loaded[n]})" for n in ALLOCATORS if n in loaded), None)
+    allocator = allocator or "glibc malloc (apt-get install libtcmalloc-minimal4 for tcmalloc)"
+    openmp = next((f"{n} OpenMP ({loaded[n]})" for n in ("intel", "llvm") if n in loaded), None)
+    if openmp is None:
+        gnu = f"gnu OpenMP ({loaded['gnu']})" if "gnu" in loaded else "no OpenMP"
+        openmp = f"{gnu} (apt-get install libomp5-14 or pip install intel-openmp for a faster runtime)"
+    threads = environ.get("OMP_NUM_THREADS", "default")
+    bind = " ".join(f"{k}={environ[k]}" for k in BIND_VARS if k in environ) or "unbound"
+    state = "tuned" if TUNED_MARKER in environ else "as started (runtime tuning off or not on CPU)"
+    return f"CPU runtime {state}: allocator {allocator}; {openmp}; OMP threads {threads}, binding {bind}"

@@ -83,10 +83,19 @@ def _lora_case(plan, d_in, d_out, seq_slots, seq_lens, rank=16):
     from server.lora.batch import LoRABatch
     from server.lora.ops.sgmv_torch import sgmv_torch
     from server.lora.ops.sgmv_triton import sgmv_triton
+    from server.lora.slot_weights import SlotWeights
 
     slots, kw = max(seq_slots) + 1, {"device": plan.device, "dtype": plan.dtype}
-    a = torch.randn(slots, d_in, rank, **kw) * 0.02
-    b = torch.randn(slots, rank, d_out, **kw) * 0.02
+    weights = SlotWeights(["m"], d_in, [d_out], slots, rank, plan.device, plan.dtype)
+    with torch.no_grad():
+        weights.a.normal_(0, 0.02)  # [slots, blocks, in, 16, 1]: every rank live
+        weights.b.normal_(0, 0.02)
+    weights.rank = [[weights.b.shape[1]] * slots]
+    reference = SlotWeights(["m"], d_in, [d_out], slots, rank, plan.device, torch.float32)
+    with torch.no_grad():
+        reference.a.copy_(weights.a)
+        reference.b.copy_(weights.b)
+    reference.rank = weights.rank
     n = sum(seq_lens)
     x = torch.randn(n, d_in, **kw)
     y0 = torch.randn(n, d_out, **kw)
@@ -95,8 +104,8 @@ def _lora_case(plan, d_in, d_out, seq_slots, seq_lens, rank=16):
         batch = LoRABatch(slots)
         batch.set(seq_slots, seq_lens, static=static)
         want, got = y0.float().clone(), y0.clone()
-        sgmv_torch(want, x.float(), a.float(), b.float(), batch)
-        sgmv_triton(got, x, a, b, batch)
+        sgmv_torch(want, x.float(), reference, batch.slot_rows(x.device))
+        sgmv_triton(got, x, weights.a[..., 0], weights.b, batch)
         plan.sync()
         result["static_rel_err" if static else "rel_err"] = _rel(got.float() - y0.float(), want - y0.float())
     return result

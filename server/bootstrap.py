@@ -17,7 +17,13 @@ from server.config import Settings
 from server.engine.admission import AdmissionOrder
 from server.engine.async_engine import AsyncEngine, ServedModel
 from server.engine.block_manager import BlockManager
-from server.engine.decode_graphs import CudaGraphCapture, DecodeGraphs, EagerReplay, bucket_sizes
+from server.engine.decode_graphs import (
+    CompiledDecode,
+    CudaGraphCapture,
+    DecodeGraphs,
+    EagerReplay,
+    bucket_sizes,
+)
 from server.engine.llm_engine import EngineLimits, LLMEngine
 from server.engine.memory_budget import MemoryBudget, dummy_step, profile_activation_peak, sampler_bytes
 from server.engine.model_runner import ModelRunner
@@ -93,8 +99,11 @@ def kv_cache_blocks(settings: Settings, model, slots, geometry: ModelGeometry, d
 
 
 def decode_graphs(settings: Settings, device: str) -> DecodeGraphs | None:
-    """CUDA: decode padded to buckets, captured as CUDA graphs unless ``enforce_eager``. CPU: none."""
+    """CUDA: decode padded to buckets, captured as CUDA graphs unless ``enforce_eager``. CPU: the
+    decode forward compiled (``torch.compile``) at start-up with ``compile_decode``, else none."""
     if not device.startswith("cuda"):
+        if settings.compile_decode and not settings.enforce_eager:
+            return DecodeGraphs(CompiledDecode(), bucket_sizes(settings.max_num_seqs))
         return None
     strategy = EagerReplay() if settings.enforce_eager else CudaGraphCapture()
     return DecodeGraphs(strategy, bucket_sizes(settings.max_num_seqs))
@@ -128,6 +137,11 @@ def build_runtime(settings: Settings, model: torch.nn.Module | None = None, toke
         graphs=decode_graphs(settings, device),
     )  # fmt: skip
     runner.capture_decode_graphs()
+    compile_seconds = getattr(runner.graphs.strategy, "compile_seconds", 0.0) if runner.graphs else 0.0
+    if compile_seconds:
+        log.info(
+            "decode compiled for %d batch buckets in %.1f s", len(runner.graphs.replays), compile_seconds
+        )
     scheduler = Scheduler(
         BlockManager(num_blocks, settings.block_size, settings.prefix_caching),
         settings.max_num_seqs,

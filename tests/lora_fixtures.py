@@ -130,14 +130,23 @@ def inject_and_load(
     max_loras: int = 8,
     max_rank: int = 64,
     backend: str = "torch",
+    served_layers: bool = False,
 ):
-    """Base model with LoRA injected and ``adapter_dirs`` written into slots 0, 1, ... (in order)."""
+    """Base model with LoRA injected and ``adapter_dirs`` written into slots 0, 1, ... (in order).
+
+    ``served_layers``: the linears as the server loads them (q/k/v and gate/up fused, oneDNN-packed
+    on CPU), with transformers' own attention, so plain forwards still work."""
     from server.lora.adapter import load_peft_adapter
     from server.lora.backend import make_lora_backend
     from server.lora.layers import inject_lora
     from server.lora.spec import BaseModelSpec
+    from server.model.cpu_linear import use_packed_linears
+    from server.model.fused_linear import fuse_projections
 
     model = load_base(base_dir)
+    if served_layers:
+        fuse_projections(model)
+        use_packed_linears(model)
     handle = inject_lora(model, make_lora_backend(backend, "cpu", max_loras), max_rank)
     spec = BaseModelSpec.from_model(model)
     for slot, (name, path) in enumerate(adapter_dirs.items()):

@@ -92,6 +92,7 @@ def test_serve_upload_complete_and_stop(image, model_dir, tmp_path):
         "LORAPLEX_HOST": "127.0.0.1",
         "LORAPLEX_PORT": str(port),
         "LORAPLEX_DEVICE": "cpu",
+        "LORAPLEX_DTYPE": "float32",  # token-for-token against PEFT in fp32 (auto may pick bf16 on this CPU)
         "LORAPLEX_API_KEYS": json.dumps([USER_KEY]),
         "LORAPLEX_ADMIN_KEYS": json.dumps([ADMIN_KEY]),
         "LORAPLEX_NUM_KV_BLOCKS": "256",

@@ -1,4 +1,4 @@
-"""SkinnyBatchLinear: same results as nn.Linear for every input size, installed by the loader on CPU."""
+"""PackedLinear: nn.Linear's results for every input size and dtype, installed by the loader on CPU."""
 
 from __future__ import annotations
 
@@ -6,33 +6,61 @@ import pytest
 import torch
 from torch import nn
 
-from server.model.cpu_linear import SKINNY_MAX_ROWS, SkinnyBatchLinear, use_skinny_linears
+from server.model.cpu_linear import PackedLinear, onednn_packable, use_packed_linears
 from server.model.loader import load_model
+
+pytestmark = pytest.mark.skipif(
+    not onednn_packable(torch.zeros(1)), reason="torch without oneDNN's packed linear on this CPU"
+)
 
 
 @pytest.mark.parametrize("bias", [False, True])
-@pytest.mark.parametrize("shape", [(1, 1, 64), (1, 7, 64), (3, 5, 64), (SKINNY_MAX_ROWS + 1, 64), (0, 64)])
+@pytest.mark.parametrize("shape", [(1, 1, 64), (1, 7, 64), (3, 5, 64), (300, 64), (0, 64)])
 def test_matches_nn_linear(shape, bias):
     torch.manual_seed(0)
     ref = nn.Linear(64, 200, bias=bias)
-    skinny = nn.Linear(64, 200, bias=bias)
-    skinny.load_state_dict(ref.state_dict())
-    assert use_skinny_linears(skinny) == 1 and isinstance(skinny, nn.Linear)
+    packed = nn.Linear(64, 200, bias=bias)
+    packed.load_state_dict(ref.state_dict())
+    assert use_packed_linears(packed) == 1 and isinstance(packed, nn.Linear)
     x = torch.randn(*shape)
     with torch.inference_mode():
-        want, got = ref(x), skinny(x)
+        want, got = ref(x), packed(x)
     assert got.shape == want.shape and got.is_contiguous()
     torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
 
 
-def test_only_fp32_plain_linears_are_swapped():
-    model = nn.Sequential(nn.Linear(4, 4), nn.Linear(4, 4).to(torch.bfloat16), nn.Embedding(3, 4))
-    assert use_skinny_linears(model) == 1
-    assert type(model[0]) is SkinnyBatchLinear and type(model[1]) is nn.Linear
+def test_bf16_where_the_cpu_has_it():
+    if not onednn_packable(torch.zeros(1, dtype=torch.bfloat16)):
+        pytest.skip("no native bf16 on this CPU")
+    torch.manual_seed(0)
+    ref = nn.Linear(64, 96).to(torch.bfloat16)
+    packed = nn.Linear(64, 96).to(torch.bfloat16)
+    packed.load_state_dict(ref.state_dict())
+    assert use_packed_linears(packed) == 1
+    x = torch.randn(9, 64, dtype=torch.bfloat16)
+    with torch.inference_mode():
+        torch.testing.assert_close(packed(x).float(), ref(x).float(), rtol=2e-2, atol=2e-2)
 
 
-def test_loader_installs_it_on_cpu_fp32(tiny_llama_dir):
+def test_in_place_weight_writes_reach_the_packed_copy():
+    layer = nn.Linear(16, 8)
+    use_packed_linears(layer)
+    x = torch.randn(3, 16)
+    with torch.no_grad():
+        layer.weight.mul_(2.0)
+        layer.weights_changed()  # what merge_adapter_into_model calls after writing
+        torch.testing.assert_close(layer(x), torch.nn.functional.linear(x, layer.weight, layer.bias))
+
+
+def test_only_plain_cpu_linears_of_packable_dtypes_are_swapped():
+    model = nn.Sequential(nn.Linear(4, 4), nn.Linear(4, 4).to(torch.float16), nn.Embedding(3, 4))
+    assert use_packed_linears(model) == 1
+    assert type(model[0]) is PackedLinear and type(model[1]) is nn.Linear
+
+
+def test_loader_installs_it_on_cpu(tiny_llama_dir):
     model = load_model(tiny_llama_dir, "cpu", torch.float32)
-    linears = [m for m in model.modules() if isinstance(m, nn.Linear)]
-    assert linears and all(type(m) is SkinnyBatchLinear for m in linears)
+    assert (
+        type(model.lm_head) is PackedLinear and type(model.model.layers[0].self_attn.o_proj) is PackedLinear
+    )
     assert "lm_head.weight" in model.state_dict()

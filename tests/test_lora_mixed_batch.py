@@ -17,6 +17,8 @@ from tests.lora_fixtures import (
 )
 
 TOL = 1e-4
+# (reference layers + torch op) and (the server's fused, packed layers + the default CPU op)
+LAYERS = pytest.mark.parametrize("served,backend", [(False, "torch"), (True, "auto")], ids=["hf", "served"])
 
 
 @pytest.fixture(scope="module")
@@ -32,10 +34,11 @@ def _greedy(model, ids: torch.Tensor, steps: int) -> torch.Tensor:
     return ids
 
 
+@LAYERS
 @torch.inference_mode()
-def test_mixed_batch_matches_peft_per_row(tiny_llama_dir, llama_adapters):
+def test_mixed_batch_matches_peft_per_row(tiny_llama_dir, llama_adapters, served, backend):
     assert len(llama_adapters) >= 6
-    model, handle, _ = inject_and_load(tiny_llama_dir, llama_adapters)
+    model, handle, _ = inject_and_load(tiny_llama_dir, llama_adapters, backend=backend, served_layers=served)
     names = list(llama_adapters)
     # Rows in an arbitrary slot order, two base rows, one adapter twice: the op must not rely on sorting.
     row_slots = [3, -1, 0, 5, 1, 6, -1, 4, 2, 3]
@@ -55,11 +58,12 @@ def test_mixed_batch_matches_peft_per_row(tiny_llama_dir, llama_adapters):
             assert max_rel_err(base[row : row + 1], want) > 1e-2
 
 
+@LAYERS
 @torch.inference_mode()
-def test_mixed_batch_greedy_tokens_match_peft_generate(tiny_llama_dir, llama_adapters):
+def test_mixed_batch_greedy_tokens_match_peft_generate(tiny_llama_dir, llama_adapters, served, backend):
     from peft import PeftModel
 
-    model, handle, _ = inject_and_load(tiny_llama_dir, llama_adapters)
+    model, handle, _ = inject_and_load(tiny_llama_dir, llama_adapters, backend=backend, served_layers=served)
     names = list(llama_adapters)
     row_slots = [-1, *range(len(names))]
     ids = torch.randint(3, 500, (len(row_slots), 6), generator=torch.Generator().manual_seed(2))
@@ -113,8 +117,9 @@ def test_layer_refuses_a_batch_of_the_wrong_size(tiny_llama_dir, llama_adapters)
     assert max_rel_err(model(input_ids=ids).logits, peft_logits(tiny_llama_dir, None, ids)) == 0.0
 
 
+@LAYERS
 @torch.inference_mode()
-def test_qwen2_biases_dora_and_lora_bias(tiny_qwen2_dir, tmp_path):
+def test_qwen2_biases_dora_and_lora_bias(tiny_qwen2_dir, tmp_path, served, backend):
     """Qwen2 has q/k/v biases: DoRA must keep the base bias out of its rescale; lora_bias adds its own."""
     cases = {
         "dora": dict(r=8, target_modules=["q_proj", "k_proj", "v_proj", "down_proj"], use_dora=True, seed=11),
@@ -122,7 +127,9 @@ def test_qwen2_biases_dora_and_lora_bias(tiny_qwen2_dir, tmp_path):
         "rslora": dict(r=16, target_modules=ALL_LINEAR, use_rslora=True, seed=13),
     }
     dirs = {name: make_peft_adapter(tiny_qwen2_dir, tmp_path / name, **kw) for name, kw in cases.items()}
-    model, handle, _ = inject_and_load(tiny_qwen2_dir, dirs, max_loras=4, max_rank=16)
+    model, handle, _ = inject_and_load(
+        tiny_qwen2_dir, dirs, max_loras=4, max_rank=16, backend=backend, served_layers=served
+    )
     row_slots = [2, 0, -1, 1]
     ids = torch.randint(3, 500, (4, 7), generator=torch.Generator().manual_seed(3))
     handle.backend.plan(row_slots, [7] * 4)

@@ -1,87 +1,153 @@
-"""The SGMV op: torch reference vs a naive per-row loop, the Triton kernels (interpreted) vs torch."""
+"""The SGMV op: the torch reference and the native CPU kernel against a naive per-row loop.
+
+Every case runs one target of 1, 2 or 3 members (a plain linear, fused gate/up, fused q/k/v) whose
+slots hold adapters of different ranks, over batches the engine makes (sorted by slot, prefill
+chunks beside decode rows, base rows between) and ones it does not (unsorted, a slot in two places).
+"""
 
 from __future__ import annotations
 
 import pytest
 import torch
 
-from server.lora.backend import make_lora_backend
+from server.lora.adapter import LoRAModuleWeights
+from server.lora.backend import LoRABackend, cpu_kernel_available, make_lora_backend
 from server.lora.batch import LoRABatch
 from server.lora.ops.sgmv_torch import sgmv_torch
+from server.lora.slot_weights import SlotWeights
+
+D_IN = 48
+OUTS = {1: [40], 2: [40, 40], 3: [32, 16, 16]}  # one linear, gate/up, q/k/v (GQA-sized k, v)
+RANKS = [4, 8, 16, 64]  # per slot (slot i holds an adapter of RANKS[i] on every member)
+
+CASES = [  # (seq slots, seq lengths)
+    ([0, 1, 2, 3], [5, 3, 8, 1]),  # sorted, unequal rows per slot
+    ([-1, 0, 0, 1, 1, 2, 2, 3, 3], [2] + [1] * 8),  # sorted round-robin decode after base rows
+    ([0, 0, 1, 2, 2, 2, 3], [40, 1, 1, 17, 1, 1, 2]),  # a prefill chunk of slot 0 beside decode rows
+    ([2, 2, 0, -1, 1, 1, 3], [1] * 7),  # unsorted decode rows
+    ([3, -1, 0, 3, -1, 1], [4, 2, 7, 1, 3, 17]),  # gaps of base rows, slot 3 in two places
+    ([1], [33]),  # one segment
+    ([0, 3], [2, 2]),  # a sparse slot range
+]
 
 
-def _naive(y, x, a, b, seq_slots, seq_lens):
-    """Row by row: y[i] += (x[i] @ A[slot]) @ B[slot] for rows whose sequence has a slot."""
-    out = y.clone()
+def _module_weights(out: int, r: int, g: torch.Generator) -> LoRAModuleWeights:
+    return LoRAModuleWeights(
+        a=torch.randn(r, D_IN, generator=g), b=torch.randn(out, r, generator=g), scale=0.5
+    )
+
+
+def _weights(members: int, dtype=torch.float32, ranks=RANKS) -> tuple[SlotWeights, list[list]]:
+    """SlotWeights of ``members`` members with slot i at rank ``ranks[i]``, and the PEFT-layout
+    matrices written (per slot, per member) for the naive reference."""
+    g = torch.Generator().manual_seed(members)
+    outs = OUTS[members]
+    weights = SlotWeights([f"m{j}" for j in range(members)], D_IN, outs, len(ranks), 64, "cpu", dtype)
+    written = []
+    for slot, r in enumerate(ranks):
+        per_member = [_module_weights(out, r, g) for out in outs]
+        for j, module in enumerate(per_member):
+            weights.write(slot, j, module, None)
+        written.append(per_member)
+    return weights, written
+
+
+def _naive(y, x, written, seq_slots, seq_lens):
+    """Row by row, member by member: y[i, cols_j] += scale * (x[i] @ A^T) @ B^T."""
+    out = y.double().clone()
     row = 0
     for slot, n in zip(seq_slots, seq_lens, strict=True):
         for i in range(row, row + n):
-            if slot >= 0:
-                out[i] += (x[i] @ a[slot]) @ b[slot]
+            col = 0
+            for module in written[slot] if slot >= 0 else []:
+                width = module.b.shape[0]
+                out[i, col : col + width] += (
+                    module.scale * (x[i].double() @ module.a.double().t()) @ module.b.double().t()
+                )
+                col += width
         row += n
     return out
 
 
-def _stacked(num_slots, ranks, d_in, d_out, dtype=torch.float32, seed=0):
-    """Slot buffers padded to max(ranks) with zeros, like LoRALinear's."""
-    g = torch.Generator().manual_seed(seed)
-    max_rank = max(ranks)
-    a = torch.zeros(num_slots, d_in, max_rank, dtype=dtype)
-    b = torch.zeros(num_slots, max_rank, d_out, dtype=dtype)
-    for slot, r in enumerate(ranks):
-        a[slot, :, :r] = torch.randn(d_in, r, generator=g, dtype=dtype)
-        b[slot, :r] = torch.randn(r, d_out, generator=g, dtype=dtype)
-    return a, b
+def _ops():
+    ops = {"torch": sgmv_torch}
+    if cpu_kernel_available("cpu"):
+        from server.lora.ops.sgmv_cpu import sgmv_cpu
+
+        ops["cpu"] = sgmv_cpu
+    return ops
 
 
-CASES = [  # (seq slots, seq lengths) covering each strategy of the torch op (see sgmv_torch)
-    ([0, 1, 2, 3], [5, 3, 8, 1]),  # per-slot groups, padded
-    ([2, 2, 0, -1, 1, 1, 3], [1] * 7),  # unsorted decode, slot 2 twice: padded groups
-    ([3, -1, 0, 3, -1, 1], [4, 2, 7, 1, 3, 17]),  # gaps of base rows, slot 3 in two segments
-    ([-1, 0, 0, 1, 1, 2, 2, 3, 3], [2] + [1] * 8),  # sorted round-robin decode: dense, copy-free
-    ([0, 1, 2], [40, 40, 40]),  # equal prefills: dense with wide groups
-    ([0, 1], [40, 3]),  # long uneven segments: per-segment loop
-    ([0, 3], [2, 2]),  # sparse slot range: per-segment loop
-    ([-1, -1], [3, 4]),  # base rows only
-    ([1], [33]),  # one segment
-]
-
-
+@pytest.mark.parametrize("op", sorted(_ops()))
+@pytest.mark.parametrize("members", [1, 2, 3])
 @pytest.mark.parametrize("seq_slots,seq_lens", CASES)
-def test_torch_reference_matches_naive(seq_slots, seq_lens):
-    a, b = _stacked(4, [4, 8, 16, 2], 48, 40)
+def test_op_matches_naive(op, members, seq_slots, seq_lens):
+    weights, written = _weights(members)
     n = sum(seq_lens)
-    x, y = torch.randn(n, 48), torch.randn(n, 40)
-    batch = LoRABatch(4)
+    x, y = torch.randn(n, D_IN), torch.randn(n, sum(OUTS[members]))
+    batch = LoRABatch(len(RANKS))
     batch.set(seq_slots, seq_lens)
     got = y.clone()
-    sgmv_torch(got, x, a, b, batch, ranks=[4, 8, 16, 2])
-    torch.testing.assert_close(got, _naive(y, x, a, b, seq_slots, seq_lens), rtol=1e-5, atol=1e-4)
-    padded = y.clone()  # slicing to the live rank == using the zero-padded buffers
-    sgmv_torch(padded, x, a, b, batch)
-    torch.testing.assert_close(got, padded, rtol=1e-5, atol=1e-4)
+    _ops()[op](got, x, weights, batch.slot_rows(torch.device("cpu")))
+    want = _naive(y, x, written, seq_slots, seq_lens)
+    torch.testing.assert_close(got.double(), want, rtol=1e-5, atol=1e-4)
+    assert torch.equal(got[[i for i in range(n) if _slot_of_row(seq_slots, seq_lens, i) < 0]],
+                       y[[i for i in range(n) if _slot_of_row(seq_slots, seq_lens, i) < 0]])  # fmt: skip
 
 
-def test_strategy_layouts():
+def _slot_of_row(seq_slots, seq_lens, i):
+    row = 0
+    for slot, n in zip(seq_slots, seq_lens, strict=True):
+        if row <= i < row + n:
+            return slot
+        row += n
+    raise IndexError(i)
+
+
+@pytest.mark.parametrize("op", sorted(_ops()))
+def test_op_in_bf16_matches_fp32_within_bf16_rounding(op):
+    seq_slots, seq_lens = CASES[2]
+    weights32, written = _weights(3)
+    weights16 = SlotWeights(weights32.names, D_IN, OUTS[3], len(RANKS), 64, "cpu", torch.bfloat16)
+    for slot, per_member in enumerate(written):
+        for j, module in enumerate(per_member):
+            weights16.write(slot, j, module, None)
+    n = sum(seq_lens)
+    x, y = torch.randn(n, D_IN), torch.randn(n, sum(OUTS[3]))
+    batch = LoRABatch(len(RANKS))
+    batch.set(seq_slots, seq_lens)
+    rows = batch.slot_rows(torch.device("cpu"))
+    want, got = y.clone(), y.bfloat16()
+    sgmv_torch(want, x, weights32, rows)
+    _ops()[op](got, x.bfloat16(), weights16, rows)
+    assert ((got.float() - want).abs().max() / want.abs().max()).item() < 3e-2
+
+
+def test_live_rank_reads_only_the_live_slots():
+    weights, _ = _weights(2, ranks=[4, 8, 64, 16])
+    assert weights.live_rank([0]) == 16 and weights.live_rank([0, 1, 3]) == 16
+    assert weights.live_rank([2]) == 64 and weights.live_rank([]) == 0
+
+
+def test_slot_rows_layouts():
     batch = LoRABatch(4)
-    batch.set(*CASES[3])
-    groups = batch.slot_groups(torch.device("cpu"))
-    assert groups.dense and (groups.lo, groups.hi, groups.width, groups.first_row) == (0, 3, 2, 2)
-    batch.set(*CASES[1])
-    groups = batch.slot_groups(torch.device("cpu"))
-    assert not groups.dense and groups.width == 2 and groups.rows.tolist() == [0, 1, 2, 4, 5, 6]
-    assert groups.padded.tolist() == [4, 5, 0, 2, 3, 6]  # slot 2 rows -> group 2, slot 0 -> group 0, ...
+    batch.set([-1, 0, 0, 1, 1, 3], [2, 1, 1, 4, 1, 1])  # the engine's sorted layout: in place
+    rows = batch.slot_rows(torch.device("cpu"))
+    assert rows.rows is None and (rows.first, rows.last, rows.lo, rows.hi) == (2, 10, 0, 3)
+    assert rows.offsets.tolist() == [2, 7, 7, 8] and rows.live_slots == (0, 1, 3)  # slot 2: empty group
+    assert rows.row_slot.tolist() == [0, 0, 1, 1, 1, 1, 1, 3]
+    batch.set([2, 2, 0, -1, 1, 1, 3], [1] * 7)  # unsorted: gathered in slot order
+    rows = batch.slot_rows(torch.device("cpu"))
+    assert rows.rows.tolist() == [2, 4, 5, 0, 1, 6]
+    assert rows.offsets.tolist() == [1, 3, 5, 6] and rows.row_slot.tolist() == [0, 1, 1, 2, 2, 3]
 
 
 def test_base_rows_are_untouched_and_cost_nothing():
     batch = LoRABatch(2)
     batch.set([-1, 0, -1, 1, 1], [3, 2, 4, 1, 2])
     assert batch.segments == [(3, 5, 0), (9, 12, 1)]  # consecutive same-slot sequences merge
-    a, b = _stacked(2, [4, 4], 8, 8)
-    x, y = torch.randn(12, 8), torch.randn(12, 8)
-    got = y.clone()
-    sgmv_torch(got, x, a, b, batch)
-    assert torch.equal(got[:3], y[:3]) and torch.equal(got[5:9], y[5:9])
+    batch.set([-1, -1], [3, 4])
+    assert not batch.segments
 
 
 def test_batch_validation():
@@ -95,10 +161,60 @@ def test_batch_validation():
         batch.check_rows(4)
 
 
+@pytest.mark.parametrize("backend", ["torch", "cpu"])
+def test_backend_applies_dora_and_bias_per_row(backend):
+    """DoRA rescales its rows' base output and lora_bias adds per member, through either backend."""
+    if backend == "cpu" and not cpu_kernel_available("cpu"):
+        pytest.skip("the native CPU kernel does not build here")
+    g = torch.Generator().manual_seed(5)
+    outs = OUTS[3]
+    base_bias = torch.randn(sum(outs), generator=g)
+    weights = SlotWeights(["q", "k", "v"], D_IN, outs, 3, 16, "cpu", torch.float32)
+    plain = [_module_weights(o, 8, g) for o in outs]
+    dora = [
+        LoRAModuleWeights(m.a, m.b, m.scale, dora_g=torch.rand(m.b.shape[0], generator=g) + 0.5)
+        for m in plain
+    ]
+    biased = [LoRAModuleWeights(m.a, m.b, 2.0, bias=torch.randn(m.b.shape[0], generator=g)) for m in plain]
+    for slot, modules in enumerate([plain, dora, biased]):
+        for j, (module, cols) in enumerate(zip(modules, weights.slices, strict=True)):
+            weights.write(
+                slot, j, module if j != 1 or slot != 2 else None, base_bias[cols]
+            )  # k of slot 2: none
+    x, y = torch.randn(9, D_IN, generator=g), torch.randn(9, sum(outs), generator=g)
+    seq_slots, seq_lens = [2, -1, 1, 0, 1], [2, 1, 3, 1, 2]
+    backend_obj = make_lora_backend(backend, "cpu", 3)
+    backend_obj.plan(seq_slots, seq_lens)
+    got = y.clone()
+    backend_obj.apply(got, x, weights)
+    want = y.double().clone()
+    row = 0
+    for slot, n in zip(seq_slots, seq_lens, strict=True):
+        for i in range(row, row + n):
+            for j, cols in enumerate(weights.slices):
+                module = [plain, dora, biased][slot][j] if slot >= 0 and not (slot == 2 and j == 1) else None
+                if module is None:
+                    continue
+                delta = module.scale * (x[i].double() @ module.a.double().t()) @ module.b.double().t()
+                if module.dora_g is not None:  # y = g * (W x + b) ... with the base bias kept out
+                    g_ = module.dora_g.double()
+                    want[i, cols] = (
+                        g_ * (want[i, cols] - base_bias[cols].double() + delta) + base_bias[cols].double()
+                    )
+                else:
+                    want[i, cols] += delta + (
+                        0 if module.bias is None else module.scale * module.bias.double()
+                    )
+        row += n
+    torch.testing.assert_close(got.double(), want, rtol=1e-5, atol=1e-4)
+
+
 def test_backend_resolution(monkeypatch):
     monkeypatch.delenv("TRITON_INTERPRET", raising=False)
-    assert make_lora_backend("auto", "cpu", 2).name == "torch"
+    expected_auto = "cpu" if cpu_kernel_available("cpu") else "torch"
+    assert make_lora_backend("auto", "cpu", 2).name == expected_auto
     assert make_lora_backend("torch", "cpu", 2).name == "torch"
+    assert isinstance(make_lora_backend("torch", "cpu", 2), LoRABackend)
     with pytest.raises(ValueError, match="needs triton"):
         make_lora_backend("triton", "cpu", 2)
     with pytest.raises(ValueError, match="unknown LoRA backend"):

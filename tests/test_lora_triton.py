@@ -12,9 +12,7 @@ import torch
 
 from server.lora.adapter import LoRAModuleWeights
 from server.lora.backend import make_lora_backend
-from server.lora.batch import LoRABatch
 from server.lora.layers import LoRALinear
-from server.lora.ops.sgmv_torch import sgmv_torch
 from server.lora.slot_weights import SlotWeights
 from server.lora.spec import linear_spec
 from tests.triton_child import only_in_child, run_child
@@ -30,20 +28,28 @@ def interpreted():
     assert make_lora_backend("triton", "cpu", 2).name == "triton"
 
 
-def _sgmv_triton(y, x, a, b, batch):
-    from server.lora.ops.sgmv_triton import sgmv_triton  # imports triton: only in the child
-
-    sgmv_triton(y, x, a, b, batch)
-
-
-def _stacked(num_slots, ranks, d_in, d_out, seed=0):
+def _weights(members: int, ranks, d_in: int, outs, seed=0) -> SlotWeights:
     g = torch.Generator().manual_seed(seed)
-    a = torch.zeros(num_slots, d_in, max(ranks))
-    b = torch.zeros(num_slots, max(ranks), d_out)
+    weights = SlotWeights(
+        [f"m{j}" for j in range(members)], d_in, outs, len(ranks), max(ranks), "cpu", torch.float32
+    )
     for slot, r in enumerate(ranks):
-        a[slot, :, :r] = torch.randn(d_in, r, generator=g)
-        b[slot, :r] = torch.randn(r, d_out, generator=g)
-    return a, b
+        for j, out in enumerate(outs):
+            module = LoRAModuleWeights(
+                a=torch.randn(r, d_in, generator=g), b=torch.randn(out, r, generator=g), scale=0.5
+            )
+            weights.write(slot, j, module, None)
+    return weights
+
+
+def _both(weights, x, y, seq_slots, seq_lens):
+    outputs = {}
+    for name in ("torch", "triton"):
+        backend = make_lora_backend(name, "cpu", weights.a.shape[0])
+        backend.plan(seq_slots, seq_lens)
+        outputs[name] = y.clone()
+        backend.apply(outputs[name], x, weights)
+    return outputs["triton"], outputs["torch"]
 
 
 CASES = [  # (seq slots, seq lengths): prefill-like, decode-like, unsorted with gaps, base only, long
@@ -57,28 +63,19 @@ CASES = [  # (seq slots, seq lengths): prefill-like, decode-like, unsorted with 
 
 @pytest.mark.parametrize("seq_slots,seq_lens", CASES)
 @pytest.mark.parametrize("ranks", [[4, 8, 16, 64], [16, 16, 16, 16]])
-def test_triton_sgmv_matches_torch(interpreted, seq_slots, seq_lens, ranks):
-    a, b = _stacked(4, ranks, 72, 80, seed=len(seq_lens))  # in/out not multiples of the blocks
+@pytest.mark.parametrize("outs", [[80], [48, 16, 16]])  # one linear; a fused q/k/v group
+def test_triton_sgmv_matches_torch(interpreted, seq_slots, seq_lens, ranks, outs):
+    weights = _weights(len(outs), ranks, 72, outs, seed=len(seq_lens))  # in/out not multiples of the blocks
     n = sum(seq_lens)
-    x, y = torch.randn(n, 72), torch.randn(n, 80)
-    batch = LoRABatch(4)
-    batch.set(seq_slots, seq_lens)
-    want, got = y.clone(), y.clone()
-    sgmv_torch(want, x, a, b, batch)
-    _sgmv_triton(got, x, a, b, batch)
+    got, want = _both(weights, torch.randn(n, 72), torch.randn(n, sum(outs)), seq_slots, seq_lens)
     torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-4)
 
 
-def test_triton_sgmv_on_non_contiguous_views(interpreted):
+def test_triton_sgmv_on_non_contiguous_input(interpreted):
     """Strides are honoured, not assumed."""
-    a, b = _stacked(2, [8, 4], 32, 24)
+    weights = _weights(1, [8, 4], 32, [24])
     x = torch.randn(10, 64)[:, ::2]
-    y = torch.randn(24, 10).t()
-    batch = LoRABatch(2)
-    batch.set([1, 0], [4, 6])
-    want, got = y.clone(), y.clone()
-    sgmv_torch(want, x, a, b, batch)
-    _sgmv_triton(got, x, a, b, batch)
+    got, want = _both(weights, x, torch.randn(10, 24), [1, 0], [4, 6])
     torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-4)
 
 
@@ -97,9 +94,9 @@ def test_triton_layer_with_dora_and_bias_matches_torch(interpreted):
     x = torch.randn(1, 19, 48)
     outputs = {}
     for backend in ("torch", "triton"):
-        weights = SlotWeights("l", 48, 40, max_loras=3, max_rank=16, device="cpu", dtype=torch.float32)
+        weights = SlotWeights(["l"], 48, [40], max_loras=3, max_rank=16, device="cpu", dtype=torch.float32)
         for slot, module_weights in enumerate(slots):
-            weights.write(slot, module_weights, base.bias)
+            weights.write(slot, 0, module_weights, base.bias)
         layer = LoRALinear(base, linear_spec("l", base), make_lora_backend(backend, "cpu", 3), weights)
         layer.backend.plan([2, -1, 1, 0, -1, 1], [3, 2, 5, 4, 1, 4])
         outputs[backend] = layer(x)

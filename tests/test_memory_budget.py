@@ -52,7 +52,8 @@ def test_adapter_slots_take_the_model_dtype(tiny_llama_dir, tmp_path):
     name, weights = next(iter(adapter.modules.items()))
     slot = rt.lora.model.layers[name].slot_weights
     assert slot.a.dtype == slot.b.dtype == torch.bfloat16
-    assert torch.equal(slot.a[0, :, :4], weights.a.t().to(torch.bfloat16))
+    member = slot.names.index(name)
+    assert torch.equal(slot.a[0, 0, :, :4, member], weights.a.t().to(torch.bfloat16))
     assert rt.engine.core.runner.attention.kv_caches[0].dtype == torch.bfloat16
     rt.close()
 

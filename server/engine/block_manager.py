@@ -85,10 +85,10 @@ class BlockManager:
         """
         if self.cache is None:
             return []
-        if seq.params.prompt_logprobs and len(seq.prompt_logprobs) < seq.num_prompt_tokens - 1:
-            return []  # its prompt's logprobs come from computing the prompt (vLLM does the same)
         if identity != seq.cache_identity:  # first admission, or reloaded while it was preempted
             seq.cache_identity, seq.block_hashes = identity, []
+        if seq.params.prompt_logprobs and len(seq.prompt_logprobs) < seq.num_prompt_tokens - 1:
+            return []  # its prompt's logprobs come from computing the prompt (vLLM does the same)
         usable = (len(seq) - 1) // self.block_size
         extend_block_hashes(seq.block_hashes, seq.cache_identity, seq.token_ids, self.block_size, usable)
         return self.cache.lookup(seq.block_hashes[:usable])

@@ -52,6 +52,10 @@ class ModelRunner:
         if lora is not None:
             lora.bind_step_buffers(*self.inputs.lora_segment_views())
         self.graphs = graphs
+        compile_forward = getattr(graphs.strategy, "compile_forward", None) if graphs is not None else None
+        self._decode_forward = (
+            compile_forward(self._forward) if compile_forward is not None else self._forward
+        )
         if (
             graphs is not None
             and graphs.strategy.needs_static_backends
@@ -88,9 +92,11 @@ class ModelRunner:
         logits = self._forward(step.input_ids, step.positions, step.logits_rows)
         return logits[: step.num_sampled + len(prompt_rows)].float()
 
+    @torch.inference_mode()
     def capture_decode_graphs(self) -> None:
         """Records (or, for eager replay, registers) the decode forward of every bucket. Call once,
-        after the KV cache exists and before serving."""
+        after the KV cache exists and before serving. Under inference mode, like the steps that
+        replay them (a compiled graph is specialized to it)."""
         graphs = self.graphs
         if graphs is None or not graphs.active:
             return
@@ -134,15 +140,15 @@ class ModelRunner:
         views = self.inputs.buffers.device_view
         ids = views("input_ids")[:bucket].view(1, bucket)
         positions = views("positions")[:bucket].view(1, bucket)
-        return self._forward(ids, positions, 0)  # logits_to_keep=0: every row
+        return self._decode_forward(ids, positions, 0)  # logits_to_keep=0: every row
 
     def _forward(self, input_ids, position_ids, keep) -> torch.Tensor:
-        with torch.inference_mode():
-            out = self.model(
-                input_ids=input_ids,
-                position_ids=position_ids,
-                attn_backend=self.attention,
-                use_cache=False,
-                logits_to_keep=keep,
-            )
+        """The model over one packed batch (callers run under inference mode)."""
+        out = self.model(
+            input_ids=input_ids,
+            position_ids=position_ids,
+            attn_backend=self.attention,
+            use_cache=False,
+            logits_to_keep=keep,
+        )
         return out.logits[0]

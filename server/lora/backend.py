@@ -1,9 +1,11 @@
 """The mixed-batch LoRA compute path as one object per process (like vLLM's punica wrapper).
 
 A backend owns the step's batch metadata (``LoRABatch``: which rows use which slot), built once per
-step by ``plan`` and shared by every LoRA layer, and the shrink/expand op. Every wrapped linear calls
-``apply(y, x, slot_weights)`` after its base matmul. ``torch`` is the reference (correct everywhere, fast
-on CPU); ``triton`` runs SGMV kernels (CUDA, or the Triton interpreter with ``TRITON_INTERPRET=1``).
+step by ``plan`` and shared by every LoRA layer, and the shrink/expand op. Every LoRA target (a
+wrapped linear, or a fused q/k/v or gate/up group) calls ``apply(y, x, slot_weights)`` after its base
+matmul. ``torch`` is the reference (correct everywhere); ``cpu`` is a native kernel, one call per
+target (built for the host CPU at start-up); ``triton`` runs SGMV kernels (CUDA, or the Triton
+interpreter with ``TRITON_INTERPRET=1``).
 """
 
 from __future__ import annotations
@@ -38,55 +40,99 @@ class LoRABackend:
         """No batch: every row runs the base model (e.g. a plain forward outside the engine)."""
         self.batch.clear()
 
+    @property
+    def active(self) -> bool:
+        """Whether the current batch may add any delta. A static step of a capturable backend always
+        runs its op (a compiled graph must not depend on which rows have adapters this step)."""
+        return (self.batch.static and self.capturable) or bool(self.batch.segments)
+
     def apply(self, y: torch.Tensor, x: torch.Tensor, weights: SlotWeights) -> None:
         """Adds each row's adapter delta to ``y`` [N, out] in place, from ``x`` [N, in].
 
-        Semantics, per segment ``(start, end, slot)`` of the batch (base rows have none)::
+        Semantics, for every row ``i`` whose sequence uses slot ``s`` (base rows are left alone)::
 
-            y[start:end] = dora_scale[slot] * y[start:end] + dora_shift[slot]      # DoRA slots only
-            y[start:end] += (x[start:end] @ a[slot]) @ b[slot] + bias[slot]
+            y[i] = dora_scale[s] * y[i] + dora_shift[s]      # when a live slot has DoRA
+            y[i] += (x[i] @ a[s]) @ b[s] + bias[s]           # per member column slice (see the ops)
         """
         batch = self.batch
+        if batch.static and self.capturable and not weights.resident_host_pass:  # maybe in a compiled graph
+            self.sgmv_static(y, x, weights)
+            return
         batch.check_rows(x.shape[0])
-        if any(weights.is_dora):
-            for start, end, slot in batch.segments:
-                if weights.is_dora[slot]:  # y = g * (W x) + b0  ==  g * y + (1 - g) * b0
-                    y[start:end].mul_(weights.dora_scale[slot]).add_(weights.dora_shift[slot])
-        self.sgmv(y, x, weights.a, weights.b, weights.rank)
-        if any(weights.has_bias):
-            for start, end, slot in batch.segments:
-                if weights.has_bias[slot]:
-                    y[start:end].add_(weights.bias[slot])
+        if not batch.segments and not batch.static:
+            return
+        live = batch.live_slots
+        if weights.any_dora(live):  # y = g * (W x) + b0  ==  g * y + (1 - g) * b0
+            rows = batch.slot_rows(x.device)
+            scale = weights.dora_scale.index_select(0, rows.row_slot)
+            shift = weights.dora_shift.index_select(0, rows.row_slot)
+            rows.add_into(y, rows.take(y) * (scale - 1) + shift)
+        self.sgmv(y, x, weights)
+        if weights.any_bias(live):
+            rows = batch.slot_rows(x.device)
+            rows.add_into(y, weights.bias.index_select(0, rows.row_slot))
 
-    def sgmv(
-        self, y: torch.Tensor, x: torch.Tensor, a: torch.Tensor, b: torch.Tensor, ranks: Sequence[int]
-    ) -> None:
-        """``y[s:e] += (x[s:e] @ a[slot]) @ b[slot]`` per segment; ``ranks[slot]`` is each slot's
-        live rank (columns beyond it are zero). Shapes: ``y`` [N, out], ``x`` [N, in],
-        ``a`` [max_loras, in, max_rank], ``b`` [max_loras, max_rank, out]."""
+    def sgmv(self, y: torch.Tensor, x: torch.Tensor, weights: SlotWeights) -> None:
+        """``y[i, cols_j] += (x[i] @ A_j[s, :, :r]) @ b[s, :r, cols_j]`` for every LoRA row ``i`` of the
+        batch (slot ``s``) and member ``j``; see ``server.lora.ops.sgmv_torch``."""
         raise NotImplementedError
+
+    def sgmv_static(self, y: torch.Tensor, x: torch.Tensor, weights: SlotWeights) -> None:
+        """``sgmv`` for a static step of a ``capturable`` backend: the same launches every step,
+        reading the step's slots from persistent buffers (no DoRA or lora_bias slot is resident then:
+        ``AdapterManager.graph_safe``)."""
+        self.sgmv(y, x, weights)
 
 
 class TorchLoRABackend(LoRABackend):
     name = "torch"
 
-    def sgmv(self, y, x, a, b, ranks) -> None:
+    def sgmv(self, y, x, weights) -> None:
         from server.lora.ops.sgmv_torch import sgmv_torch
 
-        sgmv_torch(y, x, a, b, self.batch, ranks)
+        if self.batch.segments:
+            sgmv_torch(y, x, weights, self.batch.slot_rows(x.device))
+
+
+class CpuLoRABackend(LoRABackend):
+    name = "cpu"
+    capturable = True  # static steps: one kernel call per target over the persistent per-row slots
+
+    def sgmv(self, y, x, weights) -> None:
+        from server.lora.ops.sgmv_cpu import sgmv_cpu
+
+        if self.batch.segments:
+            sgmv_cpu(y, x, weights, self.batch.slot_rows(x.device))
+
+    def sgmv_static(self, y, x, weights) -> None:
+        from server.lora.ops.sgmv_cpu import sgmv_cpu_rows
+
+        n, static = x.shape[0], self.batch.static_rows
+        sgmv_cpu_rows(y, x, weights, static.rows[:n], static.slots[:n])
 
 
 class TritonLoRABackend(LoRABackend):
     name = "triton"
     capturable = True
 
-    def sgmv(self, y, x, a, b, ranks) -> None:
+    def sgmv(self, y, x, weights) -> None:
         from server.lora.ops.sgmv_triton import sgmv_triton
 
-        sgmv_triton(y, x, a, b, self.batch)
+        batch = self.batch
+        # A static (graph) step launches at the buffers' full rank: its launches may not depend on
+        # which slots are live. Eager steps read only the live rank blocks.
+        r = weights.b.shape[1] if batch.static else weights.live_rank(batch.live_slots)
+        if r == 0:
+            return
+        for j, cols in enumerate(weights.slices):
+            sgmv_triton(y[:, cols], x, weights.a[:, : r // 16, ..., j], weights.b[:, :r, cols], batch)
 
 
-BACKENDS: dict[str, type[LoRABackend]] = {"torch": TorchLoRABackend, "triton": TritonLoRABackend}
+BACKENDS: dict[str, type[LoRABackend]] = {
+    "torch": TorchLoRABackend,
+    "cpu": CpuLoRABackend,
+    "triton": TritonLoRABackend,
+}
 
 
 def triton_available(device: torch.device | str) -> bool:
@@ -94,15 +140,30 @@ def triton_available(device: torch.device | str) -> bool:
     return triton_unavailable(device) is None
 
 
+def cpu_kernel_available(device: torch.device | str) -> bool:
+    """The native CPU kernel serves CPU devices where it builds (the first call builds it)."""
+    from server.lora.ops.sgmv_cpu import sgmv_cpu_available
+
+    return torch.device(device).type == "cpu" and sgmv_cpu_available()
+
+
 def make_lora_backend(requested: str, device: torch.device | str, max_loras: int) -> LoRABackend:
-    """``Settings.lora_backend`` -> a backend: 'auto' is triton on CUDA when importable, else torch."""
+    """``Settings.lora_backend`` -> a backend: 'auto' is triton on CUDA when importable, the native
+    kernel on CPU when it builds, else torch."""
     name = requested
     if requested == "auto":
-        name = "triton" if torch.device(device).type == "cuda" and triton_available(device) else "torch"
+        if torch.device(device).type == "cuda":
+            name = "triton" if triton_available(device) else "torch"
+        else:
+            name = "cpu" if cpu_kernel_available(device) else "torch"
     if name not in BACKENDS:
         raise ValueError(f"unknown LoRA backend {requested!r}; expected 'auto' or one of {sorted(BACKENDS)}")
     if name == "triton" and not triton_available(device):
         raise ValueError(
             f"lora_backend='triton' needs triton and a CUDA device (or TRITON_INTERPRET=1), got {device}"
+        )
+    if name == "cpu" and not cpu_kernel_available(device):
+        raise ValueError(
+            f"lora_backend='cpu' needs a CPU device and a C++ compiler to build it, got {device}"
         )
     return BACKENDS[name](max_loras)

@@ -4,6 +4,12 @@ One ``LoRABatch`` is owned by the adapter manager (through the injected-model ha
 every LoRA-wrapped linear of that model; the engine refreshes it once per step before the forward.
 Consecutive sequences on the same slot are merged into one segment (SGMV); base-model rows (slot -1)
 get no segment at all, so they cost nothing in the LoRA op.
+
+Two views of the same segments, each built once per step on first use and shared by every layer:
+the ``[3, capacity]`` segment table the Triton kernels read (in the model runner's step buffers when
+bound, so a captured graph reads the next step's), and ``SlotRows``, the rows grouped by slot that the
+torch and native CPU ops read: one jagged group per slot of the live range, whatever the rows per
+slot (prefill chunks of any length, single decode rows, base rows between).
 """
 
 from __future__ import annotations
@@ -15,20 +21,56 @@ import torch
 
 
 @dataclass(frozen=True)
-class SlotGroups:
-    """The LoRA rows regrouped per slot, for batched matmuls over the slot range ``[lo, hi]``.
+class SlotRows:
+    """The LoRA rows of a step in slot order: group ``g`` holds the rows of slot ``lo + g``.
 
-    Group ``g`` holds the rows of slot ``lo + g`` (from however many segments) in a zero-padded block
-    of ``width`` rows: row ``rows[i]`` of the batch goes to padded row ``padded[i]``.
+    ``offsets[g]`` is the end of group g in that order (int32, for ``grouped_mm``; a slot of the range
+    with no rows has an empty group). When the engine's batch already lists the LoRA rows by slot,
+    back to back (it sorts sequences by slot), ``rows`` is None and they are ``[first, last)`` as they
+    are: no gather. Otherwise ``rows`` [M] names the batch row of each grouped row.
     """
 
     lo: int
     hi: int
-    width: int
-    rows: torch.Tensor  # [M] int64, batch rows that use an adapter
-    padded: torch.Tensor  # [M] int64, their position in the [(hi - lo + 1) * width] padded layout
-    first_row: int  # with ``dense``: the layout is rows [first_row, first_row + M) as they are
-    dense: bool  # every slot in [lo, hi] has exactly ``width`` rows, in slot order, back to back
+    offsets: torch.Tensor  # [hi - lo + 1] int32
+    row_slot: torch.Tensor  # [M] int64: the slot of each grouped row
+    batch_rows: torch.Tensor  # [M] int64: the batch row of each grouped row
+    rows: torch.Tensor | None  # ``batch_rows`` when a gather is needed; None: rows [first, last) in place
+    first: int
+    last: int
+    live_slots: tuple[int, ...]  # the slots with rows this step, ascending
+
+    @property
+    def num_rows(self) -> int:
+        return int(self.row_slot.shape[0])
+
+    def take(self, x: torch.Tensor) -> torch.Tensor:
+        """The grouped rows of ``x`` [N, d] -> [M, d] (a view when they are in place)."""
+        return x[self.first : self.last] if self.rows is None else x.index_select(0, self.rows)
+
+    def add_into(self, y: torch.Tensor, delta: torch.Tensor) -> None:
+        """``y[row] += delta[i]`` for grouped row i (``y`` may be a column slice)."""
+        if self.rows is None:
+            y[self.first : self.last].add_(delta)
+        else:
+            y.index_add_(0, self.rows, delta)
+
+
+class StaticRows:
+    """Every row's slot (-1: a base row) of a static (padded decode) step, in persistent tensors: a
+    compiled decode graph reads these same tensors every step, whatever the step's slots are.
+    Sized by the first (largest) bucket, which is captured first."""
+
+    def __init__(self) -> None:
+        self.rows = torch.zeros(0, dtype=torch.long)
+        self.slots = torch.zeros(0, dtype=torch.long)
+
+    def fill(self, seq_slots: Sequence[int]) -> None:
+        n = len(seq_slots)
+        if n > self.slots.numel():
+            self.rows = torch.arange(n, dtype=torch.long)
+            self.slots = torch.full((n,), -1, dtype=torch.long)
+        self.slots[:n] = torch.as_tensor(list(seq_slots), dtype=torch.long)
 
 
 # Decode steps split segments at this many rows: the Triton kernel then runs one fixed row block per
@@ -53,7 +95,8 @@ class LoRABatch:
         self.segment_rows: int | None = None  # decode: the fixed row block per segment
         self._bound: tuple[torch.Tensor, torch.Tensor] | None = None
         self._device_cache: dict[torch.device, torch.Tensor] = {}
-        self._groups_cache: dict[torch.device, SlotGroups] = {}
+        self._rows_cache: dict[torch.device, SlotRows] = {}
+        self.static_rows = StaticRows()
 
     def bind(self, host: torch.Tensor, device: torch.Tensor) -> None:
         """Keeps the segment table in ``host`` (written by ``set``), read by kernels from ``device``."""
@@ -92,9 +135,11 @@ class LoRABatch:
         self.launch_segments = len(seq_slots) if static else len(segments)
         self.segment_rows = limit
         self._device_cache = {}
-        self._groups_cache = {}
+        self._rows_cache = {}
         if self._bound is not None:
             self._write_table(self._bound[0])
+        if static:
+            self.static_rows.fill(seq_slots)
 
     def clear(self) -> None:
         """Back to "no batch": every row runs the base model."""
@@ -104,7 +149,7 @@ class LoRABatch:
         self.launch_segments = 0
         self.segment_rows = None
         self._device_cache = {}
-        self._groups_cache = {}
+        self._rows_cache = {}
 
     @property
     def max_segment_len(self) -> int:
@@ -134,32 +179,16 @@ class LoRABatch:
             table[:, : len(columns)] = torch.tensor(columns, dtype=torch.int32).t()
         table[1, len(columns) : self.launch_segments] = 0  # programs past the live segments add nothing
 
-    def slot_groups(self, device: torch.device) -> SlotGroups:
-        """Per-slot padded layout of the LoRA rows (see ``SlotGroups``), built once per step."""
-        cached = self._groups_cache.get(device)
+    @property
+    def live_slots(self) -> tuple[int, ...]:
+        """The slots with rows this step, ascending (host values: no device work)."""
+        return tuple(sorted({slot for _, _, slot in self.segments}))
+
+    def slot_rows(self, device: torch.device) -> SlotRows:
+        """The LoRA rows grouped by slot (see ``SlotRows``), built once per step; needs a segment."""
+        cached = self._rows_cache.get(device)
         if cached is None:
-            lo = min(slot for _, _, slot in self.segments)
-            hi = max(slot for _, _, slot in self.segments)
-            counts = [0] * (hi - lo + 1)
-            rows: list[int] = []
-            positions: list[tuple[int, int]] = []
-            for start, end, slot in self.segments:
-                for row in range(start, end):
-                    rows.append(row)
-                    positions.append((slot - lo, counts[slot - lo]))
-                    counts[slot - lo] += 1
-            width = max(counts)
-            padded = [g * width + pos for g, pos in positions]
-            dense = padded == list(range(len(rows))) and rows == list(range(rows[0], rows[0] + len(rows)))
-            cached = self._groups_cache[device] = SlotGroups(
-                lo,
-                hi,
-                width,
-                torch.tensor(rows, device=device),
-                torch.tensor(padded, device=device),
-                rows[0],
-                dense and len(padded) == len(counts) * width,
-            )
+            cached = self._rows_cache[device] = group_rows(self.segments, device)
         return cached
 
     def check_rows(self, rows: int) -> None:
@@ -168,3 +197,37 @@ class LoRABatch:
             raise RuntimeError(
                 f"LoRA batch was set for {self.num_tokens} tokens but the layer got {rows} rows"
             )
+
+
+def group_rows(segments: list[tuple[int, int, int]], device: torch.device) -> SlotRows:
+    """The rows of ``segments`` grouped by slot (see ``SlotRows``); needs a segment."""
+    by_slot: dict[int, list[tuple[int, int]]] = {}
+    for start, end, slot in segments:
+        by_slot.setdefault(slot, []).append((start, end))
+    live = tuple(sorted(by_slot))
+    lo, hi = live[0], live[-1]
+    ordered = [span for slot in live for span in by_slot[slot]]
+    in_place = all(prev[1] == nxt[0] for prev, nxt in zip(ordered, ordered[1:], strict=False))
+    ends, row_slot, total = [], [], 0
+    for slot in range(lo, hi + 1):
+        for start, end in by_slot.get(slot, ()):
+            total += end - start
+            row_slot += [slot] * (end - start)
+        ends.append(total)
+    if in_place:
+        batch_rows = torch.arange(ordered[0][0], ordered[-1][1], dtype=torch.long, device=device)
+    else:
+        batch_rows = torch.tensor(
+            [r for s, e in ordered for r in range(s, e)], dtype=torch.long, device=device
+        )
+    return SlotRows(
+        lo,
+        hi,
+        torch.tensor(ends, dtype=torch.int32, device=device),
+        torch.tensor(row_slot, dtype=torch.long, device=device),
+        batch_rows,
+        None if in_place else batch_rows,
+        ordered[0][0],
+        ordered[-1][1],
+        live,
+    )

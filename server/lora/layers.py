@@ -4,6 +4,12 @@ Each targetable linear is replaced in place by a ``LoRALinear`` that runs the fr
 then lets the process's ``LoRABackend`` add every row's adapter delta from the layer's
 ``SlotWeights``. PEFT's module names are kept (the wrapper sits where the linear was), so any PEFT
 adapter maps 1:1 onto the model.
+
+Fused sibling projections (``server.model.fused_linear``: q/k/v, gate/up run as one GEMM) get one
+``SlotWeights`` for the whole group, and the group's delta hook (``GroupDelta``) adds every member's
+delta to the fused output in one op before the members take their slices; their wrappers then only
+name the member (for adapter writes) and add nothing themselves. A group whose members are not all
+targeted keeps per-member deltas on the members' slices.
 """
 
 from __future__ import annotations
@@ -18,25 +24,31 @@ from server.lora.backend import LoRABackend
 from server.lora.errors import AdapterError
 from server.lora.slot_weights import SlotWeights
 from server.lora.spec import BaseModelSpec, LinearSpec
+from server.model.fused_linear import FusedProjection, fused_projection_of
 
 
 class LoRALinear(nn.Module):
-    """``y = base(x)``, then each row adds the delta of its slot (none for base-model rows)."""
+    """``y = base(x)``, then each row adds the delta of its slot (none for base-model rows).
+
+    ``member`` is this module's index in ``slot_weights`` (a fused group's are shared); with
+    ``adds_delta=False`` the group's hook already added it inside ``base(x)``.
+    """
 
     is_lora_wrapper = True  # lets BaseModelSpec see through the wrapper
 
-    def __init__(
-        self, base_layer: nn.Module, spec: LinearSpec, backend: LoRABackend, slot_weights: SlotWeights
-    ):
+    def __init__(self, base_layer: nn.Module, spec: LinearSpec, backend: LoRABackend,
+                 slot_weights: SlotWeights, member: int = 0, adds_delta: bool = True):  # fmt: skip
         super().__init__()
         self.base_layer = base_layer
         self.spec = spec
         self.backend = backend
         self.slot_weights = slot_weights
+        self.member = member
+        self.adds_delta = adds_delta
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         y = self.base_layer(x)
-        if not self.backend.batch.segments:
+        if not self.adds_delta or not self.backend.active:
             return y
         if not y.is_contiguous():  # the deltas are written in place through a flat view
             y = y.contiguous()
@@ -46,7 +58,20 @@ class LoRALinear(nn.Module):
 
     def extra_repr(self) -> str:
         slots, rank = self.slot_weights.a.shape[0], self.slot_weights.max_rank
-        return f"max_loras={slots}, max_rank={rank}, backend={self.backend.name}"
+        fused = "" if self.adds_delta else f", fused member {self.member} of {self.slot_weights.names}"
+        return f"max_loras={slots}, max_rank={rank}, backend={self.backend.name}{fused}"
+
+
+class GroupDelta:
+    """A fused projection's delta hook: every member's LoRA delta in one op on the fused output."""
+
+    def __init__(self, backend: LoRABackend, slot_weights: SlotWeights) -> None:
+        self.backend = backend
+        self.slot_weights = slot_weights
+
+    def __call__(self, y: torch.Tensor, x: torch.Tensor) -> None:
+        if self.backend.active:
+            self.backend.apply(y, x, self.slot_weights)
 
 
 class LoRAModel:
@@ -74,11 +99,11 @@ class LoRAModel:
         """Writes every module of ``adapter`` into ``slot``; modules it does not target get zeros."""
         self.check(adapter)
         for name, layer in self.layers.items():
-            layer.slot_weights.write(slot, adapter.modules.get(name), layer.base_layer.bias)
+            layer.slot_weights.write(slot, layer.member, adapter.modules.get(name), layer.base_layer.bias)
 
     def clear_slot(self, slot: int) -> None:
         for layer in self.layers.values():
-            layer.slot_weights.clear(slot)
+            layer.slot_weights.clear(slot, layer.member)
 
 
 def inject_lora(
@@ -86,7 +111,6 @@ def inject_lora(
 ) -> LoRAModel:
     """Wraps the targetable linears of ``model`` in place (all but lm_head by default), with one slot
     per ``backend.max_loras`` of rank up to ``max_rank`` each."""
-    max_loras = backend.max_loras
     spec = BaseModelSpec.from_model(model)
     if any(getattr(m, "is_lora_wrapper", False) for m in model.modules()):
         raise ValueError("model already has LoRA layers injected")
@@ -94,16 +118,37 @@ def inject_lora(
     unknown = sorted(set(names) - spec.linears.keys())
     if unknown:
         raise ValueError(f"not targetable linear modules of this model: {unknown[:5]}")
-    layers: dict[str, LoRALinear] = {}
+    groups: dict[FusedProjection, list[str]] = {}
     for name in names:
-        parent_name, _, child = name.rpartition(".")
-        parent = model.get_submodule(parent_name) if parent_name else model
-        base = getattr(parent, child)
-        linear = spec.linears[name]
-        weight = base.weight
-        slot_weights = SlotWeights(name, linear.in_features, linear.out_features, max_loras, max_rank,
-                              weight.device, weight.dtype)  # fmt: skip
-        layer = LoRALinear(base, linear, backend, slot_weights)
-        setattr(parent, child, layer)
-        layers[name] = layer
-    return LoRAModel(layers, backend, max_loras, max_rank)
+        fused = fused_projection_of(spec.module(name))
+        if fused is not None:
+            groups.setdefault(fused, []).append(name)
+    layers: dict[str, LoRALinear] = {}
+    for fused, members in groups.items():
+        if len(members) < len(fused.slices):
+            continue  # not every member targeted: each wraps on its own below
+        members.sort(key=lambda n: spec.module(n).fused_index)
+        weights = _slot_weights(spec, members, backend.max_loras, max_rank)
+        fused.delta = GroupDelta(backend, weights)
+        for index, name in enumerate(members):
+            layers[name] = _wrap(model, spec, name, backend, weights, index, adds_delta=False)
+    for name in names:
+        if name not in layers:
+            weights = _slot_weights(spec, [name], backend.max_loras, max_rank)
+            layers[name] = _wrap(model, spec, name, backend, weights, 0, adds_delta=True)
+    return LoRAModel({name: layers[name] for name in names}, backend, backend.max_loras, max_rank)
+
+
+def _slot_weights(spec: BaseModelSpec, names: list[str], max_loras: int, max_rank: int) -> SlotWeights:
+    linears = [spec.linears[n] for n in names]
+    weight = spec.module(names[0]).weight
+    return SlotWeights(names, linears[0].in_features, [lin.out_features for lin in linears], max_loras,
+                       max_rank, weight.device, weight.dtype)  # fmt: skip
+
+
+def _wrap(model, spec, name, backend, weights, member, adds_delta) -> LoRALinear:
+    parent_name, _, child = name.rpartition(".")
+    parent = model.get_submodule(parent_name) if parent_name else model
+    layer = LoRALinear(spec.module(name), spec.linears[name], backend, weights, member, adds_delta)
+    setattr(parent, child, layer)
+    return layer

@@ -51,6 +51,9 @@ def merge_adapter_into_model(model: nn.Module, adapter: LoRAAdapter) -> None:
         module.weight.copy_(merged.to(module.weight.dtype))
         if lora.bias is not None:
             module.bias.add_((row_scale * lora.bias).to(module.bias.dtype))
+        weights_changed = getattr(module, "weights_changed", None)
+        if weights_changed is not None:  # a packed or fused copy of the weight (server.model) follows
+            weights_changed()
 
 
 def export_merged(

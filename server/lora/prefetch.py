@@ -19,8 +19,8 @@ from server.lora.counters import LoRACounters
 from server.lora.host_cache import HostCache
 from server.lora.ref import AdapterRef
 from server.lora.slot_fill import SlotFiller
+from server.lora.slot_rows import TargetFacts
 from server.lora.slot_table import SlotTable
-from server.lora.slot_weights import SlotFacts
 
 log = logging.getLogger(__name__)
 
@@ -35,7 +35,7 @@ class SlotPrefetcher:
         self.counters: LoRACounters = cache.counters
         self.slot_epoch = slot_epoch  # the manager's: key -> epoch of the weights its slot holds
         self.wanted: set[str] = set()  # adapters of the waiting requests, as of the last call
-        self._fills: dict[str, tuple[Future[list[SlotFacts]], object]] = {}  # key -> (copy, epoch)
+        self._fills: dict[str, tuple[Future[list[TargetFacts]], object]] = {}  # key -> (copy, epoch)
 
     def is_filling(self, key: str) -> bool:
         return key in self._fills

@@ -17,8 +17,7 @@ from concurrent.futures import Future, ThreadPoolExecutor
 import torch
 
 from server.lora.adapter import LoRAAdapter
-from server.lora.slot_rows import SlotRows
-from server.lora.slot_weights import SlotFacts
+from server.lora.slot_rows import SlotRows, TargetFacts
 
 
 class SlotFiller:
@@ -29,23 +28,23 @@ class SlotFiller:
         self._staging: queue.SimpleQueue[torch.Tensor] = queue.SimpleQueue()  # pinned rows, reused
         self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="lora-slot-fill")
 
-    def fill_now(self, slot: int, adapter: LoRAAdapter) -> list[SlotFacts]:
+    def fill_now(self, slot: int, adapter: LoRAAdapter) -> list[TargetFacts]:
         """Writes ``adapter`` into ``slot`` before returning (engine thread)."""
         stream = torch.cuda.current_stream(self.rows.device) if self.cuda else None
         return self._fill(slot, adapter, stream)
 
-    def submit(self, slot: int, adapter: LoRAAdapter) -> Future[list[SlotFacts]]:
+    def submit(self, slot: int, adapter: LoRAAdapter) -> Future[list[TargetFacts]]:
         """Writes ``adapter`` into ``slot`` on the worker; the slot must not be read until it is done."""
         return self._pool.submit(self._fill_in_worker, slot, adapter)
 
-    def _fill_in_worker(self, slot: int, adapter: LoRAAdapter) -> list[SlotFacts]:
+    def _fill_in_worker(self, slot: int, adapter: LoRAAdapter) -> list[TargetFacts]:
         with torch.inference_mode():  # thread-local: the slots may be inference tensors
             return self._fill(slot, adapter, self._stream)
 
     def close(self) -> None:
         self._pool.shutdown(wait=True, cancel_futures=True)
 
-    def _fill(self, slot: int, adapter: LoRAAdapter, stream) -> list[SlotFacts]:
+    def _fill(self, slot: int, adapter: LoRAAdapter, stream) -> list[TargetFacts]:
         if not self.cuda:
             return self.rows.pack(adapter, self.rows.storage[slot])
         try:

@@ -2,19 +2,32 @@
 
 from __future__ import annotations
 
+import logging
 from pathlib import Path
 
 import torch
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, PreTrainedTokenizerBase
 
+from server.config import cpu_has_native_bf16
 from server.model.attention.hf_bridge import BACKEND_NAME, register_attention_interface
-from server.model.cpu_linear import use_skinny_linears
+from server.model.cpu_linear import use_packed_linears
+from server.model.fused_linear import fuse_projections
+
+log = logging.getLogger(__name__)
 
 
 def load_model(model_dir: Path, device: str, dtype: torch.dtype) -> torch.nn.Module:
-    """Frozen model whose attention layers call our paged backend; weights never need gradients here."""
+    """Frozen model whose attention layers call our paged backend; weights never need gradients here.
+
+    Sibling projections (q/k/v, gate/up) are fused into single GEMMs and, on CPU, every linear runs
+    through oneDNN with a packed weight; module names and per-module weights stay as loaded.
+    """
     if not (Path(model_dir) / "config.json").is_file():
         raise FileNotFoundError(f"{model_dir} is not a Hugging Face model directory (no config.json)")
+    if torch.device(device).type == "cpu" and dtype == torch.bfloat16 and not cpu_has_native_bf16():
+        log.warning(
+            "bfloat16 on a CPU without native bf16 (no avx512_bf16/AMX): emulated, slower than float32"
+        )
     attn_implementation = register_attention_interface()
     config = AutoConfig.from_pretrained(model_dir, local_files_only=True)
     model = AutoModelForCausalLM.from_pretrained(
@@ -23,7 +36,8 @@ def load_model(model_dir: Path, device: str, dtype: torch.dtype) -> torch.nn.Mod
     model.to(device)
     model.eval()
     model.requires_grad_(False)
-    use_skinny_linears(model)  # CPU fp32 only; a no-op on CUDA
+    fuse_projections(model)
+    use_packed_linears(model)  # CPU only; a no-op on CUDA
     return model
 
 

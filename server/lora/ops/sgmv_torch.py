@@ -1,80 +1,59 @@
-"""Reference SGMV in plain torch; base-model rows never enter any matmul.
+"""SGMV in plain torch: the reference op, and the portable fallback.
 
-Two exact strategies, picked per call from the batch shape:
+Semantics, for every LoRA row ``i`` of the step (slot ``s``; base rows have none) and every member
+``j`` of the target (one linear, or a fused q/k/v or gate/up group)::
 
-* per segment: one pair of in-place matmuls on views per segment. Best when segments are long
-  (prefill): no copies, and a rank-4 adapter in rank-64 buffers costs rank 4.
-* per slot group: when every slot has only a few rows (decode), a loop of tiny matmuls is all
-  Python/dispatch overhead, so the rows are viewed as a [slots, width, in] block and run through one
-  ``bmm`` + one ``baddbmm_`` over the slot range. When the engine's sorted batch already has that
-  layout (same row count per slot, in slot order; e.g. round-robin decode) this is copy-free;
-  otherwise the rows are gathered into a zero-padded block and scattered back with ``index_add_``.
-  Weights are read through views (no gather); ranks are cut to the largest live one in the range.
+    y[i, cols_j] += (x[i] @ A_j[s, :, :r]) @ b[s, :r, cols_j]
+
+Shapes: ``y`` [N, sum(out)], ``x`` [N, in]; ``SlotWeights`` holds ``a`` [max_loras, R/16, in, 16,
+members] (``A_j[s, :, q] = a[s, q // 16, :, q % 16, j]``) and ``b`` [max_loras, R, sum(out)]; ``r``
+is the step's live rank (a multiple of 16).
+
+All slots go through one ``grouped_mm`` per stage whatever the rows per slot (the rows are grouped
+by slot once per step, ``SlotRows``): one shrink per live rank block for the whole fused group (a
+block of its members' A is one contiguous matrix), then one expand per member into its column
+slice. No Python loop over segments, no padding to ``max_lora_rank``, base rows never enter a
+matmul. Where ``grouped_mm`` is missing (torch < 2.9) the groups are looped in Python.
 """
 
 from __future__ import annotations
 
-from collections.abc import Sequence
-
 import torch
+import torch.nn.functional as F
 
-from server.lora.batch import LoRABatch, SlotGroups
+from server.lora.batch import SlotRows
+from server.lora.slot_weights import RANK_BLOCK, SlotWeights
 
-# Grouped path only when each slot has at most this many rows (padding waste stays small) and the
-# slot range is dense enough that empty groups in it do not dominate.
-GROUPED_MAX_ROWS_PER_SLOT = 32
-GROUPED_MAX_RANGE_FACTOR = 2
-
-
-def sgmv_torch(
-    y: torch.Tensor,
-    x: torch.Tensor,
-    lora_a_stacked: torch.Tensor,
-    lora_b_stacked: torch.Tensor,
-    batch: LoRABatch,
-    ranks: Sequence[int] | None = None,
-) -> None:
-    """``y[s:e] += (x[s:e] @ A[slot, :, :r]) @ B[slot, :r]`` per segment (see ``LoRABackend.sgmv``)."""
-    segments = batch.segments
-    if not segments:
-        return
-    if len(segments) > 1:
-        groups = batch.slot_groups(x.device)
-        num_slots = len({slot for _, _, slot in segments})
-        padded_ok = groups.width <= GROUPED_MAX_ROWS_PER_SLOT
-        if groups.dense or (padded_ok and groups.hi - groups.lo + 1 <= GROUPED_MAX_RANGE_FACTOR * num_slots):
-            _grouped(y, x, lora_a_stacked, lora_b_stacked, groups, ranks)
-            return
-    max_rank = lora_a_stacked.shape[2]
-    for start, end, slot in segments:
-        r = max_rank if ranks is None else ranks[slot]
-        if r == 0:
-            continue
-        shrunk = torch.mm(x[start:end], lora_a_stacked[slot, :, :r])
-        y[start:end].addmm_(shrunk, lora_b_stacked[slot, :r])
+_HAS_GROUPED_MM = hasattr(F, "grouped_mm")
 
 
-def _grouped(
-    y: torch.Tensor,
-    x: torch.Tensor,
-    lora_a_stacked: torch.Tensor,
-    lora_b_stacked: torch.Tensor,
-    groups: SlotGroups,
-    ranks: Sequence[int] | None,
-) -> None:
-    lo, hi, width = groups.lo, groups.hi, groups.width
-    r = lora_a_stacked.shape[2] if ranks is None else max(ranks[lo : hi + 1])
+def grouped_mm(x: torch.Tensor, w: torch.Tensor, offsets: torch.Tensor, ends: list[int] | None = None):
+    """``out[rows of group g] = x[rows of group g] @ w[g]``; group g ends at ``offsets[g]``."""
+    if _HAS_GROUPED_MM:
+        return F.grouped_mm(x, w, offs=offsets)
+    out = x.new_empty(x.shape[0], w.shape[2])
+    start = 0
+    for g, end in enumerate(ends if ends is not None else offsets.tolist()):
+        torch.mm(x[start:end], w[g], out=out[start:end])
+        start = end
+    return out
+
+
+def sgmv_torch(y: torch.Tensor, x: torch.Tensor, weights: SlotWeights, rows: SlotRows) -> None:
+    """Adds every LoRA row's delta into ``y`` in place (see the module docstring)."""
+    r = weights.live_rank(rows.live_slots)
     if r == 0:
         return
-    num_groups, d_in, d_out = hi - lo + 1, x.shape[1], y.shape[1]
-    a_t = lora_a_stacked[lo : hi + 1, :, :r]  # [G, in, r] view
-    b_t = lora_b_stacked[lo : hi + 1, :r]  # [G, r, out] view
-    if groups.dense:
-        rows = slice(groups.first_row, groups.first_row + num_groups * width)
-        shrunk = torch.bmm(x[rows].view(num_groups, width, d_in), a_t)
-        y[rows].view(num_groups, width, d_out).baddbmm_(shrunk, b_t)
-        return
-    padded = x.new_zeros(num_groups * width, d_in)
-    padded.index_copy_(0, groups.padded, x.index_select(0, groups.rows))
-    delta = torch.bmm(torch.bmm(padded.view(num_groups, width, d_in), a_t), b_t)
-    y.index_add_(0, groups.rows, delta.view(-1, d_out).index_select(0, groups.padded))
+    lo, hi, members = rows.lo, rows.hi, weights.num_members
+    ends = None if _HAS_GROUPED_MM else rows.offsets.tolist()
+    xs = rows.take(x)
+    blocks = weights.a[lo : hi + 1, : r // RANK_BLOCK].flatten(-2)  # [G, blocks, in, 16 * members]
+    parts = [grouped_mm(xs, blocks[:, k], rows.offsets, ends) for k in range(blocks.shape[1])]
+    shrunk = parts[0] if len(parts) == 1 else torch.cat(parts, 1)
+    if members > 1:  # rank-major [M, r * members] -> member-major: each member's ranks contiguous
+        shrunk = shrunk.view(-1, r, members).transpose(1, 2).reshape(-1, members * r)
+    for j, cols in enumerate(weights.slices):
+        delta = grouped_mm(
+            shrunk[:, j * r : (j + 1) * r], weights.b[lo : hi + 1, :r, cols], rows.offsets, ends
+        )
+        rows.add_into(y[:, cols], delta)

@@ -32,13 +32,15 @@ def _segment_rows(seg_ptr, num_segs, BLOCK_M: tl.constexpr, rows_axis: tl.conste
 @triton.jit
 def _segment_gemm(
     x_ptr, w_ptr, out_ptr, seg_ptr, num_segs, K, N,
-    stride_xm, stride_xk, stride_ws, stride_wk, stride_wn, stride_om, stride_on,
+    stride_xm, stride_xk, stride_ws, stride_wk, stride_wn, stride_wblock, stride_om, stride_on,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
     ACCUMULATE: tl.constexpr, PRECISION: tl.constexpr,
 ):  # fmt: skip
     """out[rows, cols] (+)= x[rows, :K] @ W[slot, :K, cols] for one (row block, column block) of one
     segment; grid (row blocks, column blocks, segments). Shrink and expand are both this: x @ A into
-    the fp32 rank buffer, then y += t @ B. Accumulates in fp32; each output tile has one owner."""
+    the fp32 rank buffer, then y += t @ B. Column n of W sits at ``(n // 16) * stride_wblock +
+    (n % 16) * stride_wn`` (A is stored in blocks of 16 ranks; a plain W passes 16 * stride_wn).
+    Accumulates in fp32; each output tile has one owner."""
     rows, mask_m, slot, active = _segment_rows(seg_ptr, num_segs, BLOCK_M, 0, 2)
     if active:
         offs_n = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
@@ -49,7 +51,8 @@ def _segment_gemm(
             mask_k = offs_k < K
             x_tile = x_ptr + rows[:, None] * stride_xm + offs_k[None, :] * stride_xk
             x = tl.load(x_tile, mask=mask_m[:, None] & mask_k[None, :], other=0.0)
-            w_tile = w_ptr + slot * stride_ws + offs_k[:, None] * stride_wk + offs_n[None, :] * stride_wn
+            w_cols = (offs_n // 16) * stride_wblock + (offs_n % 16) * stride_wn
+            w_tile = w_ptr + slot * stride_ws + offs_k[:, None] * stride_wk + w_cols[None, :]
             w = tl.load(w_tile, mask=mask_k[:, None] & mask_n[None, :], other=0.0)
             acc += tl.dot(x.to(w.dtype), w, input_precision=PRECISION)
         out_tile = out_ptr + rows[:, None] * stride_om + offs_n[None, :] * stride_on
@@ -66,30 +69,34 @@ def _block(n: int, lo: int, hi: int) -> int:
 def sgmv_triton(
     y: torch.Tensor,
     x: torch.Tensor,
-    lora_a_stacked: torch.Tensor,
+    lora_a_blocks: torch.Tensor,
     lora_b_stacked: torch.Tensor,
     batch: LoRABatch,
 ) -> None:
-    """``y[s:e] += (x[s:e] @ A[slot]) @ B[slot]`` per segment of ``batch``; A [slots, in, rank],
-    B [slots, rank, out] (padded ranks contribute zeros)."""
+    """``y[s:e] += (x[s:e] @ A[slot]) @ B[slot]`` per segment of ``batch``; A in rank blocks
+    [slots, rank / 16, in, 16] (one member's view of ``SlotWeights.a``), B [slots, rank, out] (padded
+    ranks contribute zeros)."""
     if not batch.segments and not batch.static:
         return
     segments = batch.segment_table(x.device)  # [3, capacity]: the kernel's row stride is the capacity
     table_stride, num_segments = segments.shape[1], batch.launch_segments
-    rank, k, n_out = lora_a_stacked.shape[2], x.shape[1], y.shape[1]
+    rank, k, n_out = lora_a_blocks.shape[1] * lora_a_blocks.shape[3], x.shape[1], y.shape[1]
     precision = "ieee" if x.dtype == torch.float32 else "tf32"
     block_m = _block(batch.max_segment_len, 16, 64)
     block_r = _block(rank, 16, 256)
     block_out = _block(n_out, 16, 64)
     rows_grid = triton.cdiv(batch.max_segment_len, block_m)
     shrunk = torch.empty((x.shape[0], rank), dtype=torch.float32, device=x.device)
-    for inp, weights, out, k_dim, n_dim, block_n, block_k, accumulate in (
-        (x, lora_a_stacked, shrunk, k, rank, block_r, _block(k, 16, 64), False),  # shrink: t = x @ A
-        (shrunk, lora_b_stacked, y, rank, n_out, block_out, block_r, True),  # expand: y += t @ B
+    a, b = lora_a_blocks, lora_b_stacked
+    a_strides = (a.stride(0), a.stride(2), a.stride(3), a.stride(1))  # slot, in, rank in block, block
+    b_strides = (b.stride(0), b.stride(1), b.stride(2), 16 * b.stride(2))
+    for inp, weights, strides, out, k_dim, n_dim, block_n, block_k, accumulate in (
+        (x, a, a_strides, shrunk, k, rank, block_r, _block(k, 16, 64), False),  # shrink: t = x @ A
+        (shrunk, b, b_strides, y, rank, n_out, block_out, block_r, True),  # expand: y += t @ B
     ):
         grid = (rows_grid, triton.cdiv(n_dim, block_n), num_segments)
         _segment_gemm[grid](
             inp, weights, out, segments, table_stride, k_dim, n_dim,
-            *inp.stride(), *weights.stride(), *out.stride(),
+            *inp.stride(), *strides, *out.stride(),
             BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k, ACCUMULATE=accumulate, PRECISION=precision,
         )  # fmt: skip

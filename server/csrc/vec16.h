@@ -1,0 +1,103 @@
+// 16-lane fp32 vectors for the native CPU kernels (GCC vector extensions: AVX-512 registers when
+// built with -march=native on a CPU that has them, pairs or quads of narrower ones elsewhere).
+// bf16 values widen on load (exact) and round to nearest even on store; values are finite.
+#pragma once
+
+#include <c10/util/BFloat16.h>
+
+#include <cstdint>
+#include <cstring>
+
+namespace loraplex {
+
+typedef float v16 __attribute__((vector_size(64)));
+typedef uint16_t v16h __attribute__((vector_size(32)));
+typedef uint32_t v16w __attribute__((vector_size(64)));
+
+inline v16 load16(const float* p) { v16 v; std::memcpy(&v, p, sizeof v); return v; }
+
+inline v16 load16(const c10::BFloat16* p) {
+  v16h h; std::memcpy(&h, p, sizeof h);
+  v16w w = __builtin_convertvector(h, v16w) << 16;
+  v16 v; std::memcpy(&v, &w, sizeof v); return v;
+}
+
+inline void store16(float* p, v16 v) { std::memcpy(p, &v, sizeof v); }
+
+inline void store16(c10::BFloat16* p, v16 v) {
+  v16w bits; std::memcpy(&bits, &v, sizeof bits);
+  bits = (bits + 0x7FFFu + ((bits >> 16) & 1u)) >> 16;
+  v16h h = __builtin_convertvector(bits, v16h);
+  std::memcpy(p, &h, sizeof h);
+}
+
+inline float to_float(float v) { return v; }
+inline float to_float(c10::BFloat16 v) { return static_cast<float>(v); }
+
+// Horizontal sum and max by halving (4 shuffles), not a serial chain of 15 scalar operations.
+inline float hsum(v16 v) {
+  v += __builtin_shufflevector(v, v, 8, 9, 10, 11, 12, 13, 14, 15, 0, 1, 2, 3, 4, 5, 6, 7);
+  v += __builtin_shufflevector(v, v, 4, 5, 6, 7, 0, 1, 2, 3, 12, 13, 14, 15, 8, 9, 10, 11);
+  v += __builtin_shufflevector(v, v, 2, 3, 0, 1, 6, 7, 4, 5, 10, 11, 8, 9, 14, 15, 12, 13);
+  v += __builtin_shufflevector(v, v, 1, 0, 3, 2, 5, 4, 7, 6, 9, 8, 11, 10, 13, 12, 15, 14);
+  return v[0];
+}
+
+inline v16 vmax(v16 a, v16 b) { return a > b ? a : b; }
+
+inline float hmax(v16 v) {
+  v = vmax(v, __builtin_shufflevector(v, v, 8, 9, 10, 11, 12, 13, 14, 15, 0, 1, 2, 3, 4, 5, 6, 7));
+  v = vmax(v, __builtin_shufflevector(v, v, 4, 5, 6, 7, 0, 1, 2, 3, 12, 13, 14, 15, 8, 9, 10, 11));
+  v = vmax(v, __builtin_shufflevector(v, v, 2, 3, 0, 1, 6, 7, 4, 5, 10, 11, 8, 9, 14, 15, 12, 13));
+  v = vmax(v, __builtin_shufflevector(v, v, 1, 0, 3, 2, 5, 4, 7, 6, 9, 8, 11, 10, 13, 12, 15, 14));
+  return v[0];
+}
+
+inline v16 splat(float x) { return v16{} + x; }
+
+// exp(x) for x <= 88 (fp32 accuracy ~2 ulp): 2^n * 2^f, n = round(x / ln 2), 2^f by a degree-6
+// polynomial on f in [-1/2, 1/2]; x below -87 gives 0.
+inline v16 vexp(v16 x) {
+  const v16 lo = splat(-87.f);
+  x = x < lo ? lo : x;
+  const v16 t = x * 1.44269504088896341f;
+  const v16 n = __builtin_convertvector(__builtin_convertvector(t + (t < 0 ? splat(-0.5f) : splat(0.5f)),
+                                                                __attribute__((vector_size(64))) int), v16);
+  const v16 f = (x - n * 0.693359375f) + n * 2.12194440e-4f;  // x - n ln2, in two parts
+  v16 p = splat(1.9875691500e-4f);
+  p = p * f + 1.3981999507e-3f;
+  p = p * f + 8.3334519073e-3f;
+  p = p * f + 4.1665795894e-2f;
+  p = p * f + 1.6666665459e-1f;
+  p = p * f + 5.0000001201e-1f;
+  p = p * f * f + f + 1.f;
+  typedef int32_t v16i __attribute__((vector_size(64)));
+  v16i bits;
+  std::memcpy(&bits, &p, sizeof bits);
+  bits += __builtin_convertvector(n, v16i) << 23;
+  std::memcpy(&p, &bits, sizeof p);
+  return x <= lo ? v16{} : p;
+}
+
+// Lane i of the result is the sum of the lanes of p[i] (16 horizontal sums at the cost of ~30
+// shuffles and adds, not 240 scalar adds). Pairwise folding leaves the sums in bit-reversed lane
+// order, so the inputs are taken bit-reversed.
+inline v16 reduce16(const v16* p) {
+  static constexpr int kRev[16] = {0, 8, 4, 12, 2, 10, 6, 14, 1, 9, 5, 13, 3, 11, 7, 15};
+  v16 a[8], b[4], c[2];
+  for (int k = 0; k < 8; ++k) {
+    const v16 x = p[kRev[2 * k]], y = p[kRev[2 * k + 1]];
+    a[k] = __builtin_shufflevector(x, y, 0, 1, 2, 3, 4, 5, 6, 7, 16, 17, 18, 19, 20, 21, 22, 23) +
+           __builtin_shufflevector(x, y, 8, 9, 10, 11, 12, 13, 14, 15, 24, 25, 26, 27, 28, 29, 30, 31);
+  }
+  for (int k = 0; k < 4; ++k)
+    b[k] = __builtin_shufflevector(a[2 * k], a[2 * k + 1], 0, 1, 2, 3, 16, 17, 18, 19, 8, 9, 10, 11, 24, 25, 26, 27) +
+           __builtin_shufflevector(a[2 * k], a[2 * k + 1], 4, 5, 6, 7, 20, 21, 22, 23, 12, 13, 14, 15, 28, 29, 30, 31);
+  for (int k = 0; k < 2; ++k)
+    c[k] = __builtin_shufflevector(b[2 * k], b[2 * k + 1], 0, 1, 16, 17, 4, 5, 20, 21, 8, 9, 24, 25, 12, 13, 28, 29) +
+           __builtin_shufflevector(b[2 * k], b[2 * k + 1], 2, 3, 18, 19, 6, 7, 22, 23, 10, 11, 26, 27, 14, 15, 30, 31);
+  return __builtin_shufflevector(c[0], c[1], 0, 16, 2, 18, 4, 20, 6, 22, 8, 24, 10, 26, 12, 28, 14, 30) +
+         __builtin_shufflevector(c[0], c[1], 1, 17, 3, 19, 5, 21, 7, 23, 9, 25, 11, 27, 13, 29, 15, 31);
+}
+
+}  // namespace loraplex

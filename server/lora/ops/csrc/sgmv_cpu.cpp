@@ -1,0 +1,186 @@
+// SGMV on CPU: every LoRA row's shrink and expand in one call, for one linear or a fused group.
+//
+// Semantics (server/lora/ops/sgmv_torch.py is the reference): for grouped row i (batch row
+// rows[i]) with slot s = slots[i], and member j of K:
+//     t_j[q]            = x[row] @ a[s, q / 16, :, q % 16, j]      a: [S, R/16, I, 16, K]
+//     y[row, cols_j]   += t_j[:r] @ b[s, :r, cols_j]               b: [S, R, O]
+// with r = slot_ranks[s], the slot's own rank (the largest of its members', a multiple of 16; ranks
+// past a member's own are zero). A rank block a[s, k] is one contiguous [I, 16 * K] matrix
+// (rank-major, member-minor), so one shrink serves the whole group and reads only the slot's r / 16
+// blocks: per-slot ranks are honoured, nothing is padded to max_lora_rank. Each slot of a and b is
+// contiguous; the slots may sit at any stride (server/lora/slot_rows.py lays every target's slot of
+// one adapter out as one row).
+//
+// Rows run in blocks of up to 4 rows of one slot, so each A and B row is loaded once per block and
+// reused from registers; register tiles are 4 rows x 64 columns of fp32 (16 AVX-512 registers, or
+// their equivalent elsewhere: GCC vector extensions, compiled for the host CPU). bf16 inputs are
+// widened on load and rounded on store; accumulation is fp32. Blocks run in parallel on torch's
+// intra-op thread pool (the same OpenMP runtime torch uses).
+#include <ATen/ATen.h>
+#include <ATen/Parallel.h>
+#include <torch/library.h>
+
+#include "vec16.h"
+
+#include <algorithm>
+#include <cstdint>
+#include <vector>
+
+namespace {
+
+using loraplex::load16;
+using loraplex::to_float;
+using loraplex::v16;
+
+constexpr int kRows = 4;  // rows per block (all of one slot)
+constexpr int kVecs = 4;  // 16-wide vectors per column tile
+
+template <typename T>
+inline void add_store(T* p, v16 v) { loraplex::store16(p, load16(p) + v); }
+
+// t[m, q0 : q0 + 16 * kVecs] = x[rows[m]] @ a_slot[:, q0 : ...] for m < MB (one column tile)
+template <int MB, typename T>
+void shrink_tile(const T* x, int64_t ldx, const int64_t* rows, const T* a_slot, int64_t I, int64_t lda,
+                 int64_t q0, int nv, float* t, int64_t ldt) {
+  v16 acc[MB][kVecs] = {};
+  const T* xr[MB];
+  for (int m = 0; m < MB; ++m) xr[m] = x + rows[m] * ldx;
+  for (int64_t c = 0; c < I; ++c) {
+    const T* arow = a_slot + c * lda + q0;
+    v16 av[kVecs];
+    for (int v = 0; v < kVecs; ++v) av[v] = v < nv ? load16(arow + 16 * v) : v16{};
+    for (int m = 0; m < MB; ++m) {
+      const float xv = to_float(xr[m][c]);
+      for (int v = 0; v < kVecs; ++v) acc[m][v] += xv * av[v];
+    }
+  }
+  for (int m = 0; m < MB; ++m)
+    for (int v = 0; v < nv; ++v) loraplex::store16(t + m * ldt + q0 + 16 * v, acc[m][v]);
+}
+
+// y[rows[m], o0 : o0 + 16 * nv] += tj[m, :r] @ b_slot[:r, o0 : ...] for m < MB
+template <int MB, typename T>
+void expand_tile(T* y, int64_t ldy, const int64_t* rows, const T* b_slot, int64_t ldb, const float* tj,
+                 int64_t r, int64_t o0, int nv) {
+  v16 acc[MB][kVecs] = {};
+  for (int64_t q = 0; q < r; ++q) {
+    const T* brow = b_slot + q * ldb + o0;
+    v16 bv[kVecs];
+    for (int v = 0; v < kVecs; ++v) bv[v] = v < nv ? load16(brow + 16 * v) : v16{};
+    for (int m = 0; m < MB; ++m) {
+      const float tv = tj[m * r + q];
+      for (int v = 0; v < kVecs; ++v) acc[m][v] += tv * bv[v];
+    }
+  }
+  for (int m = 0; m < MB; ++m)
+    for (int v = 0; v < nv; ++v) add_store(y + rows[m] * ldy + o0 + 16 * v, acc[m][v]);
+}
+
+template <int MB, typename T>
+void block(T* y, int64_t ldy, const T* x, int64_t ldx, const T* a_slot, const T* b_slot, int64_t I,
+           int64_t R, int64_t K, int64_t O, const int64_t* cols, const int64_t* rows, int64_t r,
+           float* t, float* tj) {
+  const int64_t rk = r * K, bk = 16 * K;  // t columns: rank-major, member-minor, like a rank block
+  for (int64_t blk = 0; blk < r / 16; ++blk)
+    for (int64_t q0 = 0; q0 < bk; q0 += 16 * kVecs)
+      shrink_tile<MB>(x, ldx, rows, a_slot + blk * I * bk, I, bk, q0, (int)std::min<int64_t>(kVecs, (bk - q0) / 16),
+                      t + blk * bk, rk);
+  for (int64_t j = 0; j < K; ++j) {
+    for (int m = 0; m < MB; ++m)
+      for (int64_t q = 0; q < r; ++q) tj[m * r + q] = t[m * rk + q * K + j];
+    const int64_t end = cols[j + 1], vec_end = cols[j] + (end - cols[j]) / 16 * 16;
+    for (int64_t o0 = cols[j]; o0 < vec_end; o0 += 16 * kVecs)
+      expand_tile<MB>(y, ldy, rows, b_slot, O, tj, r, o0, (int)std::min<int64_t>(kVecs, (vec_end - o0) / 16));
+    for (int m = 0; m < MB; ++m)  // a column tail that is not a multiple of 16
+      for (int64_t o = vec_end; o < end; ++o) {
+        float acc = 0.f;
+        for (int64_t q = 0; q < r; ++q) acc += tj[m * r + q] * to_float(b_slot[q * O + o]);
+        T* out = y + rows[m] * ldy + o;
+        *out = T(to_float(*out) + acc);
+      }
+  }
+}
+
+template <typename T>
+void run(at::Tensor& y, const at::Tensor& x, const at::Tensor& a, const at::Tensor& b,
+         const std::vector<int64_t>& cols, const int64_t* rows, const int64_t* slots, int64_t nrows,
+         const int64_t* slot_ranks) {
+  const int64_t I = a.size(2), R = a.size(1) * 16, K = a.size(4), O = b.size(2);
+  std::vector<int64_t> starts;  // blocks: runs of at most kRows grouped rows sharing a slot
+  for (int64_t i = 0; i < nrows; ++i)
+    if (starts.empty() || slots[i] != slots[i - 1] || i - starts.back() == kRows) starts.push_back(i);
+  const int64_t nblocks = starts.size();
+  starts.push_back(nrows);
+  T* yp = y.data_ptr<T>();
+  const T* xp = x.data_ptr<T>();
+  const T* ap = a.data_ptr<T>();
+  const T* bp = b.data_ptr<T>();
+  const int64_t ldy = y.stride(0), ldx = x.stride(0), a_slot_stride = a.stride(0), b_slot_stride = b.stride(0);
+  at::parallel_for(0, nblocks, 1, [&](int64_t lo, int64_t hi) {
+    std::vector<float> t(kRows * R * K), tj(kRows * R);
+    for (int64_t blk = lo; blk < hi; ++blk) {
+      const int64_t s = starts[blk], n = starts[blk + 1] - s, slot = slots[s];
+      if (slot < 0) continue;  // base-model rows (static steps list every row)
+      const int64_t r = slot_ranks[slot];
+      if (r == 0) continue;
+      const T* a_slot = ap + slot * a_slot_stride;
+      const T* b_slot = bp + slot * b_slot_stride;
+      const int64_t* rp = rows + s;
+      switch (n) {
+        case 1: block<1>(yp, ldy, xp, ldx, a_slot, b_slot, I, R, K, O, cols.data(), rp, r, t.data(), tj.data()); break;
+        case 2: block<2>(yp, ldy, xp, ldx, a_slot, b_slot, I, R, K, O, cols.data(), rp, r, t.data(), tj.data()); break;
+        case 3: block<3>(yp, ldy, xp, ldx, a_slot, b_slot, I, R, K, O, cols.data(), rp, r, t.data(), tj.data()); break;
+        default: block<4>(yp, ldy, xp, ldx, a_slot, b_slot, I, R, K, O, cols.data(), rp, r, t.data(), tj.data());
+      }
+    }
+  });
+}
+
+// y [N, O] and x [N, I] with contiguous rows, a [S, R/16, I, 16, K], b [S, R, O]; cols: the K + 1
+// column bounds of the members; rows, slots (int64 [M]): each grouped row's batch row and slot (-1:
+// a base row, skipped), rows of a slot consecutive; slot_ranks (int64 [S]): each slot's rank.
+void sgmv_cpu(at::Tensor y, const at::Tensor& x, const at::Tensor& a, const at::Tensor& b,
+              std::vector<int64_t> cols, const at::Tensor& rows, const at::Tensor& slots,
+              const at::Tensor& slot_ranks) {
+  TORCH_CHECK(y.dim() == 2 && x.dim() == 2 && a.dim() == 5 && b.dim() == 3 && a.size(3) == 16,
+              "sgmv_cpu: a [S, R/16, I, 16, K], b [S, R, O], x [N, I], y [N, O]");
+  TORCH_CHECK(y.stride(1) == 1 && x.stride(1) == 1, "sgmv_cpu: rows of x and y must be contiguous");
+  TORCH_CHECK(a.stride(4) == 1 && a.stride(3) == a.size(4) && a.stride(2) == 16 * a.size(4) &&
+                  a.stride(1) == a.size(2) * 16 * a.size(4) && b.stride(2) == 1 && b.stride(1) == b.size(2),
+              "sgmv_cpu: each slot of a and b must be contiguous");
+  TORCH_CHECK(x.scalar_type() == y.scalar_type() && a.scalar_type() == y.scalar_type() &&
+                  b.scalar_type() == y.scalar_type(), "sgmv_cpu: one dtype for x, y, a, b");
+  TORCH_CHECK(rows.scalar_type() == at::kLong && slots.scalar_type() == at::kLong && rows.is_contiguous() &&
+                  slots.is_contiguous() && rows.numel() == slots.numel(), "sgmv_cpu: rows, slots: int64 [M]");
+  TORCH_CHECK((int64_t)cols.size() == a.size(4) + 1 && cols.front() == 0 && cols.back() == b.size(2),
+              "sgmv_cpu: column bounds");
+  for (size_t j = 1; j < cols.size(); ++j) TORCH_CHECK(cols[j] >= cols[j - 1], "sgmv_cpu: column bounds");
+  TORCH_CHECK(a.size(0) == b.size(0) && a.size(1) * 16 == b.size(1) && x.size(1) == a.size(2) &&
+                  y.size(1) == b.size(2), "sgmv_cpu: shapes of x, y, a, b disagree");
+  TORCH_CHECK(slot_ranks.scalar_type() == at::kLong && slot_ranks.is_contiguous() &&
+                  slot_ranks.numel() == a.size(0), "sgmv_cpu: slot_ranks: int64 [S]");
+  const int64_t* kp = slot_ranks.data_ptr<int64_t>();
+  for (int64_t i = 0; i < a.size(0); ++i)
+    TORCH_CHECK(kp[i] >= 0 && kp[i] <= b.size(1) && kp[i] % 16 == 0, "sgmv_cpu: slot ranks: multiples of 16 <= R");
+  const int64_t n = rows.numel();
+  if (n == 0) return;
+  const int64_t* rp = rows.data_ptr<int64_t>();
+  const int64_t* sp = slots.data_ptr<int64_t>();
+  for (int64_t i = 0; i < n; ++i)
+    TORCH_CHECK(rp[i] >= 0 && rp[i] < y.size(0) && rp[i] < x.size(0) && sp[i] >= -1 && sp[i] < a.size(0),
+                "sgmv_cpu: row or slot out of range");
+  if (y.scalar_type() == at::kFloat) {
+    run<float>(y, x, a, b, cols, rp, sp, n, kp);
+  } else {
+    TORCH_CHECK(y.scalar_type() == at::kBFloat16, "sgmv_cpu: float32 or bfloat16");
+    run<c10::BFloat16>(y, x, a, b, cols, rp, sp, n, kp);
+  }
+}
+
+}  // namespace
+
+TORCH_LIBRARY(loraplex_cpu, m) {
+  m.def("sgmv(Tensor(a!) y, Tensor x, Tensor a, Tensor b, int[] cols, Tensor rows, Tensor slots, Tensor slot_ranks) -> ()");
+}
+
+TORCH_LIBRARY_IMPL(loraplex_cpu, CPU, m) { m.impl("sgmv", &sgmv_cpu); }

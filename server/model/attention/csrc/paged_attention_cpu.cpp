@@ -1,0 +1,192 @@
+// Paged decode attention on CPU: every decode row of a step in one call, straight from the cache.
+//
+// Semantics (server/model/attention/torch_paged.py's batched SDPA is the reference): for decode row
+// b (packed row rows[b], context_lens[b] keys) and query head h (KV head g = h / (H / KVH)):
+//     s[t]   = scale * q[rows[b], h] . K[t, g]          for t in [first, ctx), first = ctx - window
+//     s[t]   = softcap * tanh(s[t] / softcap)           when softcap > 0
+//     out[rows[b], h] = softmax(s) @ V[first:ctx, g]
+// where K[t] is k_cache[block_tables[b][t / BS], t % BS]. The heads that share a KV head are done
+// together, so each key and value row is read once; softmax runs online per cache block (fp32).
+// Work is split over (row, KV head) pairs on torch's intra-op thread pool.
+#include <ATen/ATen.h>
+#include <ATen/Parallel.h>
+#include <torch/library.h>
+
+#include "vec16.h"
+
+#include <algorithm>
+#include <cmath>
+#include <cstring>
+#include <limits>
+#include <vector>
+
+namespace {
+
+using loraplex::load16;
+using loraplex::v16;
+
+constexpr int kMaxGroup = 16;  // query heads per KV head
+constexpr int kMaxVecs = 16;   // head_dim up to 256
+
+// Softcapped scores: softcap * tanh(s / softcap), with tanh(y) = 1 - 2 / (exp(2y) + 1).
+inline v16 cap(v16 s, float softcap) {
+  const v16 e = loraplex::vexp(s * (2.f / softcap));
+  return softcap * (1.f - 2.f / (e + 1.f));
+}
+
+// One (decode row, KV head): the `group` query heads sharing KV head g, over keys [first, ctx), in
+// chunks of up to 16 keys of one cache block. Per chunk and head: 16 dot products as 16 partial
+// vectors folded into one vector of scores (reduce16), the online-softmax update on that vector,
+// then the weighted values. The chunk's keys and values are re-read per head from L1, which keeps
+// the live registers to one head's query, partial sums and accumulator.
+template <typename T>
+void attend(T* out, const T* q, int64_t q_row_stride, int64_t q_head_stride, const T* k_cache, const T* v_cache,
+            int64_t block_size, int64_t kvh, int64_t hd, const int32_t* table, int64_t ctx, int64_t row,
+            int64_t g, int64_t group, float scale, float softcap, int64_t window, int64_t out_row_stride,
+            int64_t out_head_stride) {
+  const int nv = hd / 16;
+  v16 qv[kMaxGroup][kMaxVecs], acc[kMaxGroup][kMaxVecs];
+  float m[kMaxGroup], l[kMaxGroup];
+  for (int h = 0; h < group; ++h) {
+    const T* qh = q + row * q_row_stride + (g * group + h) * q_head_stride;
+    for (int v = 0; v < nv; ++v) { qv[h][v] = load16(qh + 16 * v) * scale; acc[h][v] = v16{}; }
+    m[h] = -std::numeric_limits<float>::infinity();
+    l[h] = 0.f;
+  }
+  const int64_t first = window > 0 ? std::max<int64_t>(0, ctx - window) : 0;
+  const int64_t tok_stride = kvh * hd;
+  for (int64_t t0 = first; t0 < ctx;) {
+    const int64_t blk = table[t0 / block_size], off = t0 % block_size;
+    const int n = (int)std::min<int64_t>({block_size - off, ctx - t0, 16});
+    const T* kb = k_cache + ((blk * block_size + off) * kvh + g) * hd;
+    const T* vb = v_cache + ((blk * block_size + off) * kvh + g) * hd;
+    for (int h = 0; h < group; ++h) {
+      v16 part[16];
+      for (int i = 0; i < 16; ++i) {
+        v16 d{};
+        if (i < n)
+          for (int v = 0; v < nv; ++v) d += qv[h][v] * load16(kb + i * tok_stride + 16 * v);
+        part[i] = d;
+      }
+      v16 s = loraplex::reduce16(part);  // lane i: the score of key t0 + i
+      if (softcap > 0.f) s = cap(s, softcap);
+      for (int i = n; i < 16; ++i) s[i] = -std::numeric_limits<float>::infinity();
+      const float mb = std::max(m[h], loraplex::hmax(s));
+      const float corr = std::exp(m[h] - mb);
+      const v16 p = loraplex::vexp(s - mb);
+      l[h] = l[h] * corr + loraplex::hsum(p);
+      m[h] = mb;
+      v16 a[kMaxVecs];
+      for (int v = 0; v < nv; ++v) a[v] = acc[h][v] * corr;
+      for (int i = 0; i < n; ++i)
+        for (int v = 0; v < nv; ++v) a[v] += p[i] * load16(vb + i * tok_stride + 16 * v);
+      for (int v = 0; v < nv; ++v) acc[h][v] = a[v];
+    }
+    t0 += n;
+  }
+  for (int h = 0; h < group; ++h) {
+    T* oh = out + row * out_row_stride + (g * group + h) * out_head_stride;
+    const float inv = l[h] > 0.f ? 1.f / l[h] : 0.f;
+    for (int v = 0; v < nv; ++v) loraplex::store16(oh + 16 * v, acc[h][v] * inv);
+  }
+}
+
+template <typename T>
+void run(at::Tensor& out, const at::Tensor& q, const at::Tensor& k_cache, const at::Tensor& v_cache,
+         const int32_t* rows, const int32_t* tables, int64_t ld_table, const int32_t* ctx, int64_t B, int64_t kvh,
+         int64_t bs, int64_t hd, int64_t group, double scale, double softcap, int64_t window) {
+  T* op = out.data_ptr<T>();
+  const T* qp = q.data_ptr<T>();
+  const T* kp = k_cache.data_ptr<T>();
+  const T* vp = v_cache.data_ptr<T>();
+  at::parallel_for(0, B * kvh, 1, [&](int64_t lo, int64_t hi) {
+    for (int64_t i = lo; i < hi; ++i) {
+      const int64_t b = i / kvh, g = i % kvh;
+      attend<T>(op, qp, q.stride(0), q.stride(1), kp, vp, bs, kvh, hd, tables + b * ld_table, ctx[b], rows[b], g,
+                group, (float)scale, (float)softcap, window, out.stride(0), out.stride(1));
+    }
+  });
+}
+
+// out, q: [T, H, D] (head_dim contiguous); kv_cache: one layer's [2 (K, V), num_blocks, block_size,
+// KVH, D], contiguous (the whole layer tensor, not views of it, so a compiled graph sees the same
+// tensor the K/V store wrote); rows, context_lens: int32 [B]; block_tables: int32 [B, >= max
+// blocks] (rows may be longer than needed: the step buffers are sized for the longest context).
+void paged_decode(at::Tensor out, const at::Tensor& q, const at::Tensor& kv_cache, const at::Tensor& rows,
+                  const at::Tensor& block_tables, const at::Tensor& context_lens, double scale, double softcap,
+                  int64_t window) {
+  TORCH_CHECK(kv_cache.dim() == 5 && kv_cache.size(0) == 2 && kv_cache.is_contiguous(),
+              "paged_decode: kv_cache [2, num_blocks, block_size, KVH, D], contiguous");
+  const at::Tensor k_cache = kv_cache[0], v_cache = kv_cache[1];
+  TORCH_CHECK(out.dim() == 3 && q.dim() == 3, "paged_decode: out and q are [T, H, D]");
+  TORCH_CHECK(q.stride(2) == 1 && out.stride(2) == 1, "paged_decode: head_dim must be contiguous");
+  const int64_t H = q.size(1), hd = q.size(2), kvh = k_cache.size(2), bs = k_cache.size(1), nb = k_cache.size(0);
+  TORCH_CHECK(k_cache.size(3) == hd && out.size(1) == H && out.size(2) == hd && H % kvh == 0 && hd % 16 == 0 &&
+                  hd / 16 <= kMaxVecs && H / kvh <= kMaxGroup, "paged_decode: unsupported head shapes");
+  TORCH_CHECK(q.scalar_type() == out.scalar_type() && k_cache.scalar_type() == out.scalar_type() &&
+                  v_cache.scalar_type() == out.scalar_type(), "paged_decode: one dtype");
+  TORCH_CHECK(rows.scalar_type() == at::kInt && block_tables.scalar_type() == at::kInt &&
+                  context_lens.scalar_type() == at::kInt && rows.is_contiguous() && context_lens.is_contiguous() &&
+                  block_tables.dim() == 2 && block_tables.stride(1) == 1 && block_tables.size(0) == rows.numel() &&
+                  context_lens.numel() == rows.numel(), "paged_decode: int32 rows, block tables, lengths");
+  const int64_t B = rows.numel(), mb = block_tables.size(1), ld_table = block_tables.stride(0);
+  const int32_t* rp = rows.data_ptr<int32_t>();
+  const int32_t* tp = block_tables.data_ptr<int32_t>();
+  const int32_t* cp = context_lens.data_ptr<int32_t>();
+  for (int64_t b = 0; b < B; ++b) {
+    TORCH_CHECK(rp[b] >= 0 && rp[b] < q.size(0) && rp[b] < out.size(0), "paged_decode: row out of range");
+    TORCH_CHECK(cp[b] >= 0 && cp[b] <= mb * bs, "paged_decode: context beyond the block table");
+    const int64_t first = window > 0 ? std::max<int64_t>(0, cp[b] - window) / bs : 0;
+    for (int64_t i = first; i < (cp[b] + bs - 1) / bs; ++i)
+      TORCH_CHECK(tp[b * ld_table + i] >= 0 && tp[b * ld_table + i] < nb, "paged_decode: block out of range");
+  }
+  const int64_t group = H / kvh;
+  AT_DISPATCH_SWITCH(out.scalar_type(), "paged_decode",
+    AT_DISPATCH_CASE(at::kFloat, [&] { run<float>(out, q, k_cache, v_cache, rp, tp, ld_table, cp, B, kvh, bs, hd,
+                                                   group, scale, softcap, window); })
+    AT_DISPATCH_CASE(at::kBFloat16, [&] { run<c10::BFloat16>(out, q, k_cache, v_cache, rp, tp, ld_table, cp, B, kvh,
+                                                             bs, hd, group, scale, softcap, window); }));
+}
+
+// K[slot_mapping[t]] = key[t], V[...] = value[t] for every row t, in one layer's kv_cache
+// [2, num_blocks, block_size, KVH, D] (contiguous); key/value [T, KVH, D] with (KVH, D) contiguous;
+// slot_mapping int32 [T] of flat (block * block_size + offset) slots. In place.
+void store_kv(at::Tensor kv_cache, const at::Tensor& key, const at::Tensor& value, const at::Tensor& slot_mapping) {
+  TORCH_CHECK(kv_cache.dim() == 5 && kv_cache.size(0) == 2 && kv_cache.is_contiguous(),
+              "store_kv: kv_cache [2, num_blocks, block_size, KVH, D], contiguous");
+  at::Tensor k_cache = kv_cache[0], v_cache = kv_cache[1];
+  TORCH_CHECK(key.dim() == 3 && value.dim() == 3 && key.sizes() == value.sizes() && key.size(1) == k_cache.size(2) &&
+                  key.size(2) == k_cache.size(3) && key.stride(2) == 1 && value.stride(2) == 1 &&
+                  key.stride(1) == key.size(2) && value.stride(1) == value.size(2),
+              "store_kv: key/value [T, KVH, D] with (KVH, D) contiguous");
+  TORCH_CHECK(key.scalar_type() == k_cache.scalar_type() && value.scalar_type() == v_cache.scalar_type(),
+              "store_kv: one dtype");
+  TORCH_CHECK(slot_mapping.scalar_type() == at::kInt && slot_mapping.is_contiguous() &&
+                  slot_mapping.numel() == key.size(0), "store_kv: int32 slot_mapping [T]");
+  const int64_t T = key.size(0), row = key.size(1) * key.size(2), slots = k_cache.size(0) * k_cache.size(1);
+  const int64_t bytes = row * key.element_size();
+  const int32_t* sp = slot_mapping.data_ptr<int32_t>();
+  char* kc = static_cast<char*>(k_cache.data_ptr());
+  char* vc = static_cast<char*>(v_cache.data_ptr());
+  const char* kp = static_cast<const char*>(key.data_ptr());
+  const char* vp = static_cast<const char*>(value.data_ptr());
+  const int64_t kstride = key.stride(0) * key.element_size(), vstride = value.stride(0) * value.element_size();
+  for (int64_t t = 0; t < T; ++t) {
+    TORCH_CHECK(sp[t] >= 0 && sp[t] < slots, "store_kv: slot out of range");
+    std::memcpy(kc + sp[t] * bytes, kp + t * kstride, bytes);
+    std::memcpy(vc + sp[t] * bytes, vp + t * vstride, bytes);
+  }
+}
+
+}  // namespace
+
+TORCH_LIBRARY(loraplex_attention_cpu, m) {
+  m.def("store_kv(Tensor(a!) kv_cache, Tensor key, Tensor value, Tensor slot_mapping) -> ()");
+  m.def("paged_decode(Tensor(a!) out, Tensor q, Tensor kv_cache, Tensor rows, Tensor block_tables, "
+        "Tensor context_lens, float scale, float softcap, int window) -> ()");
+}
+
+TORCH_LIBRARY_IMPL(loraplex_attention_cpu, CPU, m) {
+  m.impl("paged_decode", &paged_decode);
+  m.impl("store_kv", &store_kv);
+}

@@ -1,0 +1,82 @@
+"""The project's small C++ CPU kernels, built once per machine and loaded as torch ops.
+
+Each kernel is one ``.cpp`` file that registers its ops with ``TORCH_LIBRARY`` (so they run through
+the dispatcher, on torch's own intra-op thread pool, and torch.compile sees them as opaque ops). It is
+compiled by ``torch.utils.cpp_extension`` for the host CPU (``-march=native``: AVX-512 and
+avx512_bf16 where the CPU has them) on first use, into torch's extension cache, keyed by the source
+and the CPU's feature flags, so later starts load it in well under a second. Callers ask
+``load_kernel`` at start-up (never on the request path) and fall back to plain torch when it returns
+False (no compiler, an unsupported platform): the kernels are a speed-up, never a requirement.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import platform
+import threading
+import time
+from pathlib import Path
+
+import torch
+
+log = logging.getLogger(__name__)
+
+INCLUDE_DIR = Path(__file__).parent / "csrc"  # headers shared by the kernels (vec16.h)
+_lock = threading.Lock()
+_loaded: dict[str, bool] = {}
+
+
+def _cpu_fingerprint() -> str:
+    """The CPU's feature flags (a kernel built with -march=native must not run on another CPU)."""
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("flags"):
+                return line
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def load_kernel(name: str, source: Path, fakes: tuple[str, ...] = ()) -> bool:
+    """Builds (first time on this machine) and loads ``source``; True when its ops are registered.
+
+    ``fakes``: ops (``namespace::name``) that only write into their arguments and return nothing;
+    each gets a no-op fake implementation, so torch.compile can trace through them."""
+    with _lock:
+        if name not in _loaded:
+            _loaded[name] = _build_and_load(name, source)
+            if _loaded[name]:
+                for op in fakes:
+                    torch.library.register_fake(op)(_writes_only)
+        return _loaded[name]
+
+
+def _writes_only(*args, **kwargs) -> None:
+    """Fake of an op that mutates its arguments in place and returns nothing."""
+
+
+def _build_and_load(name: str, source: Path) -> bool:
+    if platform.system() != "Linux" or platform.machine() not in ("x86_64", "aarch64"):
+        log.info("native kernel %s: not built on %s/%s; using torch ops", name, platform.system(),
+                 platform.machine())  # fmt: skip
+        return False
+    headers = b"".join(p.read_bytes() for p in sorted(INCLUDE_DIR.glob("*.h")))
+    digest = hashlib.sha256(source.read_bytes() + headers + _cpu_fingerprint().encode()).hexdigest()[:12]
+    start = time.perf_counter()
+    try:
+        from torch.utils.cpp_extension import load
+
+        load(
+            name=f"{name}_{digest}",
+            sources=[str(source)],
+            extra_include_paths=[str(INCLUDE_DIR)],
+            extra_cflags=["-O3", "-march=native", "-fopenmp"],
+            extra_ldflags=["-fopenmp"],  # resolves to the libgomp torch already loaded (same soname)
+            is_python_module=False,
+        )
+    except Exception as exc:  # no compiler, no ninja, a build error: the torch path still works
+        log.warning("native kernel %s could not be built (%s); using torch ops", name, exc)
+        return False
+    log.info("native kernel %s ready in %.1f s", name, time.perf_counter() - start)
+    return True

@@ -103,9 +103,7 @@ class AdapterManager:
         self._reap_retired()
         self._prefetcher.commit(wait_for=keys)
         if not self._slots.fits(keys):
-            raise RuntimeError(
-                f"{len(keys)} adapters do not fit in {self.max_loras} slots next to the pinned ones"
-            )
+            raise RuntimeError(f"{len(keys)} adapters do not fit in {self.max_loras} slots beside the pinned")
         slots: dict[str, int] = {}
         for key in sorted(keys, key=lambda k: not self._slots.holds(k)):  # resident ones first
             slot = self._slots.lookup(key)
@@ -160,8 +158,7 @@ class AdapterManager:
         self.lora.backend.plan(seq_slots, seq_num_tokens, static)
 
     def graph_safe(self) -> bool:
-        """A captured decode replays the backend's fixed launches only: no slot may need the DoRA or
-        lora_bias passes, which loop over segments on the host."""
+        """Only fixed launches replay: no slot may need the DoRA or lora_bias host passes."""
         return self.lora.backend.capturable and not self.rows.host_pass_slots
 
     def resident(self) -> list[str]:

@@ -5,7 +5,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: setup serve test lint format bench bench-lora gpu-check bench-peer bench-peer-server bench-runtime peers train-demo container-test clean
+.PHONY: setup serve test lint format bench bench-lora bench-prefix bench-adapters gpu-check bench-peer bench-peer-server bench-runtime peers train-demo container-test clean
 
 $(STAMP): pyproject.toml scripts/install.sh
 	bash scripts/install.sh "$(VENV)" "$(PYTHON)"
@@ -33,6 +33,12 @@ bench: $(STAMP)
 
 bench-lora: $(STAMP)
 	$(PY) -m benchmarks --lora
+
+bench-prefix: $(STAMP)
+	$(PY) -m benchmarks.prefix_bench
+
+bench-adapters: $(STAMP)
+	$(PY) -m benchmarks.many_adapters
 
 # One NVIDIA GPU, ~8 minutes: kernel parity, engine vs HF+PEFT, graphs on/off, the GPU benchmark.
 # Needs no .venv on a machine whose python3 already has CUDA torch (see docs/gpu.md).

@@ -14,6 +14,7 @@ from pathlib import Path
 import torch
 
 from server.config import Settings
+from server.engine.admission import AdmissionOrder
 from server.engine.async_engine import AsyncEngine, ServedModel
 from server.engine.block_manager import BlockManager
 from server.engine.decode_graphs import (
@@ -142,10 +143,11 @@ def build_runtime(settings: Settings, model: torch.nn.Module | None = None, toke
             "decode compiled for %d batch buckets in %.1f s", len(runner.graphs.replays), compile_seconds
         )
     scheduler = Scheduler(
-        BlockManager(num_blocks, settings.block_size),
+        BlockManager(num_blocks, settings.block_size, settings.prefix_caching),
         settings.max_num_seqs,
         settings.max_num_batched_tokens,
         slots,
+        AdmissionOrder(settings.adapter_max_wait_s),
     )
     eos_ids = eos_token_ids(model, tokenizer)
     core = LLMEngine(

@@ -106,6 +106,15 @@ class Settings(BaseSettings):
         description="CPU: torch.compile the decode forward at start-up (one dynamic-batch graph for every "
         "bucket; ~1 min of start-up on 2 cores, cached across restarts; ~5-10% faster decode measured).",
     )
+    prefix_caching: bool = Field(
+        True, description="Reuse the KV blocks of cached prompt prefixes (per adapter and weights version)."
+    )
+    adapter_max_wait_s: float = Field(
+        2.0,
+        ge=0,
+        description="When adapter slots are short, requests of resident adapters may overtake a waiting "
+        "request until it has waited this long.",
+    )
 
     # --- LoRA -------------------------------------------------------------------------------
     enable_lora: bool = Field(True, description="Wrap the base model's linears for LoRA serving.")

@@ -49,7 +49,14 @@ class EngineCollector(Collector):
         stats = runtime.engine.stats()
         yield _gauge("vllm:num_requests_waiting", "Requests waiting to be scheduled.", stats.num_waiting)
         yield _gauge("vllm:num_requests_running", "Requests in the running batch.", stats.num_running)
-        yield _gauge("vllm:kv_cache_usage_perc", "KV-cache usage, 1 = full.", stats.kv_cache_usage)
+        yield _gauge(
+            "vllm:kv_cache_usage_perc", "KV-cache blocks in use by requests, 1 = full.", stats.kv_cache_usage
+        )
+        yield _gauge(
+            "loraplex_kv_cache_cached_free_perc",
+            "KV-cache blocks holding a cached prefix that no request uses (reclaimable), 1 = the whole cache.",
+            stats.kv_cache_cached_free,
+        )
         info = GaugeMetricFamily(
             "vllm:lora_requests_info",
             "Adapters of running and waiting requests; the value is the update timestamp.",
@@ -72,6 +79,12 @@ class EngineCollector(Collector):
             ("loraplex_preemptions", "Sequences preempted for KV space.", stats.num_preemptions),
             ("loraplex_scheduled_sequences", "Sequence-steps scheduled.", stats.num_scheduled_seqs_total),
             ("loraplex_batched_tokens", "Tokens run through the model.", stats.num_batched_tokens_total),
+            (
+                "vllm:prefix_cache_queries",
+                "Prompt tokens looked up in the prefix cache.",
+                stats.prefix_cache_queries,
+            ),
+            ("vllm:prefix_cache_hits", "Prompt tokens found in the prefix cache.", stats.prefix_cache_hits),
         ):
             yield _counter(name, doc, value)
         yield _step_failures(stats.failed_steps)
@@ -112,6 +125,18 @@ _ADAPTER_COUNTERS = {  # LoRACounters field -> (metric name, help)
     "load_seconds": ("loraplex_adapter_load_seconds", "Time spent loading adapters from disk."),
     "activations": ("loraplex_adapter_activations", "Adapter weights copied into device slots."),
     "evictions": ("loraplex_adapter_evictions", "Adapters evicted from device slots."),
+    "prefetch_fills": (
+        "loraplex_adapter_prefetch_fills",
+        "Device slot copies done off the engine thread, for waiting requests.",
+    ),
+    "slot_hits": (
+        "loraplex_adapter_slot_hits",
+        "Requests scheduled with their adapter already in a device slot (no copy on the critical path).",
+    ),
+    "slot_misses": (
+        "loraplex_adapter_slot_misses",
+        "Requests scheduled whose adapter had to be copied first.",
+    ),
     "cpu_evictions": ("loraplex_adapter_host_evictions", "Adapters dropped from the host-memory cache."),
 }
 

@@ -11,6 +11,7 @@ import httpx
 import pytest
 
 from server.cli import build_parser, is_loopback, main, settings_from_args
+from server.config import Settings
 from server.store import tree_digest
 from tests.api_harness import greedy_ids, peft_model
 from tests.lora_fixtures import make_peft_adapter
@@ -32,6 +33,8 @@ def test_serve_flags_map_onto_settings(tmp_path):
             "--allowed-lora-roots", "/a", "/b",
             "--dtype", "float32",
             "--drain-timeout-s", "2.5",
+            "--no-prefix-caching",
+            "--adapter-max-wait-s", "0.5",
         ]
     )  # fmt: skip
     s = settings_from_args(ns)
@@ -41,6 +44,7 @@ def test_serve_flags_map_onto_settings(tmp_path):
     assert s.key_adapter_allowlists == {"k1": ["team-*"]}
     assert s.allowed_lora_roots == [Path("/a"), Path("/b")]
     assert s.dtype == "float32" and s.drain_timeout_s == 2.5
+    assert s.prefix_caching is False and Settings().prefix_caching is True and s.adapter_max_wait_s == 0.5
 
 
 def test_seconds_flags_also_take_the_name_without_the_unit():

@@ -128,11 +128,14 @@ def test_completion_and_stream_match_peft(env, http, adapter):
     choice = body["choices"][0]
     assert token_ids_of(choice["logprobs"]) == want
     assert choice["finish_reason"] == "length"
-    assert body["usage"] == {
+    usage = body["usage"]
+    cached = usage.pop("prompt_tokens_details")["cached_tokens"]  # earlier tests may have cached it
+    assert usage == {
         "prompt_tokens": len(PROMPTS[0]),
         "completion_tokens": NEW,
         "total_tokens": len(PROMPTS[0]) + NEW,
     }
+    assert 0 <= cached < len(PROMPTS[0])
 
     stream_body = greedy_body(model, PROMPTS[0], stream=True, stream_options={"include_usage": True})
     with http.stream("POST", "/v1/completions", json=stream_body) as r:
@@ -379,12 +382,7 @@ def test_vllm_load_and_unload(env, http, tmp_path):
 
 def test_metrics_present_and_moving(http):
     def scrape() -> dict[str, float]:
-        out = {}
-        for line in http.get("/metrics").text.splitlines():
-            if line and not line.startswith("#"):
-                name, _, value = line.rpartition(" ")
-                out[name] = float(value)
-        return out
+        return _scrape(http)
 
     before = scrape()
     for name in ("vllm:num_requests_waiting", "vllm:num_requests_running", "vllm:kv_cache_usage_perc"):
@@ -407,3 +405,36 @@ def test_metrics_present_and_moving(http):
     assert grew("loraplex_scheduled_sequences_total")
     assert "loraplex_batch_size" in after
     assert after["loraplex_adapter_loads_total"] >= 1  # at least dora-r8 (more if earlier tests ran)
+
+
+def test_repeated_prompt_reports_cached_tokens_per_adapter(env, http):
+    """Prefix caching through the API: the same prompt again reuses its full KV blocks (16 tokens
+    each), only under the same adapter, and the tokens stay the oracle's."""
+    prompt = list(range(40, 80))  # 40 tokens: 2 full blocks can be reused, the rest is computed
+
+    def run(model: str) -> tuple[list[int], int]:
+        r = http.post("/v1/completions", json=greedy_body(model, prompt))
+        assert r.status_code == 200, r.text
+        body = r.json()
+        return token_ids_of(body["choices"][0]["logprobs"]), body["usage"]["prompt_tokens_details"][
+            "cached_tokens"
+        ]
+
+    hits_before = _scrape(http).get("vllm:prefix_cache_hits_total", 0)
+    assert run(BASE) == (oracle(env, None, prompt), 0)
+    assert run(BASE) == (oracle(env, None, prompt), 32)
+    assert run("attn-r8") == (oracle(env, "attn-r8", prompt), 0)  # another adapter: its own K/V
+    assert run("attn-r8") == (oracle(env, "attn-r8", prompt), 32)
+    metrics = _scrape(http)
+    assert metrics["vllm:prefix_cache_hits_total"] == hits_before + 64
+    assert metrics["vllm:prefix_cache_queries_total"] >= 4 * len(prompt)
+    assert 0 < metrics["loraplex_kv_cache_cached_free_perc"] <= 1
+
+
+def _scrape(http) -> dict[str, float]:
+    out = {}
+    for line in http.get("/metrics").text.splitlines():
+        if line and not line.startswith("#"):
+            name, _, value = line.rpartition(" ")
+            out[name] = float(value)
+    return out

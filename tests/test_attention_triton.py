@@ -165,6 +165,7 @@ def test_static_decode_with_triton_lora_matches_eager(tmp_path):
     def run(names, replay):
         rt = build_test_runtime(model_dir, adapter_store=store, attention_backend="triton", lora_backend="triton",
                                 max_loras=3, max_num_seqs=4, num_kv_blocks=48, block_size=4, device="cpu")  # fmt: skip
+        rt.lora.manager.activate({n for n in names if n})  # resident from the first step (no prefetch race)
         if replay is not None:
             with_decode_replay(rt.engine, replay)
         prompts = random_prompts([4, 9, 6], seed=2)

@@ -111,7 +111,7 @@ def test_short_load_run_has_no_errors_and_every_answer_matches_peft(tiny_llama_d
             for name in names:
                 await client.upload_adapter(adapter_dirs[name], name)
             config = RunConfig(await client.base_model(), concurrency=16, drain_timeout_s=60.0)
-            return await run_load(client, spec, config, prompts, progress=False)
+            return await run_load(client, spec, config, prompts, progress=False, metrics_interval_s=0.5)
 
     with LiveServer(settings) as srv:
         result = asyncio.run(go(srv.url))
@@ -122,6 +122,11 @@ def test_short_load_run_has_no_errors_and_every_answer_matches_peft(tiny_llama_d
     assert None in used and len(used - {None}) >= 3  # base plus most adapters, with only 2 slots
     assert report.request_throughput > 0 and report.ttft.p99 >= report.ttft.p50 > 0
     assert report.itl.count > 0
+    timeline = result.adapter_timeline  # sampled from the server's /metrics during the run
+    assert len(timeline) >= 3 and timeline[0].start >= 0
+    # The uploads were parsed (loaded) before the run; during it, 4 adapters rotate through 2 slots.
+    assert sum(p.activations_per_s * (p.end - p.start) for p in timeline) >= 3
+    assert any(0 <= p.slot_hit_rate <= 1 for p in timeline)
 
     tok = AutoTokenizer.from_pretrained(tiny_llama_dir)
     schedule = {p.index: p for p in generate_schedule(spec)}

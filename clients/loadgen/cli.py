@@ -68,6 +68,12 @@ def add_parser(subparsers, parent: argparse.ArgumentParser) -> None:
     p.add_argument("--slo-ttft-p99", type=float, default=1.0, help="SLO on p99 TTFT, seconds")
     p.add_argument("--json", type=Path, help="write the report(s) here")
     p.add_argument("--plot-dir", type=Path, help="write PNG plots here (needs matplotlib)")
+    p.add_argument(
+        "--metrics-interval",
+        type=float,
+        default=0.0,
+        help="sample the server's /metrics every S seconds for the adapter timeline (0: off)",
+    )
     p.add_argument("--no-progress", action="store_true")
     p.set_defaults(func=_loadtest)
 
@@ -137,14 +143,20 @@ async def _loadtest_async(args: argparse.Namespace) -> int:
                 plot_latency_cdf({f"{r:.2f} req/s": run.records for r, run in sorted(runs.items())},
                                  args.plot_dir / "latency_cdf.png")  # fmt: skip
             return 0
-        run = await run_load(client, spec, config, prompts, progress=progress)
+        run = await run_load(
+            client, spec, config, prompts, progress=progress, metrics_interval_s=args.metrics_interval or None
+        )
         print(run.report.table())
         if args.json:
             args.json.write_text(json.dumps(run.to_dict(), indent=2))
         if args.plot_dir:
-            from clients.loadgen.plots import plot_latency_cdf
+            from clients.loadgen.plots import plot_adapter_timeline, plot_latency_cdf
 
             plot_latency_cdf({"server": run.records}, args.plot_dir / "latency_cdf.png")
+            if run.adapter_timeline:
+                plot_adapter_timeline(
+                    {"server": run.adapter_timeline}, args.plot_dir / "adapter_timeline.png"
+                )
         return 0 if run.report.error_count == 0 else 2
 
 

@@ -1,7 +1,8 @@
 """PNG plots of load runs (matplotlib, from the ``loadtest`` extra; imported only when plotting).
 
-Two views: the latency CDF of one or more runs (TTFT and end-to-end side by side), and for sweeps the
-achieved throughput and p99 TTFT against offered load, with the SLO drawn in, one line per server.
+Three views: the latency CDF of one or more runs (TTFT and end-to-end side by side); for sweeps the
+achieved throughput and p99 TTFT against offered load, with the SLO drawn in, one line per server; and
+the adapter timeline of runs sampled from /metrics (adapter loads per second, slot hit rate).
 """
 
 from __future__ import annotations
@@ -10,6 +11,7 @@ from pathlib import Path
 
 from clients.loadgen.record import RequestRecord
 from clients.loadgen.sweep import SweepResult
+from clients.loadgen.timeline import TimelinePoint
 
 
 def _pyplot():
@@ -77,6 +79,28 @@ def plot_sweep(sweeps: dict[str, SweepResult], path: str | Path) -> Path:
     for ax in (ax_tp, ax_p99):
         ax.grid(alpha=0.3)
         ax.legend(fontsize=8)
+    return _save(fig, plt, path)
+
+
+def plot_adapter_timeline(runs: dict[str, list[TimelinePoint]], path: str | Path) -> Path:
+    """Per labelled run: adapter loads from disk and slot copies per second, and the slot hit rate."""
+    plt = _pyplot()
+    fig, (ax_loads, ax_hits) = plt.subplots(2, 1, figsize=(10, 6), sharex=True)
+    for label, points in runs.items():
+        xs = [p.mid for p in points]
+        line = ax_loads.plot(xs, [p.loads_per_s for p in points], label=f"{label}: disk loads")[0]
+        ax_loads.plot(xs, [p.activations_per_s for p in points], linestyle="--", color=line.get_color(),
+                      label=f"{label}: slot copies")  # fmt: skip
+        ax_hits.plot(xs, [p.slot_hit_rate * 100 for p in points], marker=".", label=label)
+    ax_loads.set_title("adapter loads")
+    ax_loads.set_ylabel("per second")
+    ax_hits.set_title("slot hit rate (requests scheduled with their adapter already in a slot)")
+    ax_hits.set_ylabel("%")
+    ax_hits.set_ylim(0, 101)
+    ax_hits.set_xlabel("seconds into the run")
+    for ax in (ax_loads, ax_hits):
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=7, ncol=2)
     return _save(fig, plt, path)
 
 

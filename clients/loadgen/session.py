@@ -6,7 +6,7 @@ means exactly what ``loraplex loadtest`` prints.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
 from clients.client import AsyncLoraplexClient
@@ -16,6 +16,7 @@ from clients.loadgen.record import RequestRecord
 from clients.loadgen.report import Report, summarize
 from clients.loadgen.runner import RunConfig, run_schedule
 from clients.loadgen.sweep import SweepResult, SweepSearch, sweep
+from clients.loadgen.timeline import MetricsSampler, TimelinePoint, timeline_dicts
 from clients.loadgen.workload import WorkloadSpec, generate_schedule
 
 if TYPE_CHECKING:
@@ -28,9 +29,13 @@ class LoadResult:
     records: list[RequestRecord]
     duration_s: float
     report: Report
+    adapter_timeline: list[TimelinePoint] = field(default_factory=list)  # when /metrics was sampled
 
     def to_dict(self) -> dict:
-        return {"workload": self.spec.to_dict(), "report": self.report.to_dict()}
+        out = {"workload": self.spec.to_dict(), "report": self.report.to_dict()}
+        if self.adapter_timeline:
+            out["adapter_timeline"] = timeline_dicts(self.adapter_timeline)
+        return out
 
 
 async def run_load(
@@ -41,16 +46,23 @@ async def run_load(
     *,
     progress: bool = True,
     desc: str = "load",
+    metrics_interval_s: float | None = None,
 ) -> LoadResult:
-    """Run the workload once against ``client`` and summarize it."""
+    """Run the workload once against ``client`` and summarize it; with ``metrics_interval_s``, the
+    server's /metrics is sampled that often for the adapter timeline."""
     schedule = generate_schedule(spec)
     prompts = prompts or PromptFactory(spec.seed)
     bar = Progress(len(schedule), enabled=progress, desc=desc)
+    sampler = MetricsSampler(client.metrics, metrics_interval_s) if metrics_interval_s else None
+    if sampler is not None:
+        sampler.start()
     try:
         records, duration = await run_schedule(client, schedule, prompts, config, on_done=bar.update)
     finally:
         bar.close()
-    return LoadResult(spec, records, duration, summarize(records, duration, spec.arrival.rate))
+        points = await sampler.stop() if sampler is not None else []
+    report = summarize(records, duration, spec.arrival.rate)
+    return LoadResult(spec, records, duration, report, points)
 
 
 async def run_sweep(

@@ -74,6 +74,7 @@ class Choice:
     prompt_index: int
     request_id: str
     num_prompt_tokens: int
+    num_cached_tokens: int = 0
     token_ids: list[int] = field(default_factory=list)
     text: str = ""
     logprobs: list[float] = field(default_factory=list)
@@ -88,6 +89,7 @@ class Choice:
 
     def apply(self, out: RequestOutput) -> None:
         self.token_ids.extend(out.new_token_ids)
+        self.num_cached_tokens = out.num_cached_tokens
         self.text += out.new_text
         if out.logprobs:
             self.logprobs.extend(out.logprobs)
@@ -217,10 +219,17 @@ class RequestGroup:
         return self.choices
 
     def usage(self) -> dict:
-        """OpenAI counts each prompt once, however many choices (``n``) it was sampled for."""
-        prompt = sum({c.prompt_index: c.num_prompt_tokens for c in self.choices}.values())
+        """OpenAI counts each prompt once, however many choices (``n``) it was sampled for; its cached
+        tokens are those of the prompt's first choice."""
+        first = {c.prompt_index: c for c in reversed(self.choices)}.values()
+        prompt = sum(c.num_prompt_tokens for c in first)
         completion = sum(len(c.token_ids) for c in self.choices)
-        return {"prompt_tokens": prompt, "completion_tokens": completion, "total_tokens": prompt + completion}
+        return {
+            "prompt_tokens": prompt,
+            "completion_tokens": completion,
+            "total_tokens": prompt + completion,
+            "prompt_tokens_details": {"cached_tokens": sum(c.num_cached_tokens for c in first)},
+        }
 
 
 def raise_if_failed(choice: Choice) -> None:

@@ -3,11 +3,13 @@
 The engine never imports ``server.lora``: it schedules requests by an opaque adapter handle (only
 its ``key`` is read) and asks an ``AdapterSlots`` implementation - ``server.lora.manager.AdapterManager``
 satisfies it structurally - whether the weights are ready, whether a set of adapters fits in the
-device slots, to pin what running requests use, and to set up each step's mixed batch.
+device slots, to pin what running requests use, to prefetch what waiting requests will need, under
+which identity their K/V may be cached, and to set up each step's mixed batch.
 """
 
 from __future__ import annotations
 
+from collections.abc import Hashable, Sequence
 from typing import TYPE_CHECKING, Literal, Protocol
 
 if TYPE_CHECKING:
@@ -34,6 +36,21 @@ class AdapterSlots(Protocol):
         ...
 
     def load_error(self, adapter: AdapterHandle) -> str | None: ...
+
+    def prefetch(self, adapters: Sequence[AdapterHandle]) -> None:
+        """The waiting requests' adapters, oldest first: start loading them into host memory, and
+        into device slots that are free or hold nothing running or waiting requests use. A request
+        whose adapter is being copied into its slot reads as 'loading' until the copy is done."""
+        ...
+
+    def cache_identity(self, adapter: AdapterHandle) -> Hashable:
+        """Names the weights ``adapter`` serves now (the prefix cache keys K/V by it); it changes
+        whenever those weights may change: reload, unload, delete, re-upload."""
+        ...
+
+    def stale_cache_identities(self) -> list[Hashable]:
+        """Identities handed out by ``cache_identity`` whose weights have changed since (each once)."""
+        ...
 
     def fits(self, keys: set[str]) -> bool:
         """Whether ``keys`` can all hold a device slot at once, next to the pinned ones."""

@@ -191,10 +191,14 @@ class LLMEngine:
 
     def stats(self) -> EngineStats:
         running, waiting, c = self.scheduler.running, self.scheduler.waiting, self.counters
+        blocks = self.block_manager
         return EngineStats(
             num_waiting=len(waiting),
             num_running=len(running),
-            kv_cache_usage=self.block_manager.usage,
+            kv_cache_usage=blocks.usage,
+            kv_cache_cached_free=blocks.cached_free_usage,
+            prefix_cache_queries=blocks.num_queried_tokens,
+            prefix_cache_hits=blocks.num_hit_tokens,
             running_adapters=sorted({s.adapter_key for s in running if s.adapter_key}),
             waiting_adapters=sorted({s.adapter_key for s in waiting if s.adapter_key}),
             resident_adapters=self.slots.resident() if self.slots is not None else [],
@@ -219,6 +223,7 @@ def request_output(seq: Sequence, new_ids: list[int]) -> RequestOutput:
         finished=finished,
         finish_reason=seq.finish_reason,
         num_prompt_tokens=seq.num_prompt_tokens,
+        num_cached_tokens=seq.num_cached_tokens or 0,
         num_output_tokens=seq.num_output_tokens,
         error=seq.error,
         error_kind=seq.error_kind,

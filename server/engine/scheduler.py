@@ -1,18 +1,25 @@
 """Continuous (iteration-level) batching.
 
 Every step, running sequences go first (so decodes are never starved by long prompts), then
-waiting ones are admitted in arrival order while the token budget, the sequence cap, free KV
-blocks and the adapter slots allow. Prompts are chunked to fit the budget, so prefill and decode
-share steps. When KV blocks run out, the most recently arrived running sequence is preempted and
-later recomputed: memory pressure slows requests down instead of failing them.
+waiting ones are admitted while the token budget, the sequence cap, free KV blocks and the adapter
+slots allow, in the order ``admission.py`` gives (arrival order, adapter-aware when slots are
+short). A new sequence starts on the longest cached prefix of its blocks (prefix caching) and only
+the rest is computed. Prompts are chunked to fit the budget, so prefill and decode share steps.
+When KV blocks run out, the most recently arrived running sequence is preempted and later
+recomputed: memory pressure slows requests down instead of failing them. Each step first hands the
+waiting requests' adapters to the slots for prefetching (host memory, and free device slots filled
+off the engine thread; a request whose slot is being filled joins a later step).
 """
 
 from __future__ import annotations
 
+import time
 from collections import deque
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from server.engine.adapter_slots import AdapterSlots
+from server.engine.admission import AdmissionOrder
 from server.engine.block_manager import BlockManager
 from server.engine.sequence import Sequence, SequenceStatus
 from server.engine.types import FinishReason
@@ -29,24 +36,35 @@ class SchedulerOutput:
         return sum(s.num_new_tokens for s in self.scheduled)
 
 
+def cached_prefix(blocks: BlockManager, slots: AdapterSlots | None, seq: Sequence) -> list[int]:
+    """The cached blocks waiting ``seq`` can start on, under the weights its adapter serves now."""
+    identity = slots.cache_identity(seq.adapter) if seq.adapter is not None and slots is not None else None
+    return blocks.cached_prefix(seq, identity)
+
+
 class Scheduler:
     def __init__(
         self,
         block_manager: BlockManager,
         max_num_seqs: int,
         max_num_batched_tokens: int,
-        slots: AdapterSlots | None = None,
+        slots: AdapterSlots | None,
+        admission: AdmissionOrder,
+        clock: Callable[[], float] = time.monotonic,
     ) -> None:
         self.block_manager = block_manager
         self.max_num_seqs = max_num_seqs
         self.max_num_batched_tokens = max_num_batched_tokens
         self.slots = slots
+        self.admission = admission
+        self.clock = clock
         self.waiting: deque[Sequence] = deque()
         self.running: list[Sequence] = []
         self.num_preemptions = 0  # lifetime count, for metrics and tests
 
     # --- queue ------------------------------------------------------------------------------
     def add(self, seq: Sequence) -> None:
+        seq.arrival_time = self.clock()
         self.waiting.append(seq)
 
     def has_work(self) -> bool:
@@ -62,6 +80,10 @@ class Scheduler:
     def schedule(self) -> SchedulerOutput:
         out = SchedulerOutput()
         budget = self.max_num_batched_tokens
+        if self.slots is not None:
+            for identity in self.slots.stale_cache_identities():
+                self.block_manager.drop(identity)
+            self.slots.prefetch([s.adapter for s in self.waiting if s.adapter is not None])
         for seq in self.running:
             seq.num_new_tokens = 0
         budget = self._schedule_running(out, budget)
@@ -95,11 +117,17 @@ class Scheduler:
 
     def _admit_waiting(self, out: SchedulerOutput, budget: int) -> None:
         active = {s.adapter_key for s in self.running if s.adapter_key}
-        for seq in list(self.waiting):
+        now = self.clock()
+        blocks = self.block_manager
+        cached = (lambda s: len(cached_prefix(blocks, self.slots, s))) if blocks.cache is not None else None
+        draining = None  # an adapter admitted nothing this step, so that its slot frees for a starving one
+        for seq in self.admission.order(self.waiting, self.slots, active, now, cached):
             if budget <= 0 or len(self.running) >= self.max_num_seqs:
                 break
             key = seq.adapter_key
             if key and self.slots is not None:
+                if key == draining:
+                    continue
                 state = self.slots.readiness(seq.adapter)
                 if state == "error":
                     self.waiting.remove(seq)
@@ -108,11 +136,15 @@ class Scheduler:
                 if state != "ready":
                     continue  # still loading off the critical path; others go ahead
                 if key not in active and not self.slots.fits(active | {key}):
-                    break  # first-come first-served on slots, so no adapter starves
-            num_new = min(len(seq) - seq.num_computed_tokens, budget)
-            if not self.block_manager.can_allocate(seq, num_new):
+                    if draining is None and self.admission.is_starving(seq, now):
+                        draining = self.admission.drain_victim(self.running)
+                    continue  # slots are short: requests of resident adapters go ahead
+            prefix = cached_prefix(blocks, self.slots, seq)
+            num_new = min(len(seq) - len(prefix) * blocks.block_size, budget)
+            total = len(prefix) * blocks.block_size + num_new
+            if not blocks.can_admit(seq, prefix, total):
                 break
-            self.block_manager.allocate(seq, num_new)
+            blocks.admit(seq, prefix, total)
             self.waiting.remove(seq)
             seq.status = SequenceStatus.RUNNING
             seq.num_new_tokens = num_new
@@ -137,6 +169,7 @@ class Scheduler:
         """Advance computed counts and append sampled tokens (keyed by ``id(seq)``)."""
         for seq in out.scheduled:
             seq.num_computed_tokens += seq.num_new_tokens
+            self.block_manager.publish(seq)
             token = sampled.get(id(seq))
             if token is not None:
                 seq.token_ids.append(token)

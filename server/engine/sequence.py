@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Hashable
 from enum import Enum, auto
 from typing import TYPE_CHECKING
 
@@ -28,6 +29,10 @@ class Sequence:
     sequence ``num_new_tokens`` more (a prefill chunk, or 1 for decode); a token is sampled only when
     the step reaches the end of ``token_ids``. Preemption sets ``num_computed_tokens`` back to 0 and
     the prompt *plus* generated tokens are recomputed, so outputs are unchanged.
+
+    With prefix caching a sequence is admitted with ``num_computed_tokens`` already at the end of
+    the longest cached chain of its full blocks (``block_hashes``, named under ``cache_identity``:
+    the identity of the adapter weights it runs with, None for the base model).
     """
 
     def __init__(
@@ -51,6 +56,11 @@ class Sequence:
         self.error: str | None = None
         self.error_kind: ErrorKind | None = None
         self.logprobs: list[float] = []
+        self.arrival_time = 0.0  # when it entered the waiting queue (scheduler clock)
+        self.cache_identity: Hashable = None  # whose K/V its blocks hold; set at admission
+        self.block_hashes: list[bytes] = []  # hash chain of its full blocks of token_ids
+        self.num_registered_blocks = 0  # leading blocks of block_table published to the prefix cache
+        self.num_cached_tokens: int | None = None  # prompt tokens reused at its first admission
         self.top_logprobs: list[TopLogprobs] = []
         self.prompt_logprobs: list[float] = []  # of prompt tokens 1.. (filled by prefill steps)
         self.prompt_top_logprobs: list[TopLogprobs] = []
@@ -92,4 +102,5 @@ class Sequence:
     def reset_for_recompute(self) -> None:
         self.num_computed_tokens = 0
         self.block_table = []
+        self.num_registered_blocks = 0
         self.status = SequenceStatus.WAITING

@@ -101,6 +101,7 @@ class RequestOutput:
     finished: bool = False
     finish_reason: FinishReason | None = None
     num_prompt_tokens: int = 0
+    num_cached_tokens: int = 0  # prompt tokens whose K/V came from the prefix cache
     num_output_tokens: int = 0
     error: str | None = None
     error_kind: ErrorKind | None = None
@@ -168,7 +169,10 @@ class EngineStats:
 
     num_waiting: int = 0
     num_running: int = 0
-    kv_cache_usage: float = 0.0  # 0..1
+    kv_cache_usage: float = 0.0  # 0..1, blocks in use by requests
+    kv_cache_cached_free: float = 0.0  # 0..1, blocks holding a cached prefix that no request uses
+    prefix_cache_queries: int = 0  # prompt tokens looked up in the prefix cache (lifetime)
+    prefix_cache_hits: int = 0  # ... of which found cached
     running_adapters: list[str] = field(default_factory=list)
     waiting_adapters: list[str] = field(default_factory=list)
     resident_adapters: list[str] = field(default_factory=list)

@@ -13,6 +13,9 @@ class LoRACounters:
     load_failures: int = 0
     load_seconds: float = 0.0
     activations: int = 0  # slot writes
+    prefetch_fills: int = 0  # ... of which done off the engine thread, ahead of the request
+    slot_hits: int = 0  # requests scheduled whose adapter was already in its device slot
+    slot_misses: int = 0  # ... whose adapter was copied into a slot on the engine thread
     evictions: int = 0  # slot evictions of an unpinned adapter
     cpu_evictions: int = 0  # adapters dropped from the host-memory LRU
     _lock: threading.Lock = field(default_factory=threading.Lock, repr=False, compare=False)

@@ -3,8 +3,9 @@
 Safe to call from any thread (one lock guards the state). Every adapter name carries an epoch,
 bumped whenever its weights may have changed (reload, unload, a new path, a new upload): a load that
 finishes after its epoch moved on is discarded, and the device tier compares epochs to spot stale
-slots. Compositions (``AdapterRef.weights``) are cached as virtual adapters under ``AdapterRef.key``,
-with the tuple of their parts' epochs as theirs.
+slots and stale prefix-cache identities (``generation`` counts every bump). Compositions
+(``AdapterRef.weights``) are cached as virtual adapters under ``AdapterRef.key``, with the tuple of
+their parts' epochs as theirs.
 """
 
 from __future__ import annotations
@@ -43,6 +44,7 @@ class HostCache:
         self._lru: OrderedDict[str, tuple[LoRAAdapter, object]] = OrderedDict()  # key -> (adapter, epoch)
         self._loading: dict[str, object] = {}  # key -> epoch of the load in flight
         self._errors: dict[str, str] = {}
+        self.generation = 0  # bumped with any epoch
         self._pool = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="lora-load")
 
     # --- state --------------------------------------------------------------------------------
@@ -64,6 +66,12 @@ class HostCache:
             if names == [key]:
                 return self._epochs.get(key, 0)
             return tuple(self._epochs.get(n, 0) for n in names)
+
+    def peek(self, key: str) -> tuple[LoRAAdapter, object] | None:
+        """The current host copy of ``key`` and its epoch, or None; never loads."""
+        with self.lock:
+            cached = self._cached(key)
+            return None if cached is None else (cached, self.epoch_of(key))
 
     def keys_using(self, name: str, keys: list[str] | None = None) -> list[str]:
         """Keys (of ``keys``, default: all known) that are ``name`` or a composition containing it."""
@@ -104,6 +112,7 @@ class HostCache:
         """Bumps ``name``'s epoch and drops its (and its compositions') host copies and errors."""
         with self.lock:
             self._epochs[name] = self._epochs.get(name, 0) + 1
+            self.generation += 1
             for key in self.keys_using(name, list(self._lru) + list(self._errors)):
                 self._lru.pop(key, None)
                 self._errors.pop(key, None)

@@ -1,24 +1,30 @@
 """The device tier of adapter residency: which adapter sits in which slot, refilled from the host
 cache; implements the engine's ``AdapterSlots`` protocol.
 
-Only the engine thread touches the slots (``activate``/``pin``/``unpin``/``prepare_batch``). A slot
-remembers the epoch of the weights it holds; after a reload the next ``activate`` rewrites it in
-place (vLLM's ``load_inplace``: running requests continue on the new weights). An unloaded adapter
-("retiring") keeps its slot, untouched, until no running request pins it.
+Only the engine thread touches the slots (``activate``/``pin``/``unpin``/``prefetch``/``prepare_batch``).
+A slot remembers the epoch of the weights it holds; after a reload the next ``activate`` rewrites it
+in place (vLLM's ``load_inplace``: running requests continue on the new weights). An unloaded adapter
+("retiring") keeps its slot, untouched, until no running request pins it. Slots of waiting requests'
+adapters are filled ahead of time off the engine thread (``prefetch.py``); a slot is one contiguous
+row, written with one copy (``slot_rows.py``, ``slot_fill.py``). Disk reads happen on loader threads:
+``readiness`` keeps a reference to the host copy it found, so ``activate`` has it even if the host
+LRU drops it in between.
 """
 
 from __future__ import annotations
 
+from collections.abc import Hashable
+
+from server.lora.adapter import LoRAAdapter
 from server.lora.backend import LoRABackend
+from server.lora.cache_identity import CacheIdentities
 from server.lora.host_cache import HostCache
 from server.lora.layers import LoRAModel
+from server.lora.prefetch import SlotPrefetcher
 from server.lora.ref import AdapterRef
+from server.lora.slot_fill import SlotFiller
+from server.lora.slot_rows import SlotRows
 from server.lora.slot_table import SlotTable
-
-
-def needs_host_pass(adapter) -> bool:
-    """DoRA magnitudes or lora_bias vectors: the backend applies those per segment on the host."""
-    return any(w.dora_g is not None or w.bias is not None for w in adapter.modules.values())
 
 
 class AdapterManager:
@@ -26,10 +32,14 @@ class AdapterManager:
         self.lora = lora
         self.cache = cache
         self.counters = cache.counters
+        self.rows = SlotRows(lora)
+        self.filler = SlotFiller(self.rows)
         self._slots = SlotTable(lora.max_loras)  # engine thread only
         self._slot_epoch: dict[str, object] = {}
+        self._prefetcher = SlotPrefetcher(self._slots, self.filler, cache, self._slot_epoch)
         self._retiring: set[str] = set()  # guarded by cache.lock: unloaded keys awaiting unpin
-        self._host_pass_slots: dict[int, bool] = {}  # slot -> holds DoRA or lora_bias weights
+        self._held: dict[str, tuple[LoRAAdapter, object]] = {}  # host copies readiness() saw
+        self._identities = CacheIdentities(cache)
 
     @property
     def max_loras(self) -> int:
@@ -38,6 +48,9 @@ class AdapterManager:
     @property
     def backend(self) -> LoRABackend:
         return self.lora.backend
+
+    def close(self) -> None:
+        self.filler.close()
 
     # --- any thread ---------------------------------------------------------------------------
     def retire(self, name: str) -> None:
@@ -54,14 +67,33 @@ class AdapterManager:
     # --- engine thread (the engine's AdapterSlots protocol) -----------------------------------
     def readiness(self, adapter: AdapterRef) -> str:
         """'ready' | 'loading' | 'error'; an adapter the host cache dropped is fetched again."""
-        state = self.cache.state(adapter.key)
-        if state == "missing":
+        key = adapter.key
+        self._prefetcher.commit()
+        if self._prefetcher.is_filling(key):
+            return "loading"
+        if self._slots.holds(key) and self._slot_is_current(key):
+            return "ready"
+        entry = self.cache.peek(key)
+        if entry is not None:
+            self._held[key] = entry
+            return "ready"
+        state = self.cache.state(key)
+        if state in ("missing", "ready"):  # ready: dropped from the LRU since peek
             self.cache.prefetch(adapter)
-            state = self.cache.state(adapter.key)
-        return "loading" if state == "missing" else state
+            state = self.cache.state(key)
+        return "error" if state == "error" else "loading"
 
     def load_error(self, adapter: AdapterRef) -> str | None:
         return self.cache.error(adapter.key)
+
+    def prefetch(self, adapters: list[AdapterRef]) -> None:
+        self._prefetcher.prefetch(adapters)
+
+    def cache_identity(self, adapter: AdapterRef) -> Hashable:
+        return self._identities.of(adapter.key)
+
+    def stale_cache_identities(self) -> list[Hashable]:
+        return self._identities.stale()
 
     def fits(self, keys: set[str]) -> bool:
         return self._slots.fits(keys)
@@ -69,28 +101,35 @@ class AdapterManager:
     def activate(self, keys: set[str]) -> dict[str, int]:
         """Makes every key resident (copying weights into free or LRU-evicted slots); key -> slot."""
         self._reap_retired()
+        self._prefetcher.commit(wait_for=keys)
         if not self._slots.fits(keys):
-            raise RuntimeError(
-                f"{len(keys)} adapters do not fit in {self.max_loras} slots next to the pinned ones"
-            )
+            raise RuntimeError(f"{len(keys)} adapters do not fit in {self.max_loras} slots beside the pinned")
         slots: dict[str, int] = {}
-        for key in sorted(keys, key=lambda k: self._slots.lookup(k) is None):  # resident ones first
+        for key in sorted(keys, key=lambda k: not self._slots.holds(k)):  # resident ones first
             slot = self._slots.lookup(key)
             if slot is not None and self._slot_is_current(key):
                 slots[key] = slot
                 continue
-            adapter, epoch = self.cache.get(key)  # before taking a slot: a failed load evicts nothing
+            adapter, epoch = self._host_copy(key)  # before taking a slot: a failed load evicts nothing
             if slot is None:
-                slot, evicted = self._slots.assign(key, keep=set(keys))
+                keep = set(keys) | self._prefetcher.wanted  # spare waiting requests' adapters if possible
+                slot, evicted = self._slots.assign(key, keep if self._slots.has_room(keep) else set(keys))
                 if evicted is not None:
                     self._slot_epoch.pop(evicted, None)
                     self.counters.add(evictions=1)
-            self.lora.set_slot(slot, adapter)
-            self._host_pass_slots[slot] = needs_host_pass(adapter)
+            self.rows.commit(slot, self.filler.fill_now(slot, adapter))
             self._slot_epoch[key] = epoch
             self.counters.add(activations=1)
             slots[key] = slot
+        self._held.clear()
         return slots
+
+    def _host_copy(self, key: str) -> tuple[LoRAAdapter, object]:
+        """What ``readiness`` found, if still current; a disk read here only if a reload raced it."""
+        held = self._held.get(key)
+        if held is not None and held[1] == self.cache.epoch_of(key):
+            return held
+        return self.cache.peek(key) or self.cache.get(key)
 
     def _slot_is_current(self, key: str) -> bool:
         """A resident key keeps its slot while retiring (running requests finish on those weights) or
@@ -103,6 +142,9 @@ class AdapterManager:
             return self._slot_epoch.get(key) == self.cache.epoch_of(key)
 
     def pin(self, key: str) -> None:
+        """A request using ``key`` is scheduled: a slot hit if its weights are already in place."""
+        hit = self._slots.holds(key) and self._slot_is_current(key)
+        self.counters.add(**{"slot_hits" if hit else "slot_misses": 1})
         self._slots.pin(key)
 
     def unpin(self, key: str) -> None:
@@ -116,9 +158,8 @@ class AdapterManager:
         self.lora.backend.plan(seq_slots, seq_num_tokens, static)
 
     def graph_safe(self) -> bool:
-        """A captured decode replays the backend's fixed launches only: no slot may need the DoRA or
-        lora_bias passes, which loop over segments on the host."""
-        return self.lora.backend.capturable and not any(self._host_pass_slots.values())
+        """Only fixed launches replay: no slot may need the DoRA or lora_bias host passes."""
+        return self.lora.backend.capturable and not self.rows.host_pass_slots
 
     def resident(self) -> list[str]:
         self._reap_retired()
@@ -134,5 +175,4 @@ class AdapterManager:
             slot = self._slots.release(key)
             self._slot_epoch.pop(key, None)
             if slot is not None:
-                self.lora.clear_slot(slot)
-                self._host_pass_slots.pop(slot, None)
+                self.rows.clear(slot)

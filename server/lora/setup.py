@@ -35,6 +35,7 @@ class LoRAStack:
     manager: AdapterManager
 
     def close(self) -> None:
+        self.manager.close()
         self.cache.close()
 
 

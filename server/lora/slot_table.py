@@ -23,6 +23,14 @@ class SlotTable:
         """Whether ``keys`` can all be resident at once next to the pinned ones."""
         return len(set(keys) | self.pinned()) <= self.num_slots
 
+    def holds(self, key: str) -> bool:
+        """Whether ``key`` is resident (its LRU position unchanged)."""
+        return key in self._slot_of
+
+    def has_room(self, keep: set[str]) -> bool:
+        """Whether ``assign`` can place a new key: a free slot, or an unpinned resident key not in ``keep``."""
+        return bool(self._free) or any(k not in keep and not self._pins.get(k) for k in self._slot_of)
+
     def lookup(self, key: str) -> int | None:
         """The slot of ``key`` (marked most recently used), or None if it is not resident."""
         slot = self._slot_of.get(key)

@@ -18,11 +18,16 @@ Pre-transposed, both operands are row-major ("NN" GEMMs, measured ~30% faster th
 when a slot is written; DoRA also rescales its rows' base output (``y = g * (W x) + b0``) with two
 per-slot vectors (1 and 0 where a slot has no DoRA), and ``bias`` is zero where a slot has none, so
 both apply to whole rows without looking at which member a column belongs to.
+
+The buffers may be views into one ``[max_loras, row]`` tensor shared by every target
+(``slot_rows.py``), so that one slot of the whole model is one contiguous row; ``write_member`` fills
+one slot's views wherever they live: the device buffers, or a host row copied there in one piece.
 """
 
 from __future__ import annotations
 
 from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
 
 import torch
 from torch import nn
@@ -31,6 +36,71 @@ from server.lora.adapter import LoRAModuleWeights
 from server.lora.errors import AdapterError
 
 RANK_BLOCK = 16  # ranks per block of ``a``; live ranks round up to it
+BUFFERS = ("a", "b", "bias", "dora_scale", "dora_shift")  # the per-slot buffers, in row order
+
+
+@dataclass(frozen=True)
+class SlotView:
+    """One slot of one target: ``a`` [R/16, in, 16, members], ``b`` [R, sum(out)], the rest [sum(out)]."""
+
+    a: torch.Tensor
+    b: torch.Tensor
+    bias: torch.Tensor
+    dora_scale: torch.Tensor
+    dora_shift: torch.Tensor
+
+
+@dataclass(frozen=True)
+class MemberFacts:
+    """What one member's part of a slot holds, kept on the host so the forward can skip passes."""
+
+    rank: int = 0
+    has_bias: bool = False
+    is_dora: bool = False
+
+
+def clear_view(view: SlotView) -> None:
+    """An empty slot: a padded kernel adds exactly nothing for it."""
+    view.a.zero_()
+    view.b.zero_()
+    view.bias.zero_()
+    view.dora_scale.fill_(1.0)
+    view.dora_shift.zero_()
+
+
+@torch.no_grad()
+def write_member(view: SlotView, cols: slice, member: int, max_rank: int, name: str,
+                 weights: LoRAModuleWeights | None, base_bias: torch.Tensor | None,
+                 cleared: bool = False) -> MemberFacts:  # fmt: skip
+    """Writes one module's adapter weights (None: zeros) into its member part of ``view``, columns
+    ``cols`` of the group; ``cleared``: the view was just cleared, so only the weights are written."""
+    if not cleared:
+        view.a[..., member].zero_()
+        view.b[:, cols].zero_()
+        view.bias[cols].zero_()
+        view.dora_scale[cols].fill_(1.0)
+        view.dora_shift[cols].zero_()
+    if weights is None:
+        return MemberFacts()
+    r = weights.rank
+    if r > max_rank:
+        raise AdapterError(f"module '{name}': rank {r} exceeds max_lora_rank={max_rank}")
+    row_scale = torch.full((cols.stop - cols.start,), weights.scale, dtype=torch.float32)
+    if weights.dora_g is not None:
+        row_scale = row_scale * weights.dora_g
+        shift = torch.zeros_like(weights.dora_g)
+        if base_bias is not None:
+            shift = (1 - weights.dora_g) * base_bias.float().cpu()
+        view.dora_scale[cols].copy_(weights.dora_g)
+        view.dora_shift[cols].copy_(shift)
+    a_t = weights.a.t()  # [in, r]
+    for block in range(-(-r // RANK_BLOCK)):
+        ranks = a_t[:, block * RANK_BLOCK : (block + 1) * RANK_BLOCK]
+        view.a[block, :, : ranks.shape[1], member].copy_(ranks)
+    view.b[:r, cols].copy_((weights.b * row_scale[:, None]).t())
+    if weights.bias is not None:
+        view.bias[cols].copy_(weights.bias * row_scale)
+    return MemberFacts(r, weights.bias is not None, weights.dora_g is not None)
 
 
 class SlotWeights(nn.Module):
@@ -87,48 +157,42 @@ class SlotWeights(nn.Module):
     def any_bias(self, slots: Iterable[int]) -> bool:
         return any(flags[s] for flags in self._bias for s in slots)
 
-    @torch.no_grad()
+    def view(self, slot: int) -> SlotView:
+        return SlotView(*(getattr(self, name)[slot] for name in BUFFERS))
+
+    def set_facts(self, slot: int, facts: Sequence[MemberFacts]) -> None:
+        """Records what ``slot`` holds, one entry per member (engine thread: the forward reads these)."""
+        for member, f in enumerate(facts):
+            self._record(slot, member, f)
+        self._refresh_resident()
+
+    def _record(self, slot: int, member: int, f: MemberFacts) -> None:
+        self.rank[member][slot] = f.rank
+        self._bias[member][slot] = f.has_bias
+        self._dora[member][slot] = f.is_dora
+
+    def release(self) -> list[torch.Size]:
+        """Frees the slot buffers, to be replaced by ``bind``; returns one slot's shape of each."""
+        shapes = []
+        for name in BUFFERS:
+            old = getattr(self, name)
+            shapes.append(old.shape[1:])
+            setattr(self, name, old.new_empty(0))
+        return shapes
+
+    def bind(self, stacked: SlotView) -> None:
+        """Serves from ``stacked``: views of the same shapes (e.g. into one tensor shared by all targets)."""
+        for name in BUFFERS:
+            setattr(self, name, getattr(stacked, name))
+
     def write(self, slot: int, member: int, weights: LoRAModuleWeights | None,
               base_bias: torch.Tensor | None) -> None:  # fmt: skip
         """Copies one module's adapter weights into ``slot`` (None: the adapter leaves it alone)."""
-        self.clear(slot, member)
-        if weights is None:
-            return
-        r, cols = weights.rank, self.slices[member]
-        if r > self.max_rank:
-            raise AdapterError(
-                f"module '{self.names[member]}': rank {r} exceeds max_lora_rank={self.max_rank}"
-            )
-        row_scale = torch.full((cols.stop - cols.start,), weights.scale, dtype=torch.float32)
-        if weights.dora_g is not None:
-            row_scale = row_scale * weights.dora_g
-            shift = torch.zeros_like(weights.dora_g)
-            if base_bias is not None:
-                shift = (1 - weights.dora_g) * base_bias.float().cpu()
-            self.dora_scale[slot, cols].copy_(weights.dora_g)
-            self.dora_shift[slot, cols].copy_(shift)
-            self._dora[member][slot] = True
-        a_t = weights.a.t()  # [in, r]
-        for block in range(-(-r // RANK_BLOCK)):
-            ranks = a_t[:, block * RANK_BLOCK : (block + 1) * RANK_BLOCK]
-            self.a[slot, block, :, : ranks.shape[1], member].copy_(ranks)
-        self.b[slot, :r, cols].copy_((weights.b * row_scale[:, None]).t())
-        if weights.bias is not None:
-            self.bias[slot, cols].copy_(weights.bias * row_scale)
-            self._bias[member][slot] = True
-        self.rank[member][slot] = r
+        facts = write_member(self.view(slot), self.slices[member], member, self.max_rank, self.names[member],
+                             weights, base_bias)  # fmt: skip
+        self._record(slot, member, facts)
         self._refresh_resident()
 
-    @torch.no_grad()
     def clear(self, slot: int, member: int) -> None:
         """Zeros one member's part of the slot so a padded kernel adds exactly nothing for it."""
-        cols = self.slices[member]
-        self.a[slot, ..., member].zero_()
-        self.b[slot, :, cols].zero_()
-        self.bias[slot, cols].zero_()
-        self.dora_scale[slot, cols].fill_(1.0)
-        self.dora_shift[slot, cols].zero_()
-        self.rank[member][slot] = 0
-        self._bias[member][slot] = False
-        self._dora[member][slot] = False
-        self._refresh_resident()
+        self.write(slot, member, None, None)

@@ -2,12 +2,14 @@
 //
 // Semantics (server/lora/ops/sgmv_torch.py is the reference): for grouped row i (batch row
 // rows[i]) with slot s = slots[i], and member j of K:
-//     t_j[q]            = x[row] @ a[s, q / 16, :, q % 16, j]      a: [S, R/16, I, 16, K] contiguous
-//     y[row, cols_j]   += t_j[:r] @ b[s, :r, cols_j]               b: [S, R, O] contiguous
+//     t_j[q]            = x[row] @ a[s, q / 16, :, q % 16, j]      a: [S, R/16, I, 16, K]
+//     y[row, cols_j]   += t_j[:r] @ b[s, :r, cols_j]               b: [S, R, O]
 // with r = slot_ranks[s], the slot's own rank (the largest of its members', a multiple of 16; ranks
 // past a member's own are zero). A rank block a[s, k] is one contiguous [I, 16 * K] matrix
 // (rank-major, member-minor), so one shrink serves the whole group and reads only the slot's r / 16
-// blocks: per-slot ranks are honoured, nothing is padded to max_lora_rank.
+// blocks: per-slot ranks are honoured, nothing is padded to max_lora_rank. Each slot of a and b is
+// contiguous; the slots may sit at any stride (server/lora/slot_rows.py lays every target's slot of
+// one adapter out as one row).
 //
 // Rows run in blocks of up to 4 rows of one slot, so each A and B row is loaded once per block and
 // reused from registers; register tiles are 4 rows x 64 columns of fp32 (16 AVX-512 registers, or
@@ -113,7 +115,7 @@ void run(at::Tensor& y, const at::Tensor& x, const at::Tensor& a, const at::Tens
   const T* xp = x.data_ptr<T>();
   const T* ap = a.data_ptr<T>();
   const T* bp = b.data_ptr<T>();
-  const int64_t ldy = y.stride(0), ldx = x.stride(0);
+  const int64_t ldy = y.stride(0), ldx = x.stride(0), a_slot_stride = a.stride(0), b_slot_stride = b.stride(0);
   at::parallel_for(0, nblocks, 1, [&](int64_t lo, int64_t hi) {
     std::vector<float> t(kRows * R * K), tj(kRows * R);
     for (int64_t blk = lo; blk < hi; ++blk) {
@@ -121,8 +123,8 @@ void run(at::Tensor& y, const at::Tensor& x, const at::Tensor& a, const at::Tens
       if (slot < 0) continue;  // base-model rows (static steps list every row)
       const int64_t r = slot_ranks[slot];
       if (r == 0) continue;
-      const T* a_slot = ap + slot * I * R * K;
-      const T* b_slot = bp + slot * R * O;
+      const T* a_slot = ap + slot * a_slot_stride;
+      const T* b_slot = bp + slot * b_slot_stride;
       const int64_t* rp = rows + s;
       switch (n) {
         case 1: block<1>(yp, ldy, xp, ldx, a_slot, b_slot, I, R, K, O, cols.data(), rp, r, t.data(), tj.data()); break;
@@ -143,7 +145,9 @@ void sgmv_cpu(at::Tensor y, const at::Tensor& x, const at::Tensor& a, const at::
   TORCH_CHECK(y.dim() == 2 && x.dim() == 2 && a.dim() == 5 && b.dim() == 3 && a.size(3) == 16,
               "sgmv_cpu: a [S, R/16, I, 16, K], b [S, R, O], x [N, I], y [N, O]");
   TORCH_CHECK(y.stride(1) == 1 && x.stride(1) == 1, "sgmv_cpu: rows of x and y must be contiguous");
-  TORCH_CHECK(a.is_contiguous() && b.is_contiguous(), "sgmv_cpu: slot weights must be contiguous");
+  TORCH_CHECK(a.stride(4) == 1 && a.stride(3) == a.size(4) && a.stride(2) == 16 * a.size(4) &&
+                  a.stride(1) == a.size(2) * 16 * a.size(4) && b.stride(2) == 1 && b.stride(1) == b.size(2),
+              "sgmv_cpu: each slot of a and b must be contiguous");
   TORCH_CHECK(x.scalar_type() == y.scalar_type() && a.scalar_type() == y.scalar_type() &&
                   b.scalar_type() == y.scalar_type(), "sgmv_cpu: one dtype for x, y, a, b");
   TORCH_CHECK(rows.scalar_type() == at::kLong && slots.scalar_type() == at::kLong && rows.is_contiguous() &&

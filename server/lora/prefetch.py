@@ -1,0 +1,84 @@
+"""Device slots filled ahead of time for waiting requests, off the engine thread.
+
+Each step the engine names the adapters its waiting requests use, oldest first. The first few (twice
+the slots: what can be scheduled soon) are loaded into host memory if the host cache dropped them -
+not all, or a long queue of distinct adapters would churn the host LRU. For each one whose weights
+are in host memory but in no slot, a slot is reserved - a free one, or the least recently
+used one that no running or waiting request needs - and the worker packs and copies the adapter
+into it. The slot stays pinned while the copy runs (nothing evicts or reads it) and its request
+reads as loading; the next step commits the finished copy, and the request is scheduled on a
+resident adapter, with no copy on the critical path. Engine thread only, like the slot table.
+"""
+
+from __future__ import annotations
+
+import logging
+from concurrent.futures import Future
+
+from server.lora.counters import LoRACounters
+from server.lora.host_cache import HostCache
+from server.lora.ref import AdapterRef
+from server.lora.slot_fill import SlotFiller
+from server.lora.slot_rows import TargetFacts
+from server.lora.slot_table import SlotTable
+
+log = logging.getLogger(__name__)
+
+
+class SlotPrefetcher:
+    def __init__(
+        self, slots: SlotTable, filler: SlotFiller, cache: HostCache, slot_epoch: dict[str, object]
+    ) -> None:
+        self.slots = slots
+        self.filler = filler
+        self.cache = cache
+        self.counters: LoRACounters = cache.counters
+        self.slot_epoch = slot_epoch  # the manager's: key -> epoch of the weights its slot holds
+        self.wanted: set[str] = set()  # adapters of the waiting requests, as of the last call
+        self._fills: dict[str, tuple[Future[list[TargetFacts]], object]] = {}  # key -> (copy, epoch)
+
+    def is_filling(self, key: str) -> bool:
+        return key in self._fills
+
+    def prefetch(self, adapters: list[AdapterRef]) -> None:
+        """Starts host loads and slot fills for ``adapters`` (the waiting requests', oldest first)."""
+        self.commit()
+        unique: dict[str, AdapterRef] = {}
+        for adapter in adapters:
+            unique.setdefault(adapter.key, adapter)
+        self.wanted = set(unique)
+        for key in list(unique)[: 2 * self.slots.num_slots]:
+            if key in self._fills or self.slots.holds(key):
+                continue
+            entry = self.cache.peek(key)
+            if entry is None:
+                if self.cache.state(key) == "missing":
+                    self.cache.prefetch(unique[key])
+                continue
+            if not self.slots.has_room(self.wanted):
+                return  # every slot is running or promised to an older waiting request
+            slot, evicted = self.slots.assign(key, keep=self.wanted)
+            if evicted is not None:
+                self.slot_epoch.pop(evicted, None)
+                self.counters.add(evictions=1)
+            self.slots.pin(key)  # until the copy is committed
+            self._fills[key] = (self.filler.submit(slot, entry[0]), entry[1])
+
+    def commit(self, wait_for: set[str] | frozenset[str] = frozenset()) -> None:
+        """Commits finished copies (and waits for those of ``wait_for``): their slots serve from now."""
+        for key, (future, epoch) in list(self._fills.items()):
+            if not future.done() and key not in wait_for:
+                continue
+            del self._fills[key]
+            self.slots.unpin(key)
+            slot = self.slots.lookup(key)
+            try:
+                facts = future.result()
+            except Exception:  # the engine thread will copy it itself, and report a failure there
+                log.exception("prefetching adapter '%s' into slot %d failed", key, slot)
+                self.slots.release(key)
+                self.filler.rows.clear(slot)
+                continue
+            self.filler.rows.commit(slot, facts)
+            self.slot_epoch[key] = epoch
+            self.counters.add(activations=1, prefetch_fills=1)

@@ -43,6 +43,12 @@ class AdapterSlots(Protocol):
         whose adapter is being copied into its slot reads as 'loading' until the copy is done."""
         ...
 
+    def idle_wait(self, timeout: float) -> None:
+        """Nothing could be scheduled while requests wait on adapter loads or slot copies: block until
+        one of those ends (or ``timeout``) instead of spinning, which would hold the GIL the loader
+        threads need."""
+        ...
+
     def cache_identity(self, adapter: AdapterHandle) -> Hashable:
         """Names the weights ``adapter`` serves now (the prefix cache keys K/V by it); it changes
         whenever those weights may change: reload, unload, delete, re-upload."""

@@ -21,6 +21,7 @@ from server.engine.sequence import Sequence
 from server.engine.types import EngineStats, ErrorKind, FinishReason, RequestOutput
 
 log = logging.getLogger(__name__)
+IDLE_WAIT_S = 0.005  # the longest a step with nothing runnable blocks on adapter loads
 
 
 @dataclass
@@ -114,6 +115,8 @@ class LLMEngine:
             for seq in out.failed
         ]
         if not out.scheduled:
+            if not results and self.slots is not None and self.scheduler.waiting:
+                self.slots.idle_wait(IDLE_WAIT_S)  # every waiting request is on an adapter load
             return results
         try:
             self._run_batch(out, results)

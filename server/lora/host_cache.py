@@ -39,6 +39,7 @@ class HostCache:
         self.max_rank = max_rank
         self.counters = counters
         self.lock = threading.RLock()
+        self.load_ended = threading.Condition(self.lock)  # notified whenever a background load ends
         self._refs: dict[str, AdapterRef] = {}  # key -> ref, so compositions can be rebuilt
         self._epochs: dict[str, int] = {}
         self._lru: OrderedDict[str, tuple[LoRAAdapter, object]] = OrderedDict()  # key -> (adapter, epoch)
@@ -172,3 +173,4 @@ class HostCache:
             with self.lock:
                 if self._loading.get(key) == epoch:
                     del self._loading[key]
+                self.load_ended.notify_all()

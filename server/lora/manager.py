@@ -16,7 +16,6 @@ from __future__ import annotations
 from collections.abc import Hashable
 
 from server.lora.adapter import LoRAAdapter
-from server.lora.backend import LoRABackend
 from server.lora.cache_identity import CacheIdentities
 from server.lora.host_cache import HostCache
 from server.lora.layers import LoRAModel
@@ -44,10 +43,6 @@ class AdapterManager:
     @property
     def max_loras(self) -> int:
         return self.lora.max_loras
-
-    @property
-    def backend(self) -> LoRABackend:
-        return self.lora.backend
 
     def close(self) -> None:
         self.filler.close()
@@ -88,6 +83,11 @@ class AdapterManager:
 
     def prefetch(self, adapters: list[AdapterRef]) -> None:
         self._prefetcher.prefetch(adapters)
+
+    def idle_wait(self, timeout: float) -> None:
+        if not self._prefetcher.wait_for_a_fill(timeout):
+            with self.cache.load_ended:  # some background load ends
+                self.cache.load_ended.wait(timeout)
 
     def cache_identity(self, adapter: AdapterRef) -> Hashable:
         return self._identities.of(adapter.key)

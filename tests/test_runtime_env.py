@@ -37,6 +37,7 @@ def test_plan_prefers_tcmalloc_and_intel_openmp_and_binds_one_thread_per_usable_
     assert p.env["OMP_NUM_THREADS"] == str(len(os.sched_getaffinity(0)))
     # Intel's and LLVM's runtimes bind a team started off the main thread only by KMP_AFFINITY
     assert p.env["KMP_AFFINITY"] == "granularity=fine,compact,1,0" and "OMP_PROC_BIND" not in p.env
+    assert p.env["KMP_BLOCKTIME"] == "1"  # its threads stop spinning 1 ms after a parallel region
 
 
 def test_torchs_own_gnu_openmp_is_bound_the_standard_way(libs):
@@ -60,8 +61,10 @@ def test_the_users_own_settings_win(libs):
     p = plan(environ, dirs=libs)
     assert p.allocator is None  # an allocator is already preloaded: no second one
     assert p.env == {
-        "LD_PRELOAD": f"{libs[1] / 'libiomp5.so'}:/opt/libjemalloc.so.2"
+        "LD_PRELOAD": f"{libs[1] / 'libiomp5.so'}:/opt/libjemalloc.so.2",
+        "KMP_BLOCKTIME": "1",  # the preloaded runtime's spin-wait, which the user did not set
     }  # no threads, no binding
+    assert "KMP_BLOCKTIME" not in plan({**environ, "KMP_BLOCKTIME": "200"}, dirs=libs).env
 
 
 def test_each_piece_can_be_left_out(libs):

@@ -116,6 +116,24 @@ def test_min_p_one_is_greedy_and_min_p_cuts_the_tail():
     assert set(sampler(probs.log().repeat(400, 1), free).tokens) == {0, 1, 2, 3}
 
 
+def test_sampling_follows_the_distribution_and_never_picks_a_masked_token():
+    """Inverse-CDF sampling (one draw per row): frequencies within 4 standard errors of the
+    probabilities over 20,000 rows; a masked (-inf) token, even between likely ones, never comes up;
+    a seeded row repeats."""
+    sampler = Sampler("cpu", seed=5)
+    probs = torch.tensor([0.1, 0.0, 0.6, 0.25, 0.0, 0.05])
+    n = 20_000
+    seqs = [Sequence(f"r{i}", [1], SamplingParams(temperature=1.0)) for i in range(n)]
+    tokens = torch.tensor(sampler(probs.log().repeat(n, 1), seqs).tokens)
+    freq = torch.bincount(tokens, minlength=len(probs)).float() / n
+    assert freq[1] == 0 and freq[4] == 0
+    assert torch.all((freq - probs).abs() <= 4 * (probs * (1 - probs) / n).sqrt() + 1e-9), freq
+    seeded = [Sequence(f"s{i}", [1], SamplingParams(temperature=1.0, seed=7)) for i in range(2)]
+    again = [Sequence(f"t{i}", [1], SamplingParams(temperature=1.0, seed=7)) for i in range(2)]
+    logits = torch.randn(2, 50)
+    assert sampler(logits.clone(), seeded).tokens == sampler(logits.clone(), again).tokens
+
+
 @torch.no_grad()
 def test_top_logprobs_and_prompt_logprobs_match_transformers(engine, model):
     prompt = random_prompts([30], seed=13)[0]  # longer than the 24-token budget: chunked prefill

@@ -56,15 +56,19 @@ class Sampler:
         top_p = [s.params.top_p for s in seqs]
         if any(k > 0 for k in top_k) or any(p < 1.0 for p in top_p):
             logits = self._apply_top_k_top_p(logits, top_k, top_p)
-        probs = torch.softmax(logits, dim=-1)
-        noise = torch.empty_like(probs)
-        noise.exponential_(generator=self.generator)
+        # Inverse-CDF sampling: one uniform draw per row. (The exponential-race trick draws one per
+        # vocabulary entry; on a CPU that RNG was a fifth of a 64-row decode step at vocab 32000.)
+        cdf = torch.softmax(logits, dim=-1).cumsum(dim=-1)
+        draws = torch.rand(len(seqs), 1, generator=self.generator, device=logits.device)
         for row, seq in enumerate(seqs):
             if seq.params.seed is not None and not seq.params.greedy:
                 if seq.generator is None:
                     seq.generator = torch.Generator(device=logits.device).manual_seed(seq.params.seed)
-                noise[row].exponential_(generator=seq.generator)
-        return (probs / noise).argmax(dim=-1)
+                draws[row] = torch.rand(1, generator=seq.generator, device=logits.device)
+        # right=True: the first token whose cumulative probability exceeds the draw, so tokens of zero
+        # probability (masked, cut by top-k/top-p/min-p) are never chosen.
+        picked = torch.searchsorted(cdf, draws * cdf[:, -1:], right=True)
+        return picked.squeeze(1).clamp_(max=logits.shape[-1] - 1)
 
     @staticmethod
     def _apply_min_p(logits: torch.Tensor, min_p: list[float]) -> torch.Tensor:

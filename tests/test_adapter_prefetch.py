@@ -68,6 +68,22 @@ def test_a_slot_is_one_contiguous_row_written_like_the_per_module_copies(tiny_ll
     stack.close()
 
 
+def test_a_fill_clears_only_what_the_slots_occupant_wrote_and_ends_like_a_fresh_row(tiny_llama_dir, store):
+    """Each fill into a live slot (CPU: packed in place) follows an occupant of another rank, module set,
+    bias or DoRA: the slot ends bit-identical to the adapter packed into a fresh row."""
+    _, stack = _stack(tiny_llama_dir, store, max_loras=2)
+    rows = stack.manager.rows
+    sequence = ["all-r64", "dora-r8", "bias-r4", NAMES[0], "all-r64", NAMES[1], None]
+    for name in sequence:
+        adapter = stack.cache.get(name)[0] if name else None
+        rows.commit(1, rows.pack(adapter, rows.storage[1], slot=1))
+        fresh = rows.new_row()
+        fresh.fill_(float("nan"))  # nothing may survive from before
+        rows.pack(adapter, fresh)
+        assert torch.equal(rows.storage[1], fresh), name
+    stack.close()
+
+
 @torch.inference_mode()
 def test_prefetch_fills_a_free_slot_off_the_engine_thread(tiny_llama_dir, store):
     model, stack = _stack(tiny_llama_dir, store)

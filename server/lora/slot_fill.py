@@ -46,7 +46,7 @@ class SlotFiller:
 
     def _fill(self, slot: int, adapter: LoRAAdapter, stream) -> list[TargetFacts]:
         if not self.cuda:
-            return self.rows.pack(adapter, self.rows.storage[slot])
+            return self.rows.pack(adapter, self.rows.storage[slot], slot)
         try:
             row = self._staging.get_nowait()
         except queue.Empty:

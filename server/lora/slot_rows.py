@@ -70,23 +70,33 @@ class SlotRows:
         return torch.empty(self.width, dtype=self.dtype, pin_memory=pin_memory)
 
     @torch.no_grad()
-    def pack(self, adapter: LoRAAdapter | None, row: torch.Tensor) -> list[TargetFacts]:
+    def pack(
+        self, adapter: LoRAAdapter | None, row: torch.Tensor, slot: int | None = None
+    ) -> list[TargetFacts]:
         """Writes ``adapter`` into ``row`` (a [width] tensor: a host row, or a slot of ``storage``) as
-        its slot holds it; every element is written, modules it does not target get zeros (None: an
-        empty slot)."""
+        its slot holds it; every element ends as the slot needs it, modules it does not target get zeros
+        (None: an empty slot). ``slot``: ``row`` is that slot of ``storage`` with its committed facts
+        current, so only what its occupant wrote is cleared (mostly a few rank blocks of a few targets,
+        instead of the whole row: a slot fill's main cost)."""
         modules = {}
         if adapter is not None:
             self.lora.check(adapter)
             modules = adapter.modules
         facts = []
-        for i, target in enumerate(self._targets):
-            view = self._views(row, i)
-            clear_view(view)
-            facts.append([
-                write_member(view, target.slices[j], j, target.max_rank, name, modules.get(name),
-                             self._base_bias[name], cleared=True)
-                for j, name in enumerate(target.names)
-            ])  # fmt: skip
+        try:
+            for i, target in enumerate(self._targets):
+                view = self._views(row, i)
+                clear_view(view, *(target.written_extent(slot) if slot is not None else (None, True)))
+                facts.append([
+                    write_member(view, target.slices[j], j, target.max_rank, name, modules.get(name),
+                                 self._base_bias[name], cleared=True)
+                    for j, name in enumerate(target.names)
+                ])  # fmt: skip
+        except BaseException:
+            if slot is not None:  # the committed facts no longer describe the row: leave it empty
+                for i in range(len(self._targets)):
+                    clear_view(self._views(row, i))
+            raise
         return facts
 
     def commit(self, slot: int, facts: list[TargetFacts]) -> None:
@@ -99,4 +109,5 @@ class SlotRows:
             self.host_pass_slots.discard(slot)
 
     def clear(self, slot: int) -> None:
+        """Empties ``slot`` whole (rare: unloads, failed fills; not relying on its recorded facts)."""
         self.commit(slot, self.pack(None, self.storage[slot]))

@@ -59,13 +59,19 @@ class MemberFacts:
     is_dora: bool = False
 
 
-def clear_view(view: SlotView) -> None:
-    """An empty slot: a padded kernel adds exactly nothing for it."""
-    view.a.zero_()
-    view.b.zero_()
-    view.bias.zero_()
-    view.dora_scale.fill_(1.0)
-    view.dora_shift.zero_()
+def clear_view(view: SlotView, rank: int | None = None, extras: bool = True) -> None:
+    """An empty slot: a padded kernel adds exactly nothing for it. ``rank``: only the first ``rank``
+    ranks can be non-zero (the rest is cleared already); ``extras``: whether bias/DoRA may be set."""
+    if rank is None:
+        view.a.zero_()
+        view.b.zero_()
+    elif rank:
+        view.a[: -(-rank // RANK_BLOCK)].zero_()
+        view.b[:rank].zero_()
+    if extras:
+        view.bias.zero_()
+        view.dora_scale.fill_(1.0)
+        view.dora_shift.zero_()
 
 
 @torch.no_grad()
@@ -150,6 +156,10 @@ class SlotWeights(nn.Module):
         for slot in range(len(self.rank[0])):
             self.slot_rank[slot] = self.live_rank([slot])
         self.resident_host_pass = any(any(flags) for flags in (*self._dora, *self._bias))
+
+    def written_extent(self, slot: int) -> tuple[int, bool]:
+        """What ``slot`` may hold beyond zeros: its live rank, and whether it has bias or DoRA vectors."""
+        return self.live_rank([slot]), self.any_dora([slot]) or self.any_bias([slot])
 
     def any_dora(self, slots: Iterable[int]) -> bool:
         return any(flags[s] for flags in self._dora for s in slots)

@@ -57,7 +57,7 @@ def add_settings_flags(parser: argparse.ArgumentParser) -> None:
         help_text = (info.description or "") + f" [env LORAPLEX_{name.upper()}]"
         if "key" in name and kind != "bool":
             help_text += " (prefer the env var: flags show in the process list)"
-        common = dict(dest=name, default=None, help=help_text)
+        common = dict(dest=name, default=None, help=help_text.replace("%", "%%"))  # argparse formats help
         if kind == "bool":
             parser.add_argument(*flags, action=argparse.BooleanOptionalAction, **common)
         elif kind == "choice":

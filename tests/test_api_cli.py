@@ -148,3 +148,14 @@ def test_list_settings_take_comma_separated_or_json_values(monkeypatch):
     assert s.api_keys == ["x", "y", "z"] and s.admin_keys == ["p", "q"]
     monkeypatch.setenv("LORAPLEX_API_KEYS", "[not json")
     assert main(["serve"]) == 2
+
+
+@pytest.mark.parametrize("command", ["serve", "merge"])
+def test_every_subcommand_prints_its_help(command, capsys):
+    """argparse %-formats help texts: a setting's description with a bare '%' made `serve --help` crash."""
+    from server.cli import build_parser
+
+    with pytest.raises(SystemExit) as done:
+        build_parser().parse_args([command, "--help"])
+    assert done.value.code == 0
+    assert "--max-loras" in capsys.readouterr().out or command == "merge"

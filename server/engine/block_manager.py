@@ -80,8 +80,8 @@ class BlockManager:
         named ``identity`` (None: the base model).
 
         At most ``(len - 1) // block_size`` blocks: the last token is always computed, since its logits
-        are what the first new token is sampled from. None while the request still needs its prompt's
-        logprobs.
+        are what the first new token is sampled from. None at all while the request still needs its
+        prompt's logprobs.
         """
         if self.cache is None:
             return []

@@ -159,7 +159,7 @@ class AdapterManager:
 
     def graph_safe(self) -> bool:
         """Only fixed launches replay: no slot may need the DoRA or lora_bias host passes."""
-        return self.lora.backend.capturable and not self.rows.host_pass_slots
+        return self.lora.backend.capturable and not self.rows.any_host_pass()
 
     def resident(self) -> list[str]:
         self._reap_retired()

@@ -43,7 +43,6 @@ class SlotRows:
             width += sum(shape.numel() for shape in shapes)
         self.width = width
         self.storage = torch.empty(lora.max_loras, width, device=self.device, dtype=self.dtype)
-        self.host_pass_slots: set[int] = set()  # slots holding DoRA or lora_bias weights (host passes)
         # Base biases on the host, once: packing runs on loader threads and must not touch the device.
         self._base_bias = {
             name: None if layer.base_layer.bias is None else layer.base_layer.bias.detach().float().cpu()
@@ -103,10 +102,10 @@ class SlotRows:
         """Records what ``slot`` now holds (engine thread: the forward reads these facts)."""
         for target, target_facts in zip(self._targets, facts, strict=True):
             target.set_facts(slot, target_facts)
-        if any(f.has_bias or f.is_dora for target_facts in facts for f in target_facts):
-            self.host_pass_slots.add(slot)
-        else:
-            self.host_pass_slots.discard(slot)
+
+    def any_host_pass(self) -> bool:
+        """Whether a resident slot holds DoRA or lora_bias weights (passes that loop on the host)."""
+        return any(target.resident_host_pass for target in self._targets)
 
     def clear(self, slot: int) -> None:
         """Empties ``slot`` whole (rare: unloads, failed fills; not relying on its recorded facts)."""

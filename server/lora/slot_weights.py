@@ -137,7 +137,7 @@ class SlotWeights(nn.Module):
         self.register_buffer(
             "slot_rank", torch.zeros(max_loras, dtype=torch.long, device=device), persistent=False
         )
-        self._refresh_resident()
+        self._refresh_resident(range(max_loras))
 
     @property
     def num_members(self) -> int:
@@ -148,12 +148,13 @@ class SlotWeights(nn.Module):
         r = max((ranks[s] for ranks in self.rank for s in slots), default=0)
         return -(-r // RANK_BLOCK) * RANK_BLOCK
 
-    def _refresh_resident(self) -> None:
+    def _refresh_resident(self, slots: Iterable[int]) -> None:
         """Facts over every slot, kept as plain attributes: a compiled (static) step reads them as
         constants or tensors it reads each step: ``slot_rank`` (each slot's rank over its members,
-        rounded up to ``RANK_BLOCK``: the native kernel's per-slot rank) and ``resident_host_pass``,
-        whether a slot needs the DoRA or lora_bias pass (then no static step runs)."""
-        for slot in range(len(self.rank[0])):
+        rounded up to ``RANK_BLOCK``: the native kernel's per-slot rank; rewritten for ``slots``, the
+        ones that changed) and ``resident_host_pass``, whether a slot needs the DoRA or lora_bias pass
+        (then no static step runs)."""
+        for slot in slots:
             self.slot_rank[slot] = self.live_rank([slot])
         self.resident_host_pass = any(any(flags) for flags in (*self._dora, *self._bias))
 
@@ -174,7 +175,7 @@ class SlotWeights(nn.Module):
         """Records what ``slot`` holds, one entry per member (engine thread: the forward reads these)."""
         for member, f in enumerate(facts):
             self._record(slot, member, f)
-        self._refresh_resident()
+        self._refresh_resident([slot])
 
     def _record(self, slot: int, member: int, f: MemberFacts) -> None:
         self.rank[member][slot] = f.rank
@@ -201,7 +202,7 @@ class SlotWeights(nn.Module):
         facts = write_member(self.view(slot), self.slices[member], member, self.max_rank, self.names[member],
                              weights, base_bias)  # fmt: skip
         self._record(slot, member, facts)
-        self._refresh_resident()
+        self._refresh_resident([slot])
 
     def clear(self, slot: int, member: int) -> None:
         """Zeros one member's part of the slot so a padded kernel adds exactly nothing for it."""

@@ -9,6 +9,7 @@ and writing bf16 keeps 64 adapters of an 8B shape to seconds.
 from __future__ import annotations
 
 import json
+from collections.abc import Sequence
 from pathlib import Path
 
 import torch
@@ -40,23 +41,28 @@ def adapter_bytes(config, rank: int, element_size: int = 2) -> int:
 def write_random_adapter(
     out_dir: Path, config, rank: int = 16, seed: int = 0, std: float = 0.01,
     dtype: torch.dtype = torch.bfloat16, device: str | torch.device = "cpu",
+    targets: Sequence[str] = ALL_LINEAR,
 ) -> Path:  # fmt: skip
-    """One adapter with N(0, std) A and B on all seven projections (``lora_alpha = 2 * rank``)."""
+    """One adapter with N(0, std) A and B on ``targets`` (default all seven projections;
+    ``lora_alpha = 2 * rank``). Kept if already there; the weights file is written last, so an
+    interrupted write is redone."""
     out_dir = Path(out_dir)
     if (out_dir / "adapter_model.safetensors").exists():
         return out_dir
     out_dir.mkdir(parents=True, exist_ok=True)
     g = torch.Generator(device=device).manual_seed(seed)
+    shapes = projection_shapes(config)
     tensors = {}
     for layer in range(config.num_hidden_layers):
-        for proj, (d_in, d_out) in projection_shapes(config).items():
+        for proj in targets:
+            d_in, d_out = shapes[proj]
             prefix = f"base_model.model.model.layers.{layer}.{_PARENT[proj]}.{proj}"
             for role, shape in (("lora_A", (rank, d_in)), ("lora_B", (d_out, rank))):
                 t = torch.randn(shape, generator=g, device=device, dtype=torch.float32) * std
                 tensors[f"{prefix}.{role}.weight"] = t.to(dtype).cpu()
-    save_file(tensors, str(out_dir / "adapter_model.safetensors"))
     peft_config = {"peft_type": "LORA", "task_type": "CAUSAL_LM", "r": rank, "lora_alpha": 2 * rank,
-                   "target_modules": ALL_LINEAR, "lora_dropout": 0.0, "bias": "none", "fan_in_fan_out": False,
+                   "target_modules": list(targets), "lora_dropout": 0.0, "bias": "none", "fan_in_fan_out": False,
                    "inference_mode": True, "base_model_name_or_path": None}  # fmt: skip
     (out_dir / "adapter_config.json").write_text(json.dumps(peft_config, indent=2))
+    save_file(tensors, str(out_dir / "adapter_model.safetensors"))
     return out_dir

@@ -16,6 +16,7 @@ import torch
 from safetensors.torch import save_file
 
 from benchmarks.lora_bench import ALL_LINEAR
+from benchmarks.roofline import ModelShape
 
 _PARENT = {"q_proj": "self_attn", "k_proj": "self_attn", "v_proj": "self_attn", "o_proj": "self_attn",
            "gate_proj": "mlp", "up_proj": "mlp", "down_proj": "mlp"}  # fmt: skip
@@ -23,13 +24,7 @@ _PARENT = {"q_proj": "self_attn", "k_proj": "self_attn", "v_proj": "self_attn", 
 
 def projection_shapes(config) -> dict[str, tuple[int, int]]:
     """(in_features, out_features) of each of the seven projections of one decoder layer."""
-    hidden, inter = config.hidden_size, config.intermediate_size
-    head_dim = getattr(config, "head_dim", None) or hidden // config.num_attention_heads
-    q_out = config.num_attention_heads * head_dim
-    kv_out = config.num_key_value_heads * head_dim
-    return {"q_proj": (hidden, q_out), "k_proj": (hidden, kv_out), "v_proj": (hidden, kv_out),
-            "o_proj": (q_out, hidden), "gate_proj": (hidden, inter), "up_proj": (hidden, inter),
-            "down_proj": (inter, hidden)}  # fmt: skip
+    return ModelShape.from_config(config).projection_dims()
 
 
 def adapter_bytes(config, rank: int, element_size: int = 2) -> int:

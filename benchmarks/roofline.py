@@ -29,6 +29,7 @@ class ModelShape:
     heads: int
     kv_heads: int
     vocab: int
+    head_dim: int = 0  # 0: hidden // heads (configs that do not set it)
 
     @classmethod
     def from_config(cls, config) -> ModelShape:
@@ -39,6 +40,7 @@ class ModelShape:
             config.num_attention_heads,
             config.num_key_value_heads,
             config.vocab_size,
+            getattr(config, "head_dim", None) or 0,
         )
 
     @classmethod
@@ -47,11 +49,16 @@ class ModelShape:
 
         return cls.from_config(AutoConfig.from_pretrained(model_dir))
 
+    @property
+    def q_width(self) -> int:
+        """Query heads x head size (the hidden size unless the config sets ``head_dim``)."""
+        return self.heads * (self.head_dim or self.hidden // self.heads)
+
     def projection_dims(self) -> dict[str, tuple[int, int]]:
         """(in, out) of each projection of one layer."""
-        kv = self.hidden // self.heads * self.kv_heads
+        q, kv = self.q_width, self.q_width // self.heads * self.kv_heads
         h, i = self.hidden, self.intermediate
-        return {"q_proj": (h, h), "k_proj": (h, kv), "v_proj": (h, kv), "o_proj": (h, h),
+        return {"q_proj": (h, q), "k_proj": (h, kv), "v_proj": (h, kv), "o_proj": (q, h),
                 "gate_proj": (h, i), "up_proj": (h, i), "down_proj": (i, h)}  # fmt: skip
 
     def matmul_params(self) -> int:
@@ -69,14 +76,14 @@ class ModelShape:
         through the layers (attending to all positions so far), each generated token through the LM head."""
         layer_params = self.matmul_params() - self.hidden * self.vocab
         positions = prompt_len + new_tokens - 1
-        attention = 4 * self.layers * self.hidden * positions * (positions + 1) // 2
+        attention = 4 * self.layers * self.q_width * positions * (positions + 1) // 2
         lora = positions * self.lora_flops_per_token(lora_rank) if lora_rank else 0
         return 2 * layer_params * positions + attention + lora + 2 * self.hidden * self.vocab * new_tokens
 
     def decode_step_flops(self, batch: int, context: int, lora_rows: int = 0, lora_rank: int = 0) -> int:
         """FLOPs of one decode step of ``batch`` sequences at ``context`` tokens each."""
         dense = 2 * self.matmul_params() * batch
-        attention = 4 * self.layers * self.hidden * context * batch  # QK^T and PV, every head
+        attention = 4 * self.layers * self.q_width * context * batch  # QK^T and PV, every head
         return dense + attention + lora_rows * self.lora_flops_per_token(lora_rank)
 
 

@@ -136,37 +136,32 @@ def environment(plan) -> tuple[dict, list[str]]:
 def http_smoke(plan, deadline) -> tuple[dict, list[str]]:
     """The real server as a user starts it (``python -m server serve`` on the demo model, CUDA graphs
     on): ready, then one greedy completion through an adapter and one through the base model."""
-    import os
-    import socket
-    import subprocess
     import sys
 
     import httpx
 
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
+    from benchmarks.servers import ServerProcess, free_port
+
+    port = free_port()
     cmd = [sys.executable, "-m", "server", "serve", "--port", str(port), "--device", plan.device,
            "--gpu-memory-utilization", "0.3", "--max-num-seqs", "16", "--attention-backend", plan.attention_backend,
            "--lora-backend", plan.lora_backend]  # fmt: skip
     log = Path(tempfile.mkstemp(suffix=".log")[1])
-    url, result = f"http://127.0.0.1:{port}", {}
-    with log.open("w") as sink:
-        proc = subprocess.Popen(cmd, cwd=REPO, stdout=sink, stderr=subprocess.STDOUT, env=os.environ)
+    result = {}
     try:
-        result["ready_s"] = _wait_ready(url, proc, deadline)
-        for model in ("demo-code", "demo"):
-            body = {"model": model, "prompt": "def ", "max_tokens": 16, "temperature": 0}
-            r = httpx.post(f"{url}/v1/completions", json=body, timeout=max(30.0, deadline.left() - 10))
-            result[model] = {
-                "status": r.status_code,
-                "text": r.json()["choices"][0]["text"] if r.is_success else r.text,
-            }
+        with ServerProcess("loraplex", cmd, port, log, timeout_s=max(deadline.left() - 5, 1)) as server:
+            result["ready_s"] = round(server.ready_s, 1)
+            for model in ("demo-code", "demo"):
+                body = {"model": model, "prompt": "def ", "max_tokens": 16, "temperature": 0}
+                r = httpx.post(
+                    f"{server.url}/v1/completions", json=body, timeout=max(30.0, deadline.left() - 10)
+                )
+                result[model] = {
+                    "status": r.status_code,
+                    "text": r.json()["choices"][0]["text"] if r.is_success else r.text,
+                }
     except Exception as exc:  # reported with the server's log below
         result["error"] = f"{type(exc).__name__}: {exc}"
-    finally:
-        proc.terminate()
-        proc.wait(timeout=60)
     tail = log.read_text()[-1500:]
     ok = "error" not in result and all(result.get(m, {}).get("status") == 200 for m in ("demo-code", "demo"))
     result.update(passed=ok, server_log_tail=tail)
@@ -176,22 +171,6 @@ def http_smoke(plan, deadline) -> tuple[dict, list[str]]:
     if not ok:
         md += ["", "Server log (tail):", "", "```", tail, "```"]
     return result, md
-
-
-def _wait_ready(url: str, proc, deadline) -> float:
-    import httpx
-
-    start = time.monotonic()
-    while deadline.left() > 5:
-        if proc.poll() is not None:
-            raise RuntimeError(f"the server exited with {proc.returncode}")
-        try:
-            if httpx.get(f"{url}/ready", timeout=5).status_code == 200:
-                return round(time.monotonic() - start, 1)
-        except httpx.HTTPError:
-            pass
-        time.sleep(0.5)
-    raise TimeoutError("the server was not ready within the time box")
 
 
 def run_part(

@@ -100,6 +100,12 @@ class Measured:
         return sum(p.slot_hit_rate for p in points) / len(points) if points else math.nan
 
     @property
+    def mean_batch(self) -> float:
+        """Sequences per engine step over the run: how full few slots let the batches be."""
+        steps = sum(p.steps for p in self.result.adapter_timeline)
+        return sum(p.scheduled for p in self.result.adapter_timeline) / steps if steps else math.nan
+
+    @property
     def loads_per_s(self) -> float:
         timeline, seconds = self.result.adapter_timeline, max(self.result.report.duration_s, 1e-9)
         return sum(p.loads_per_s * (p.end - p.start) for p in timeline) / seconds
@@ -122,7 +128,7 @@ def print_table(results: dict[str, list[Measured]], args: argparse.Namespace) ->
         f"medians of {len(ref)} alternating repeats; ratios to the 8-adapter run of the same repeat"
     )
     print(f"{'run':<26} {'req/s':>6} {'tok/s':>7} {'ratio':>6} {'tok/CPU-s':>9} {'ratio':>6} {'TTFT p50':>9} "
-          f"{'TTFT p99':>9} {'slot hits':>9} {'loads/s':>7} {'errors':>6}")  # fmt: skip
+          f"{'TTFT p99':>9} {'batch':>6} {'slot hits':>9} {'loads/s':>7} {'errors':>6}")  # fmt: skip
     for label, runs in results.items():
 
         def med(of, runs=runs) -> float:
@@ -139,7 +145,7 @@ def print_table(results: dict[str, list[Measured]], args: argparse.Namespace) ->
             f"{label:<26} {med(lambda m: m.result.report.request_throughput):>6.2f} {med(tps):>7.1f} "
             f"{ratio(tps):>6.2f} {med(lambda m: m.cpu_tps):>9.1f} {ratio(lambda m: m.cpu_tps):>6.2f} "
             f"{med(lambda m: m.result.report.ttft.p50):>8.2f}s {med(lambda m: m.result.report.ttft.p99):>8.2f}s "
-            f"{med(lambda m: m.slot_hit_rate):>9.0%} {med(lambda m: m.loads_per_s):>7.1f} "
+            f"{med(lambda m: m.mean_batch):>6.1f} {med(lambda m: m.slot_hit_rate):>9.0%} {med(lambda m: m.loads_per_s):>7.1f} "
             f"{sum(m.result.report.error_count for m in runs):>6}{target}"
         )
 

@@ -1,9 +1,10 @@
 """The server's adapter residency over a load run, sampled from its ``/metrics`` counters.
 
 While the requests go out, a sampler reads the server's lifetime counters every ``interval_s``
-(adapter loads from disk, slot copies, evictions, slot hits and misses). Differences between samples
-give the timeline: adapter loads per second and the slot hit rate (of the requests scheduled in the
-interval, the fraction whose adapter was already in a device slot). A server without these counters
+(adapter loads from disk, slot copies, evictions, slot hits and misses, engine steps and scheduled
+sequences). Differences between samples give the timeline: adapter loads per second, the slot hit
+rate (of the requests scheduled in the interval, the fraction whose adapter was already in a device
+slot) and the mean batch (sequences per step). A server without these counters
 (another implementation) gives an empty timeline, not an error.
 """
 
@@ -22,6 +23,8 @@ COUNTERS = {  # short name -> Prometheus sample name
     "prefetch_fills": "loraplex_adapter_prefetch_fills_total",
     "slot_hits": "loraplex_adapter_slot_hits_total",
     "slot_misses": "loraplex_adapter_slot_misses_total",
+    "steps": "loraplex_engine_steps_total",
+    "scheduled": "loraplex_scheduled_sequences_total",
 }
 
 
@@ -47,6 +50,13 @@ class TimelinePoint:
     activations_per_s: float
     evictions_per_s: float
     slot_hit_rate: float  # NaN when no request was scheduled in the interval
+    steps: float = 0.0  # engine steps run in the interval
+    scheduled: float = 0.0  # sequence-steps scheduled in the interval (sum of batch sizes)
+
+    @property
+    def mean_batch(self) -> float:
+        """Sequences per engine step in the interval: how full the slots let batches be."""
+        return self.scheduled / self.steps if self.steps > 0 else math.nan
 
     @property
     def mid(self) -> float:
@@ -68,7 +78,8 @@ def timeline(samples: list[tuple[float, dict[str, float]]]) -> list[TimelinePoin
         hit_rate = delta("slot_hits") / scheduled if scheduled > 0 else math.nan
         points.append(
             TimelinePoint(
-                t0, t1, delta("loads") / dt, delta("activations") / dt, delta("evictions") / dt, hit_rate
+                t0, t1, delta("loads") / dt, delta("activations") / dt, delta("evictions") / dt, hit_rate,
+                delta("steps"), delta("scheduled"),
             )  # fmt: skip
         )
     return points

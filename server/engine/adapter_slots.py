@@ -38,9 +38,10 @@ class AdapterSlots(Protocol):
     def load_error(self, adapter: AdapterHandle) -> str | None: ...
 
     def prefetch(self, adapters: Sequence[AdapterHandle]) -> None:
-        """The waiting requests' adapters, oldest first: start loading them into host memory, and
-        into device slots that are free or hold nothing running or waiting requests use. A request
-        whose adapter is being copied into its slot reads as 'loading' until the copy is done."""
+        """The waiting requests' adapters, most wanted first (``AdmissionOrder.prefetch_order``): start
+        loading them into host memory, and into device slots that are free or hold nothing running or
+        waiting requests use. A request whose adapter is being copied into its slot reads as
+        'loading' until the copy is done."""
         ...
 
     def idle_wait(self, timeout: float) -> None:

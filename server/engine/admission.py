@@ -26,7 +26,7 @@ from collections import Counter
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 
-from server.engine.adapter_slots import AdapterSlots
+from server.engine.adapter_slots import AdapterHandle, AdapterSlots
 from server.engine.sequence import Sequence
 
 LPM_MAX_WAITING = 128
@@ -71,6 +71,25 @@ class AdmissionOrder:
             return (1 + needs_copy, -cached_blocks(seq) if cached_blocks is not None else 0)
 
         return sorted(candidates, key=rank)  # stable: arrival order within a rank
+
+    def prefetch_order(self, waiting: Iterable[Sequence], now: float) -> list[AdapterHandle]:
+        """The waiting requests' adapters in the order free slots should go to them: starving
+        requests' first (oldest first), then by how many waiting requests each serves (most first,
+        then the oldest). A slot filled for the adapter with the longest queue admits the most
+        requests, so batches stay full while slots turn over under a skewed (Zipf) popularity."""
+        demand: Counter[str] = Counter()
+        first: dict[str, tuple[int, Sequence]] = {}
+        for i, seq in enumerate(waiting):
+            key = seq.adapter_key
+            if key is not None and seq.adapter is not None:
+                demand[key] += 1
+                first.setdefault(key, (i, seq))
+
+        def rank(key: str) -> tuple[int, int, int]:
+            index, seq = first[key]
+            return (0, 0, index) if self.is_starving(seq, now) else (1, -demand[key], index)
+
+        return [first[key][1].adapter for key in sorted(first, key=rank)]
 
     @staticmethod
     def drain_victim(running: Iterable[Sequence]) -> str | None:

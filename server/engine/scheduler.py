@@ -83,7 +83,7 @@ class Scheduler:
         if self.slots is not None:
             for identity in self.slots.stale_cache_identities():
                 self.block_manager.drop(identity)
-            self.slots.prefetch([s.adapter for s in self.waiting if s.adapter is not None])
+            self.slots.prefetch(self.admission.prefetch_order(self.waiting, self.clock()))
         for seq in self.running:
             seq.num_new_tokens = 0
         budget = self._schedule_running(out, budget)

@@ -61,14 +61,15 @@ class LoRABackend:
         batch.check_rows(x.shape[0])
         if not batch.segments and not batch.static:
             return
-        live = batch.live_slots
-        if weights.any_dora(live):  # y = g * (W x) + b0  ==  g * y + (1 - g) * b0
+        live = batch.live_mask
+        if weights.dora_mask & live:  # y = g * (W x) + b0  ==  g * y + (1 - g) * b0
             rows = batch.slot_rows(x.device)
             scale = weights.dora_scale.index_select(0, rows.row_slot)
             shift = weights.dora_shift.index_select(0, rows.row_slot)
             rows.add_into(y, rows.take(y) * (scale - 1) + shift)
-        self.sgmv(y, x, weights)
-        if weights.any_bias(live):
+        if weights.rank_mask & live:  # else no live slot targets this linear (a q/v adapter's o_proj)
+            self.sgmv(y, x, weights)
+        if weights.bias_mask & live:
             rows = batch.slot_rows(x.device)
             rows.add_into(y, weights.bias.index_select(0, rows.row_slot))
 

@@ -130,7 +130,7 @@ class LoRABatch:
                     segments.append((row, row + n, slot))
             row += n
         self.num_tokens = row
-        self.segments = segments
+        self._set_segments(segments)
         self.static = static
         self.launch_segments = len(seq_slots) if static else len(segments)
         self.segment_rows = limit
@@ -144,7 +144,7 @@ class LoRABatch:
     def clear(self) -> None:
         """Back to "no batch": every row runs the base model."""
         self.num_tokens = None
-        self.segments = []
+        self._set_segments([])
         self.static = False
         self.launch_segments = 0
         self.segment_rows = None
@@ -179,10 +179,13 @@ class LoRABatch:
             table[:, : len(columns)] = torch.tensor(columns, dtype=torch.int32).t()
         table[1, len(columns) : self.launch_segments] = 0  # programs past the live segments add nothing
 
-    @property
-    def live_slots(self) -> tuple[int, ...]:
-        """The slots with rows this step, ascending (host values: no device work)."""
-        return tuple(sorted({slot for _, _, slot in self.segments}))
+    def _set_segments(self, segments: list[tuple[int, int, int]]) -> None:
+        """The step's segments, and what every layer asks of them, computed once here rather than
+        per layer: ``live_slots`` (the slots with rows, ascending) and ``live_mask`` (the same as a
+        bit mask, ANDed with a target's ``SlotWeights`` masks to skip targets no live slot uses)."""
+        self.segments = segments
+        self.live_slots: tuple[int, ...] = tuple(sorted({slot for _, _, slot in segments}))
+        self.live_mask = sum(1 << slot for slot in self.live_slots)
 
     def slot_rows(self, device: torch.device) -> SlotRows:
         """The LoRA rows grouped by slot (see ``SlotRows``), built once per step; needs a segment."""

@@ -1,8 +1,9 @@
 """Device slots filled ahead of time for waiting requests, off the engine thread.
 
-Each step the engine names the adapters its waiting requests use, oldest first. The first few (twice
-the slots: what can be scheduled soon) are loaded into host memory if the host cache dropped them -
-not all, or a long queue of distinct adapters would churn the host LRU. For each one whose weights
+Each step the engine names the adapters its waiting requests use, most wanted first (starving
+requests' first, then those with the most waiting requests). The first few (twice the slots: what
+can be scheduled soon) are loaded into host memory if the host cache dropped them - not all, or a
+long queue of distinct adapters would churn the host LRU. For each one whose weights
 are in host memory but in no slot, a slot is reserved - a free one, or the least recently
 used one that no running or waiting request needs - and the worker packs and copies the adapter
 into it. The slot stays pinned while the copy runs (nothing evicts or reads it) and its request
@@ -48,7 +49,7 @@ class SlotPrefetcher:
         return True
 
     def prefetch(self, adapters: list[AdapterRef]) -> None:
-        """Starts host loads and slot fills for ``adapters`` (the waiting requests', oldest first)."""
+        """Starts host loads and slot fills for ``adapters`` (the waiting requests', most wanted first)."""
         self.commit()
         unique: dict[str, AdapterRef] = {}
         for adapter in adapters:

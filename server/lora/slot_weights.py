@@ -137,6 +137,7 @@ class SlotWeights(nn.Module):
         self.register_buffer(
             "slot_rank", torch.zeros(max_loras, dtype=torch.long, device=device), persistent=False
         )
+        self.rank_mask = 0  # bit s: slot s holds a non-zero rank here (with dora_mask, bias_mask: host facts)
         self._refresh_resident(range(max_loras))
 
     @property
@@ -152,11 +153,20 @@ class SlotWeights(nn.Module):
         """Facts over every slot, kept as plain attributes: a compiled (static) step reads them as
         constants or tensors it reads each step: ``slot_rank`` (each slot's rank over its members,
         rounded up to ``RANK_BLOCK``: the native kernel's per-slot rank; rewritten for ``slots``, the
-        ones that changed) and ``resident_host_pass``, whether a slot needs the DoRA or lora_bias pass
-        (then no static step runs)."""
+        ones that changed), the slot bit masks ``rank_mask``, ``dora_mask`` and ``bias_mask`` (an eager
+        step skips each pass no live slot needs), and ``resident_host_pass``, whether a slot needs the
+        DoRA or lora_bias pass (then no static step runs)."""
         for slot in slots:
-            self.slot_rank[slot] = self.live_rank([slot])
-        self.resident_host_pass = any(any(flags) for flags in (*self._dora, *self._bias))
+            rank = self.live_rank([slot])
+            self.slot_rank[slot] = rank
+            self.rank_mask = self.rank_mask | (1 << slot) if rank else self.rank_mask & ~(1 << slot)
+        self.dora_mask, self.bias_mask = self._mask(self._dora), self._mask(self._bias)
+        self.resident_host_pass = bool(self.dora_mask or self.bias_mask)
+
+    @staticmethod
+    def _mask(flags: list[list[bool]]) -> int:
+        """Bit ``s`` set where any member's flag for slot ``s`` is."""
+        return sum(1 << s for s in range(len(flags[0])) if any(member[s] for member in flags))
 
     def written_extent(self, slot: int) -> tuple[int, bool]:
         """What ``slot`` may hold beyond zeros: its live rank, and whether it has bias or DoRA vectors."""

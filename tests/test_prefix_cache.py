@@ -184,6 +184,33 @@ def test_outputs_identical_with_caching_on_and_off_and_match_peft(tiny_llama_dir
     assert _all_free(on_rt) and _all_free(off_rt)
 
 
+def test_a_burst_on_a_new_prefix_computes_it_once(tiny_llama_dir, store):
+    """Queued together, with a chunk budget (16 tokens) smaller than the shared prefix (26): the first
+    request computes the prefix over several steps and the others wait for its blocks instead of
+    computing the same prefix beside it, then start on them; outputs as with caching off."""
+    requests = _requests([NAMES[0]] * 4 + [None] * 2, [3, 5, 2, 6, 1, 4])
+    outs = {}
+    for caching in (True, False):
+        rt = _runtime(tiny_llama_dir, store, caching, max_num_batched_tokens=16, max_num_seqs=8)
+        core = rt.engine.core
+        seqs = [
+            Sequence(f"r{i}", prompt, greedy(NEW), rt.adapters.resolve(name) if name else None)
+            for i, (name, prompt) in enumerate(requests)
+        ]
+        for seq in seqs:  # all queued before the first step
+            core.add(seq)
+        outs[caching] = {s.request_id: [] for s in seqs}
+        while core.has_work():
+            for seq, out in core.step():
+                outs[caching][seq.request_id].extend(out.new_token_ids)
+        computed = core.stats().num_batched_tokens_total
+        if caching:
+            assert [s.num_cached_tokens for s in seqs] == [0, 24, 24, 24, 0, 24]
+            assert computed == sum(len(p) for _, p in requests) - 24 * 4 + len(requests) * (NEW - 1)
+        assert _all_free(rt)
+    assert outs[True] == outs[False]
+
+
 def test_no_reuse_across_adapters_or_across_a_reload(tiny_llama_dir, store, tmp_path):
     names = NAMES
     live = tmp_path / "live"

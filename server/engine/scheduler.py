@@ -4,7 +4,7 @@ Every step, running sequences go first (so decodes are never starved by long pro
 waiting ones are admitted while the token budget, the sequence cap, free KV blocks and the adapter
 slots allow, in the order ``admission.py`` gives (arrival order, adapter-aware when slots are
 short). A new sequence starts on the longest cached prefix of its blocks (prefix caching) and only
-the rest is computed. Prompts are chunked to fit the budget, so prefill and decode share steps.
+the rest is computed; one whose next block a running sequence is computing waits for it. Prompts are chunked to fit the budget, so prefill and decode share steps.
 When KV blocks run out, the most recently arrived running sequence is preempted and later
 recomputed: memory pressure slows requests down instead of failing them. Each step first hands the
 waiting requests' adapters to the slots for prefetching (host memory, and free device slots filled
@@ -121,6 +121,7 @@ class Scheduler:
         blocks = self.block_manager
         cached = (lambda s: len(cached_prefix(blocks, self.slots, s))) if blocks.cache is not None else None
         draining = None  # an adapter admitted nothing this step, so that its slot frees for a starving one
+        inflight = self._inflight_blocks() if blocks.cache is not None else set()
         for seq in self.admission.order(self.waiting, self.slots, active, now, cached):
             if budget <= 0 or len(self.running) >= self.max_num_seqs:
                 break
@@ -140,6 +141,8 @@ class Scheduler:
                         draining = self.admission.drain_victim(self.running)
                     continue  # slots are short: requests of resident adapters go ahead
             prefix = cached_prefix(blocks, self.slots, seq)
+            if len(seq.block_hashes) > len(prefix) and seq.block_hashes[len(prefix)] in inflight:
+                continue  # a running request is computing this prefix now: start on its blocks later
             num_new = min(len(seq) - len(prefix) * blocks.block_size, budget)
             total = len(prefix) * blocks.block_size + num_new
             if not blocks.can_admit(seq, prefix, total):
@@ -154,6 +157,14 @@ class Scheduler:
                 active.add(key)
             self.running.append(seq)
             out.scheduled.append(seq)
+            inflight.update(seq.block_hashes[len(prefix) :])
+
+    def _inflight_blocks(self) -> set[bytes]:
+        """The hash chains of prompt blocks running requests are still computing. A waiting request
+        whose next uncached block is one of them waits for it to be published instead of computing
+        the same prefix a second time beside it (SGLang's in-batch prefix check): in a burst on a new
+        system prompt, the first request computes it once and the others start on its blocks."""
+        return {h for s in self.running for h in s.block_hashes[s.num_registered_blocks :]}
 
     def _preempt(self, seq: Sequence) -> None:
         self.num_preemptions += 1

@@ -42,6 +42,14 @@ def cached_prefix(blocks: BlockManager, slots: AdapterSlots | None, seq: Sequenc
     return blocks.cached_prefix(seq, identity)
 
 
+def inflight_blocks(running: list[Sequence]) -> set[bytes]:
+    """The hash chains of prompt blocks running requests are still computing. A waiting request
+    whose next uncached block is one of them waits for it to be published instead of computing the
+    same prefix a second time beside it (SGLang's in-batch prefix check): in a burst on a new system
+    prompt, the first request computes it once and the others start on its blocks."""
+    return {h for s in running for h in s.block_hashes[s.num_registered_blocks :]}
+
+
 class Scheduler:
     def __init__(
         self,
@@ -71,10 +79,7 @@ class Scheduler:
         return bool(self.waiting or self.running)
 
     def find(self, request_id: str) -> Sequence | None:
-        for seq in (*self.running, *self.waiting):
-            if seq.request_id == request_id:
-                return seq
-        return None
+        return next((s for s in (*self.running, *self.waiting) if s.request_id == request_id), None)
 
     # --- one step ---------------------------------------------------------------------------
     def schedule(self) -> SchedulerOutput:
@@ -121,7 +126,7 @@ class Scheduler:
         blocks = self.block_manager
         cached = (lambda s: len(cached_prefix(blocks, self.slots, s))) if blocks.cache is not None else None
         draining = None  # an adapter admitted nothing this step, so that its slot frees for a starving one
-        inflight = self._inflight_blocks() if blocks.cache is not None else set()
+        inflight = inflight_blocks(self.running) if blocks.cache is not None else set()
         for seq in self.admission.order(self.waiting, self.slots, active, now, cached):
             if budget <= 0 or len(self.running) >= self.max_num_seqs:
                 break
@@ -158,13 +163,6 @@ class Scheduler:
             self.running.append(seq)
             out.scheduled.append(seq)
             inflight.update(seq.block_hashes[len(prefix) :])
-
-    def _inflight_blocks(self) -> set[bytes]:
-        """The hash chains of prompt blocks running requests are still computing. A waiting request
-        whose next uncached block is one of them waits for it to be published instead of computing
-        the same prefix a second time beside it (SGLang's in-batch prefix check): in a burst on a new
-        system prompt, the first request computes it once and the others start on its blocks."""
-        return {h for s in self.running for h in s.block_hashes[s.num_registered_blocks :]}
 
     def _preempt(self, seq: Sequence) -> None:
         self.num_preemptions += 1

@@ -219,3 +219,31 @@ def test_backend_resolution(monkeypatch):
         make_lora_backend("triton", "cpu", 2)
     with pytest.raises(ValueError, match="unknown LoRA backend"):
         make_lora_backend("cuda-magic", "cpu", 2)
+
+
+@pytest.mark.parametrize("members", [1, 2, 3])
+def test_cpu_kernel_with_an_input_width_its_unrolled_loop_does_not_divide(members):
+    """The native shrink walks the input dimension U columns at a time (U = 2 or 4): a width that is
+    not a multiple of 4 (50) runs its tail columns too."""
+    if "cpu" not in _ops():
+        pytest.skip("the native CPU kernel does not build here")
+    g = torch.Generator().manual_seed(7)
+    outs, ranks = OUTS[members], [16, 32, 48, 16]
+    weights = SlotWeights([f"m{j}" for j in range(members)], 50, outs, len(ranks), 64, "cpu", torch.float32)
+    written = []
+    for slot, r in enumerate(ranks):
+        written.append([])
+        for j, out in enumerate(outs):
+            module = LoRAModuleWeights(
+                a=torch.randn(r, 50, generator=g), b=torch.randn(out, r, generator=g), scale=0.5
+            )
+            weights.write(slot, j, module, None)
+            written[-1].append(module)
+    seq_slots, seq_lens = [0, 1, 1, 2, 3, 3, 3, 3], [1, 1, 1, 2, 1, 1, 1, 1]  # blocks of 1 to 4 rows
+    n = sum(seq_lens)
+    x, y = torch.randn(n, 50, generator=g), torch.randn(n, sum(outs), generator=g)
+    batch = LoRABatch(len(ranks))
+    batch.set(seq_slots, seq_lens)
+    got = y.clone()
+    _ops()["cpu"](got, x, weights, batch.slot_rows(torch.device("cpu")))
+    torch.testing.assert_close(got.double(), _naive(y, x, written, seq_slots, seq_lens), rtol=1e-5, atol=1e-4)

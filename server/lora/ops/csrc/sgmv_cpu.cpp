@@ -38,24 +38,54 @@ constexpr int kVecs = 4;  // 16-wide vectors per column tile
 template <typename T>
 inline void add_store(T* p, v16 v) { loraplex::store16(p, load16(p) + v); }
 
-// t[m, q0 : q0 + 16 * kVecs] = x[rows[m]] @ a_slot[:, q0 : ...] for m < MB (one column tile)
-template <int MB, typename T>
+// t[m, q0 : q0 + 16 * NV] = x[rows[m]] @ a_slot[:, q0 : ...] for m < MB (one column tile of NV
+// vectors). NV is a template argument so a narrow tile (a single linear's 16 ranks: NV = 1) runs
+// only its own FMAs, and the input dimension is split over U interleaved accumulator sets so at
+// least 8 independent FMA chains are in flight (FMA latency x throughput) however few rows there are.
+template <int MB, int NV, typename T>
 void shrink_tile(const T* x, int64_t ldx, const int64_t* rows, const T* a_slot, int64_t I, int64_t lda,
-                 int64_t q0, int nv, float* t, int64_t ldt) {
-  v16 acc[MB][kVecs] = {};
+                 int64_t q0, float* t, int64_t ldt) {
+  constexpr int U = MB * NV >= 8 ? 1 : (MB * NV >= 4 ? 2 : 4);
+  v16 acc[U][MB][NV] = {};
   const T* xr[MB];
   for (int m = 0; m < MB; ++m) xr[m] = x + rows[m] * ldx;
-  for (int64_t c = 0; c < I; ++c) {
+  int64_t c = 0;
+  for (; c + U <= I; c += U)
+    for (int u = 0; u < U; ++u) {
+      const T* arow = a_slot + (c + u) * lda + q0;
+      v16 av[NV];
+      for (int v = 0; v < NV; ++v) av[v] = load16(arow + 16 * v);
+      for (int m = 0; m < MB; ++m) {
+        const float xv = to_float(xr[m][c + u]);
+        for (int v = 0; v < NV; ++v) acc[u][m][v] += xv * av[v];
+      }
+    }
+  for (; c < I; ++c) {
     const T* arow = a_slot + c * lda + q0;
-    v16 av[kVecs];
-    for (int v = 0; v < kVecs; ++v) av[v] = v < nv ? load16(arow + 16 * v) : v16{};
     for (int m = 0; m < MB; ++m) {
       const float xv = to_float(xr[m][c]);
-      for (int v = 0; v < kVecs; ++v) acc[m][v] += xv * av[v];
+      for (int v = 0; v < NV; ++v) acc[0][m][v] += xv * load16(arow + 16 * v);
     }
   }
   for (int m = 0; m < MB; ++m)
-    for (int v = 0; v < nv; ++v) loraplex::store16(t + m * ldt + q0 + 16 * v, acc[m][v]);
+    for (int v = 0; v < NV; ++v) {
+      v16 sum = acc[0][m][v];
+      for (int u = 1; u < U; ++u) sum += acc[u][m][v];
+      loraplex::store16(t + m * ldt + q0 + 16 * v, sum);
+    }
+}
+
+template <int MB, typename T>
+void shrink_block(const T* x, int64_t ldx, const int64_t* rows, const T* a_blk, int64_t I, int64_t bk, float* t,
+                  int64_t ldt) {
+  for (int64_t q0 = 0; q0 < bk; q0 += 16 * kVecs) {
+    switch ((int)std::min<int64_t>(kVecs, (bk - q0) / 16)) {
+      case 1: shrink_tile<MB, 1>(x, ldx, rows, a_blk, I, bk, q0, t, ldt); break;
+      case 2: shrink_tile<MB, 2>(x, ldx, rows, a_blk, I, bk, q0, t, ldt); break;
+      case 3: shrink_tile<MB, 3>(x, ldx, rows, a_blk, I, bk, q0, t, ldt); break;
+      default: shrink_tile<MB, 4>(x, ldx, rows, a_blk, I, bk, q0, t, ldt);
+    }
+  }
 }
 
 // y[rows[m], o0 : o0 + 16 * nv] += tj[m, :r] @ b_slot[:r, o0 : ...] for m < MB
@@ -81,10 +111,7 @@ void block(T* y, int64_t ldy, const T* x, int64_t ldx, const T* a_slot, const T*
            int64_t R, int64_t K, int64_t O, const int64_t* cols, const int64_t* rows, int64_t r,
            float* t, float* tj) {
   const int64_t rk = r * K, bk = 16 * K;  // t columns: rank-major, member-minor, like a rank block
-  for (int64_t blk = 0; blk < r / 16; ++blk)
-    for (int64_t q0 = 0; q0 < bk; q0 += 16 * kVecs)
-      shrink_tile<MB>(x, ldx, rows, a_slot + blk * I * bk, I, bk, q0, (int)std::min<int64_t>(kVecs, (bk - q0) / 16),
-                      t + blk * bk, rk);
+  for (int64_t blk = 0; blk < r / 16; ++blk) shrink_block<MB>(x, ldx, rows, a_slot + blk * I * bk, I, bk, t + blk * bk, rk);
   for (int64_t j = 0; j < K; ++j) {
     for (int m = 0; m < MB; ++m)
       for (int64_t q = 0; q < r; ++q) tj[m * r + q] = t[m * rk + q * K + j];

@@ -18,6 +18,7 @@
 #include <cmath>
 #include <cstring>
 #include <limits>
+#include <type_traits>
 #include <vector>
 
 namespace {
@@ -46,6 +47,7 @@ void attend(T* out, const T* q, int64_t q_row_stride, int64_t q_head_stride, con
             int64_t out_head_stride) {
   const int nv = hd / 16;
   v16 qv[kMaxGroup][kMaxVecs], acc[kMaxGroup][kMaxVecs];
+  alignas(64) float kf[16 * 16 * kMaxVecs], vf[16 * 16 * kMaxVecs];  // a bf16 chunk, widened
   float m[kMaxGroup], l[kMaxGroup];
   for (int h = 0; h < group; ++h) {
     const T* qh = q + row * q_row_stride + (g * group + h) * q_head_stride;
@@ -58,14 +60,31 @@ void attend(T* out, const T* q, int64_t q_row_stride, int64_t q_head_stride, con
   for (int64_t t0 = first; t0 < ctx;) {
     const int64_t blk = table[t0 / block_size], off = t0 % block_size;
     const int n = (int)std::min<int64_t>({block_size - off, ctx - t0, 16});
-    const T* kb = k_cache + ((blk * block_size + off) * kvh + g) * hd;
-    const T* vb = v_cache + ((blk * block_size + off) * kvh + g) * hd;
+    const T* kt = k_cache + ((blk * block_size + off) * kvh + g) * hd;
+    const T* vt = v_cache + ((blk * block_size + off) * kvh + g) * hd;
+    // The chunk's keys and values in fp32, read by every head of the group: a bf16 cache is widened
+    // here once per chunk instead of once per head; an fp32 cache is read in place.
+    const float *kb = nullptr, *vb = nullptr;
+    int64_t ld = tok_stride;
+    if constexpr (std::is_same_v<T, float>) {
+      kb = kt;
+      vb = vt;
+    } else {
+      for (int i = 0; i < n; ++i)
+        for (int v = 0; v < nv; ++v) {
+          loraplex::store16(kf + i * hd + 16 * v, load16(kt + i * tok_stride + 16 * v));
+          loraplex::store16(vf + i * hd + 16 * v, load16(vt + i * tok_stride + 16 * v));
+        }
+      kb = kf;
+      vb = vf;
+      ld = hd;
+    }
     for (int h = 0; h < group; ++h) {
       v16 part[16];
       for (int i = 0; i < 16; ++i) {
         v16 d{};
         if (i < n)
-          for (int v = 0; v < nv; ++v) d += qv[h][v] * load16(kb + i * tok_stride + 16 * v);
+          for (int v = 0; v < nv; ++v) d += qv[h][v] * load16(kb + i * ld + 16 * v);
         part[i] = d;
       }
       v16 s = loraplex::reduce16(part);  // lane i: the score of key t0 + i
@@ -79,7 +98,7 @@ void attend(T* out, const T* q, int64_t q_row_stride, int64_t q_head_stride, con
       v16 a[kMaxVecs];
       for (int v = 0; v < nv; ++v) a[v] = acc[h][v] * corr;
       for (int i = 0; i < n; ++i)
-        for (int v = 0; v < nv; ++v) a[v] += p[i] * load16(vb + i * tok_stride + 16 * v);
+        for (int v = 0; v < nv; ++v) a[v] += p[i] * load16(vb + i * ld + 16 * v);
       for (int v = 0; v < nv; ++v) acc[h][v] = a[v];
     }
     t0 += n;

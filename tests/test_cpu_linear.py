@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+
 import pytest
 import torch
 from torch import nn
@@ -64,3 +66,24 @@ def test_loader_installs_it_on_cpu(tiny_llama_dir):
         type(model.lm_head) is PackedLinear and type(model.model.layers[0].self_attn.o_proj) is PackedLinear
     )
     assert "lm_head.weight" in model.state_dict()
+
+
+def test_cpu_weights_are_cast_on_the_loading_thread(tiny_llama_dir, monkeypatch):
+    """transformers' loading thread pool would start extra OpenMP teams while casting fp32 weights to
+    bf16, and under a bound OpenMP runtime the engine's team could land on one core (2x slower decode,
+    measured): on CPU the cast runs on the loading thread; the variable is restored afterwards."""
+    import transformers.core_model_loading as loading
+
+    pools = []
+
+    class Recording(loading.ThreadPoolExecutor):
+        def __init__(self, *args, **kwargs):
+            pools.append(self)
+            super().__init__(*args, **kwargs)
+
+    monkeypatch.setattr(loading, "ThreadPoolExecutor", Recording)
+    monkeypatch.delenv("HF_DEACTIVATE_ASYNC_LOAD", raising=False)
+    model = load_model(tiny_llama_dir, "cpu", torch.bfloat16)
+    assert next(model.parameters()).dtype == torch.bfloat16
+    assert pools == []
+    assert "HF_DEACTIVATE_ASYNC_LOAD" not in os.environ

@@ -52,7 +52,10 @@ def test_sampler_collects_until_stopped_and_the_plot_is_written(tmp_path):
         if len(calls) == 2:
             raise ConnectionError("a missed scrape is a gap, not a failure")
         n = len(calls)
-        return f"loraplex_adapter_loads_total {n}\nloraplex_adapter_slot_hits_total {2 * n}\n"
+        return (
+            f"loraplex_adapter_loads_total {n}\nloraplex_adapter_slot_hits_total {2 * n}\n"
+            f"loraplex_engine_steps_total {4 * n}\nloraplex_scheduled_sequences_total {12 * n}\n"
+        )
 
     async def go():
         sampler = MetricsSampler(fetch, interval_s=0.01)
@@ -62,6 +65,6 @@ def test_sampler_collects_until_stopped_and_the_plot_is_written(tmp_path):
 
     sampler, points = asyncio.run(go())
     assert len(sampler.samples) >= 3 and len(points) == len(sampler.samples) - 1
-    assert all(p.loads_per_s > 0 and p.slot_hit_rate == 1.0 for p in points)
+    assert all(p.loads_per_s > 0 and p.slot_hit_rate == 1.0 and p.mean_batch == 3.0 for p in points)
     path = plot_adapter_timeline({"1000 adapters": points, "8 adapters": points[:2]}, tmp_path / "t.png")
     assert path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"

@@ -83,22 +83,26 @@ def plot_sweep(sweeps: dict[str, SweepResult], path: str | Path) -> Path:
 
 
 def plot_adapter_timeline(runs: dict[str, list[TimelinePoint]], path: str | Path) -> Path:
-    """Per labelled run: adapter loads from disk and slot copies per second, and the slot hit rate."""
+    """Per labelled run: adapter loads from disk and slot copies per second, the slot hit rate, and
+    the mean batch (sequences per engine step: how full few slots let the batches be)."""
     plt = _pyplot()
-    fig, (ax_loads, ax_hits) = plt.subplots(2, 1, figsize=(10, 6), sharex=True)
+    fig, (ax_loads, ax_hits, ax_batch) = plt.subplots(3, 1, figsize=(10, 8.5), sharex=True)
     for label, points in runs.items():
         xs = [p.mid for p in points]
         line = ax_loads.plot(xs, [p.loads_per_s for p in points], label=f"{label}: disk loads")[0]
         ax_loads.plot(xs, [p.activations_per_s for p in points], linestyle="--", color=line.get_color(),
                       label=f"{label}: slot copies")  # fmt: skip
         ax_hits.plot(xs, [p.slot_hit_rate * 100 for p in points], marker=".", label=label)
+        ax_batch.plot(xs, [p.mean_batch for p in points], marker=".", label=label)
     ax_loads.set_title("adapter loads")
     ax_loads.set_ylabel("per second")
     ax_hits.set_title("slot hit rate (requests scheduled with their adapter already in a slot)")
     ax_hits.set_ylabel("%")
     ax_hits.set_ylim(0, 101)
-    ax_hits.set_xlabel("seconds into the run")
-    for ax in (ax_loads, ax_hits):
+    ax_batch.set_title("mean batch (sequences per engine step)")
+    ax_batch.set_ylabel("sequences")
+    ax_batch.set_xlabel("seconds into the run")
+    for ax in (ax_loads, ax_hits, ax_batch):
         ax.grid(alpha=0.3)
         ax.legend(fontsize=7, ncol=2)
     return _save(fig, plt, path)

@@ -78,8 +78,14 @@ def timeline(samples: list[tuple[float, dict[str, float]]]) -> list[TimelinePoin
         hit_rate = delta("slot_hits") / scheduled if scheduled > 0 else math.nan
         points.append(
             TimelinePoint(
-                t0, t1, delta("loads") / dt, delta("activations") / dt, delta("evictions") / dt, hit_rate,
-                delta("steps"), delta("scheduled"),
+                t0,
+                t1,
+                delta("loads") / dt,
+                delta("activations") / dt,
+                delta("evictions") / dt,
+                hit_rate,
+                delta("steps"),
+                delta("scheduled"),
             )  # fmt: skip
         )
     return points

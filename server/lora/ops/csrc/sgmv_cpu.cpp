@@ -34,6 +34,7 @@ using loraplex::v16;
 
 constexpr int kRows = 4;  // rows per block (all of one slot)
 constexpr int kVecs = 4;  // 16-wide vectors per column tile
+constexpr int kAheadRows = 16;  // shrink: software prefetch distance, in rows of A
 
 template <typename T>
 inline void add_store(T* p, v16 v) { loraplex::store16(p, load16(p) + v); }
@@ -53,6 +54,7 @@ void shrink_tile(const T* x, int64_t ldx, const int64_t* rows, const T* a_slot, 
   for (; c + U <= I; c += U)
     for (int u = 0; u < U; ++u) {
       const T* arow = a_slot + (c + u) * lda + q0;
+      for (int v = 0; v < NV; ++v) __builtin_prefetch(arow + kAheadRows * lda + 16 * v);
       v16 av[NV];
       for (int v = 0; v < NV; ++v) av[v] = load16(arow + 16 * v);
       for (int m = 0; m < MB; ++m) {
@@ -95,6 +97,9 @@ void expand_tile(T* y, int64_t ldy, const int64_t* rows, const T* b_slot, int64_
   v16 acc[MB][kVecs] = {};
   for (int64_t q = 0; q < r; ++q) {
     const T* brow = b_slot + q * ldb + o0;
+    // The next column tile's part of this row: B's rows sit a whole output width apart, so the
+    // hardware prefetcher does not follow a tile walk; without it the expand waits on DRAM.
+    for (int v = 0; v < kVecs; ++v) __builtin_prefetch(brow + 16 * (kVecs + v));
     v16 bv[kVecs];
     for (int v = 0; v < kVecs; ++v) bv[v] = v < nv ? load16(brow + 16 * v) : v16{};
     for (int m = 0; m < MB; ++m) {

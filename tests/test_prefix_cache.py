@@ -211,6 +211,32 @@ def test_a_burst_on_a_new_prefix_computes_it_once(tiny_llama_dir, store):
     assert outs[True] == outs[False]
 
 
+def test_a_step_that_completes_a_shared_prefix_takes_no_new_prefill(tiny_llama_dir, store):
+    """Finish-prefix-first: the step in which the first request on a new prefix completes it takes no
+    other new prompt (B1 would fit the 64-token budget beside A1), so A's followers start a step
+    sooner; then A's followers and B1 share a step, then B's followers. Outputs as with caching off."""
+    other = random_prompts([26], seed=23)[0]
+    turns = random_prompts([3, 2, 5, 4, 1, 6], seed=24)
+    requests = [(None, (PREFIX if i in (0, 2, 3) else other) + t) for i, t in enumerate(turns)]
+    outs, firsts = {}, {}
+    for caching in (True, False):
+        rt = _runtime(tiny_llama_dir, store, caching, max_num_batched_tokens=64, max_num_seqs=8)
+        core = rt.engine.core
+        seqs = [Sequence(f"r{i}", p, greedy(NEW)) for i, (_, p) in enumerate(requests)]
+        for seq in seqs:
+            core.add(seq)
+        outs[caching], firsts[caching], step = {s.request_id: [] for s in seqs}, {}, 0
+        while core.has_work():
+            for seq, out in core.step():
+                outs[caching][seq.request_id].extend(out.new_token_ids)
+                firsts[caching].setdefault(seq.request_id, step)
+            step += 1
+        assert _all_free(rt)
+    assert outs[True] == outs[False]
+    assert firsts[True] == {"r0": 0, "r2": 1, "r3": 1, "r1": 1, "r4": 2, "r5": 2}
+    assert firsts[False]["r1"] == 0  # without caching both first prompts share the first step
+
+
 def test_no_reuse_across_adapters_or_across_a_reload(tiny_llama_dir, store, tmp_path):
     names = NAMES
     live = tmp_path / "live"

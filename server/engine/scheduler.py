@@ -4,7 +4,8 @@ Every step, running sequences go first (so decodes are never starved by long pro
 waiting ones are admitted while the token budget, the sequence cap, free KV blocks and the adapter
 slots allow, in the order ``admission.py`` gives (arrival order, adapter-aware when slots are
 short). A new sequence starts on the longest cached prefix of its blocks (prefix caching) and only
-the rest is computed; one whose next block a running sequence is computing waits for it. Prompts are chunked to fit the budget, so prefill and decode share steps.
+the rest is computed; one whose next block a running sequence is computing waits for it, and a step
+that completes a prefix others wait on takes no more new prefill work (``PrefixWait``). Prompts are chunked to fit the budget, so prefill and decode share steps.
 When KV blocks run out, the most recently arrived running sequence is preempted and later
 recomputed: memory pressure slows requests down instead of failing them. Each step first hands the
 waiting requests' adapters to the slots for prefetching (host memory, and free device slots filled
@@ -19,7 +20,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from server.engine.adapter_slots import AdapterSlots
-from server.engine.admission import AdmissionOrder
+from server.engine.admission import LPM_MAX_WAITING, AdmissionOrder
 from server.engine.block_manager import BlockManager
 from server.engine.sequence import Sequence, SequenceStatus
 from server.engine.types import FinishReason
@@ -42,12 +43,51 @@ def cached_prefix(blocks: BlockManager, slots: AdapterSlots | None, seq: Sequenc
     return blocks.cached_prefix(seq, identity)
 
 
-def inflight_blocks(running: list[Sequence]) -> set[bytes]:
-    """The hash chains of prompt blocks running requests are still computing. A waiting request
-    whose next uncached block is one of them waits for it to be published instead of computing the
-    same prefix a second time beside it (SGLang's in-batch prefix check): in a burst on a new system
-    prompt, the first request computes it once and the others start on its blocks."""
-    return {h for s in running for h in s.block_hashes[s.num_registered_blocks :]}
+class PrefixWait:
+    """One admission pass's rules for prompts that share a prefix nobody has cached yet.
+
+    - A waiting request whose next uncached block a running request is computing waits for it to
+      be published instead of computing the same prefix a second time beside it (SGLang's in-batch
+      prefix check): in a burst on a new system prompt, the first request computes it once.
+    - Finish-prefix-first: once a request admitted in this pass completes its prompt in this step
+      and others wait on its blocks, the step takes no more new prefill work (requests with most of
+      their prompt cached, and starving ones, still join). The step ends sooner, so those followers
+      - short jobs, a user turn each - get their first token a step of long prefills earlier.
+    """
+
+    def __init__(self, running: list[Sequence], waiting: deque[Sequence], blocks: BlockManager) -> None:
+        self.enabled = blocks.cache is not None
+        self.block_size = blocks.block_size
+        self.waiting = waiting
+        self.inflight = {h for s in running for h in s.block_hashes[s.num_registered_blocks :]}
+        self.short_step = False
+
+    def defers(self, seq: Sequence, num_cached: int, starving: bool) -> bool:
+        """Whether ``seq`` (``num_cached`` of its blocks cached) waits for a later step."""
+        if not self.enabled or len(seq.block_hashes) <= num_cached:
+            return False
+        if seq.block_hashes[num_cached] in self.inflight:
+            return True
+        mostly_cached = 2 * num_cached * self.block_size >= len(seq)
+        return self.short_step and not (mostly_cached or starving)
+
+    def admitted(self, seq: Sequence, num_cached: int, completes: bool) -> None:
+        if not self.enabled:
+            return
+        own = seq.block_hashes[num_cached:]
+        self.inflight.update(own)
+        if completes and own and self._has_followers(seq, num_cached):
+            self.short_step = True
+
+    def _has_followers(self, seq: Sequence, index: int) -> bool:
+        """Whether another waiting request shares ``seq``'s block ``index`` (and so every one before);
+        not looked for in a long queue (hashes are computed for all only while LPM orders it)."""
+        if len(self.waiting) > LPM_MAX_WAITING:
+            return False
+        h = seq.block_hashes[index]
+        return any(
+            s is not seq and len(s.block_hashes) > index and s.block_hashes[index] == h for s in self.waiting
+        )
 
 
 class Scheduler:
@@ -126,7 +166,7 @@ class Scheduler:
         blocks = self.block_manager
         cached = (lambda s: len(cached_prefix(blocks, self.slots, s))) if blocks.cache is not None else None
         draining = None  # an adapter admitted nothing this step, so that its slot frees for a starving one
-        inflight = inflight_blocks(self.running) if blocks.cache is not None else set()
+        prefixes = PrefixWait(self.running, self.waiting, blocks)
         for seq in self.admission.order(self.waiting, self.slots, active, now, cached):
             if budget <= 0 or len(self.running) >= self.max_num_seqs:
                 break
@@ -146,8 +186,8 @@ class Scheduler:
                         draining = self.admission.drain_victim(self.running)
                     continue  # slots are short: requests of resident adapters go ahead
             prefix = cached_prefix(blocks, self.slots, seq)
-            if len(seq.block_hashes) > len(prefix) and seq.block_hashes[len(prefix)] in inflight:
-                continue  # a running request is computing this prefix now: start on its blocks later
+            if prefixes.defers(seq, len(prefix), self.admission.is_starving(seq, now)):
+                continue
             num_new = min(len(seq) - len(prefix) * blocks.block_size, budget)
             total = len(prefix) * blocks.block_size + num_new
             if not blocks.can_admit(seq, prefix, total):
@@ -162,7 +202,7 @@ class Scheduler:
                 active.add(key)
             self.running.append(seq)
             out.scheduled.append(seq)
-            inflight.update(seq.block_hashes[len(prefix) :])
+            prefixes.admitted(seq, len(prefix), total >= len(seq))
 
     def _preempt(self, seq: Sequence) -> None:
         self.num_preemptions += 1

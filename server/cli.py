@@ -121,6 +121,10 @@ def cmd_serve(ns: argparse.Namespace) -> int:
 
     from server.api.app import create_app
     from server.api.serving import serve
+    from server.model.loader import ASYNC_LOAD_OFF
+
+    if runtime_env.serves_on_cpu(settings.device):  # now, while this is the only thread (see the loader)
+        os.environ.setdefault(ASYNC_LOAD_OFF, "1")
 
     runtime_env.unpin_main_thread()
     logging.basicConfig(level=ns.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")

@@ -113,7 +113,8 @@ class Settings(BaseSettings):
         2.0,
         ge=0,
         description="When adapter slots are short, requests of resident adapters may overtake a waiting "
-        "request until it has waited this long.",
+        "request until it has waited this long; the same bound limits how long a new prompt may be held "
+        "back while a step completes a shared prefix (finish-prefix-first).",
     )
 
     # --- LoRA -------------------------------------------------------------------------------

@@ -72,7 +72,7 @@ def test_cpu_weights_are_cast_on_the_loading_thread(tiny_llama_dir, monkeypatch)
     """transformers' loading thread pool would start extra OpenMP teams while casting fp32 weights to
     bf16, and under a bound OpenMP runtime the engine's team could land on one core (2x slower decode,
     measured): on CPU the cast runs on the loading thread; the variable is restored afterwards."""
-    import transformers.core_model_loading as loading
+    loading = pytest.importorskip("transformers.core_model_loading")  # transformers >= 5
 
     pools = []
 

@@ -74,8 +74,8 @@ def timeline(samples: list[tuple[float, dict[str, float]]]) -> list[TimelinePoin
         def delta(key: str, a=a, b=b) -> float:
             return b.get(key, 0.0) - a.get(key, 0.0)
 
-        scheduled = delta("slot_hits") + delta("slot_misses")
-        hit_rate = delta("slot_hits") / scheduled if scheduled > 0 else math.nan
+        admitted = delta("slot_hits") + delta("slot_misses")  # requests scheduled for the first time
+        hit_rate = delta("slot_hits") / admitted if admitted > 0 else math.nan
         points.append(
             TimelinePoint(
                 t0,

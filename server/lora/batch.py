@@ -89,7 +89,7 @@ class LoRABatch:
     def __init__(self, max_loras: int) -> None:
         self.max_loras = max_loras
         self.num_tokens: int | None = None  # None: no batch set, LoRA layers act as the base model
-        self.segments: list[tuple[int, int, int]] = []
+        self._set_segments([])
         self.static = False  # a padded decode step: launches depend on its row count only
         self.launch_segments = 0  # segment programs a kernel launches (>= len(segments))
         self.segment_rows: int | None = None  # decode: the fixed row block per segment

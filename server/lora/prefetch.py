@@ -64,7 +64,7 @@ class SlotPrefetcher:
                     self.cache.prefetch(unique[key])
                 continue
             if not self.slots.has_room(self.wanted):
-                return  # every slot is running or promised to an older waiting request
+                return  # every slot is running or promised to a more wanted waiting request
             slot, evicted = self.slots.assign(key, keep=self.wanted)
             if evicted is not None:
                 self.slot_epoch.pop(evicted, None)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import os
+import threading
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -19,8 +20,10 @@ from server.model.fused_linear import fuse_projections
 log = logging.getLogger(__name__)
 
 # transformers reads this at each from_pretrained: set, it converts the checkpoint's tensors on the
-# calling thread instead of a pool of worker threads.
-_ASYNC_LOAD_OFF = "HF_DEACTIVATE_ASYNC_LOAD"
+# calling thread instead of a pool of worker threads. `loraplex serve` sets it at process start on
+# CPU, before any thread runs (``server/cli.py``); library callers get it per load, below.
+ASYNC_LOAD_OFF = "HF_DEACTIVATE_ASYNC_LOAD"
+_env_lock = threading.Lock()  # two concurrent loads must not undo each other's setting
 
 
 @contextmanager
@@ -31,17 +34,18 @@ def weights_loaded_on_this_thread(device: str) -> Iterator[None]:
     every thread that runs a parallel torch op starts its own OpenMP team, and under a bound OpenMP
     runtime (``server/runtime_env.py``: ``KMP_AFFINITY``) the team the engine later gets can end up
     with its worker on the engine's own core. Measured on the development machine (bf16, batch-32
-    decode step under the runtime set-up): 14.7 ms with the pool, 8.8 ms without; fp32 checkpoints
+    decode step under the runtime set-up): 14.7 ms with the pool, 8.1-8.8 ms without; fp32 checkpoints
     served in fp32 need no cast and were not affected. A user's own setting of the variable wins.
     """
-    if torch.device(device).type != "cpu" or _ASYNC_LOAD_OFF in os.environ:
+    if torch.device(device).type != "cpu" or ASYNC_LOAD_OFF in os.environ:
         yield
         return
-    os.environ[_ASYNC_LOAD_OFF] = "1"
-    try:
-        yield
-    finally:
-        os.environ.pop(_ASYNC_LOAD_OFF, None)
+    with _env_lock:
+        os.environ[ASYNC_LOAD_OFF] = "1"
+        try:
+            yield
+        finally:
+            os.environ.pop(ASYNC_LOAD_OFF, None)
 
 
 def load_model(model_dir: Path, device: str, dtype: torch.dtype) -> torch.nn.Module:

@@ -296,6 +296,20 @@ def test_longest_cached_prefix_goes_first_within_the_age_bound():
     assert order.order(many, None, set(), 0.0, lambda s: int(s.request_id[1:])) == many  # too many to look up
 
 
+def test_free_slots_go_to_starving_requests_then_to_the_most_wanted_adapters():
+    order = AdmissionOrder(max_wait_s=1.0)
+    keys = ["rare", "hot", "warm", "hot", "old", "warm", "hot"]  # arrival order
+    seqs = [Sequence(f"r{i}", [5] * 8, greedy(2), Handle(k)) for i, k in enumerate(keys)]
+    for seq in seqs:
+        seq.arrival_time = 0.5
+    assert [a.key for a in order.prefetch_order(seqs, 1.0)] == ["hot", "warm", "rare", "old"]
+    seqs[4].arrival_time = 0.0  # "old" has waited 1 s: its slot comes first
+    assert [a.key for a in order.prefetch_order(seqs, 1.0)] == ["old", "hot", "warm", "rare"]
+    base = Sequence("base", [5] * 8, greedy(2))
+    base.arrival_time = 0.0
+    assert [a.key for a in order.prefetch_order([base, *seqs[:1]], 1.0)] == ["rare"]  # base rows need no slot
+
+
 def test_activation_takes_a_waiting_requests_slot_only_when_it_must(tiny_llama_dir, store):
     _, stack = _stack(tiny_llama_dir, store)  # 2 slots
     manager = stack.manager

@@ -247,3 +247,29 @@ def test_cpu_kernel_with_an_input_width_its_unrolled_loop_does_not_divide(member
     got = y.clone()
     _ops()["cpu"](got, x, weights, batch.slot_rows(torch.device("cpu")))
     torch.testing.assert_close(got.double(), _naive(y, x, written, seq_slots, seq_lens), rtol=1e-5, atol=1e-4)
+
+
+def test_a_target_no_live_slot_uses_costs_no_kernel_call(tiny_llama_dir, tmp_path):
+    """An attention-only adapter's rows skip the MLP targets (gate/up, down) before the op: the step's
+    live slots hold no rank there (``rank_mask & live_mask``). The attention targets still run."""
+    from server.engine.sequence import Sequence
+    from tests.engine_utils import build_test_runtime, greedy
+    from tests.lora_fixtures import MIXED_CASES, make_mixed_adapters
+
+    store = tmp_path / "store"
+    make_mixed_adapters(tiny_llama_dir, store, [MIXED_CASES[0]])  # attn-r4: q, k, v, o
+    rt = build_test_runtime(tiny_llama_dir, adapter_store=store, max_loras=2, lora_backend="torch")
+    backend = rt.lora.model.backend
+    called: list[str] = []
+    sgmv = backend.sgmv
+
+    def recording(y, x, weights):
+        called.append(weights.names[0].rsplit(".", 1)[-1])
+        sgmv(y, x, weights)
+
+    backend.sgmv = recording
+    core = rt.engine.core
+    core.add(Sequence("r0", [5, 6, 7, 8, 9], greedy(1), rt.adapters.resolve("attn-r4")))
+    while core.has_work():  # the first steps may wait on the adapter's load; the prefill is eager
+        core.step()
+    assert called and set(called) == {"q_proj", "o_proj"}  # q/k/v fused: one target named by q_proj

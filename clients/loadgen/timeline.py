@@ -86,7 +86,7 @@ def timeline(samples: list[tuple[float, dict[str, float]]]) -> list[TimelinePoin
                 hit_rate,
                 delta("steps"),
                 delta("scheduled"),
-            )  # fmt: skip
+            )
         )
     return points
 

@@ -5,7 +5,8 @@ waiting ones are admitted while the token budget, the sequence cap, free KV bloc
 slots allow, in the order ``admission.py`` gives (arrival order, adapter-aware when slots are
 short). A new sequence starts on the longest cached prefix of its blocks (prefix caching) and only
 the rest is computed; one whose next block a running sequence is computing waits for it, and a step
-that completes a prefix others wait on takes no more new prefill work (``PrefixWait``). Prompts are chunked to fit the budget, so prefill and decode share steps.
+that completes a prefix others wait on takes no more new prefill work (``PrefixWait``). Prompts are
+chunked to fit the budget, so prefill and decode share steps.
 When KV blocks run out, the most recently arrived running sequence is preempted and later
 recomputed: memory pressure slows requests down instead of failing them. Each step first hands the
 waiting requests' adapters to the slots for prefetching (host memory, and free device slots filled

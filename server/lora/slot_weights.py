@@ -137,7 +137,6 @@ class SlotWeights(nn.Module):
         self.register_buffer(
             "slot_rank", torch.zeros(max_loras, dtype=torch.long, device=device), persistent=False
         )
-        self.rank_mask = 0  # bit s: slot s holds a non-zero rank here (with dora_mask, bias_mask: host facts)
         self._refresh_resident(range(max_loras))
 
     @property
@@ -157,26 +156,19 @@ class SlotWeights(nn.Module):
         step skips each pass no live slot needs), and ``resident_host_pass``, whether a slot needs the
         DoRA or lora_bias pass (then no static step runs)."""
         for slot in slots:
-            rank = self.live_rank([slot])
-            self.slot_rank[slot] = rank
-            self.rank_mask = self.rank_mask | (1 << slot) if rank else self.rank_mask & ~(1 << slot)
+            self.slot_rank[slot] = self.live_rank([slot])
+        self.rank_mask = self._mask(self.rank)  # bit s: slot s holds a non-zero rank here
         self.dora_mask, self.bias_mask = self._mask(self._dora), self._mask(self._bias)
         self.resident_host_pass = bool(self.dora_mask or self.bias_mask)
 
     @staticmethod
-    def _mask(flags: list[list[bool]]) -> int:
-        """Bit ``s`` set where any member's flag for slot ``s`` is."""
-        return sum(1 << s for s in range(len(flags[0])) if any(member[s] for member in flags))
+    def _mask(per_member: list[list]) -> int:
+        """Bit ``s`` set where any member's fact for slot ``s`` is truthy (a rank > 0, a flag)."""
+        return sum(1 << s for s in range(len(per_member[0])) if any(member[s] for member in per_member))
 
     def written_extent(self, slot: int) -> tuple[int, bool]:
         """What ``slot`` may hold beyond zeros: its live rank, and whether it has bias or DoRA vectors."""
-        return self.live_rank([slot]), self.any_dora([slot]) or self.any_bias([slot])
-
-    def any_dora(self, slots: Iterable[int]) -> bool:
-        return any(flags[s] for flags in self._dora for s in slots)
-
-    def any_bias(self, slots: Iterable[int]) -> bool:
-        return any(flags[s] for flags in self._bias for s in slots)
+        return self.live_rank([slot]), bool((self.dora_mask | self.bias_mask) >> slot & 1)
 
     def view(self, slot: int) -> SlotView:
         return SlotView(*(getattr(self, name)[slot] for name in BUFFERS))

@@ -135,12 +135,31 @@ def _requests(names: list[str | None], suffix_lens: list[int]) -> list[tuple[str
     return [(names[i % len(names)], PREFIX + s) for i, s in enumerate(suffixes)]
 
 
-def _serve(rt, requests, join_every=1) -> tuple[dict[str, list[int]], list[Sequence]]:
-    seqs = [
+def _seqs(rt, requests) -> list[Sequence]:
+    return [
         Sequence(f"r{i}", prompt, greedy(NEW), rt.adapters.resolve(name) if name else None)
         for i, (name, prompt) in enumerate(requests)
     ]
+
+
+def _serve(rt, requests, join_every=1) -> tuple[dict[str, list[int]], list[Sequence]]:
+    seqs = _seqs(rt, requests)
     return run_staggered(rt.engine.core, seqs, join_every), seqs
+
+
+def _burst(rt, requests) -> tuple[dict[str, list[int]], dict[str, int], list[Sequence]]:
+    """Every request queued before the first step; token ids per request, and the step each one
+    got its first token in."""
+    core, seqs = rt.engine.core, _seqs(rt, requests)
+    for seq in seqs:
+        core.add(seq)
+    outs, firsts, step = {s.request_id: [] for s in seqs}, {}, 0
+    while core.has_work():
+        for seq, out in core.step():
+            outs[seq.request_id].extend(out.new_token_ids)
+            firsts.setdefault(seq.request_id, step)
+        step += 1
+    return outs, firsts, seqs
 
 
 def _runtime(model_dir, store, caching: bool, **kw):
@@ -192,18 +211,8 @@ def test_a_burst_on_a_new_prefix_computes_it_once(tiny_llama_dir, store):
     outs = {}
     for caching in (True, False):
         rt = _runtime(tiny_llama_dir, store, caching, max_num_batched_tokens=16, max_num_seqs=8)
-        core = rt.engine.core
-        seqs = [
-            Sequence(f"r{i}", prompt, greedy(NEW), rt.adapters.resolve(name) if name else None)
-            for i, (name, prompt) in enumerate(requests)
-        ]
-        for seq in seqs:  # all queued before the first step
-            core.add(seq)
-        outs[caching] = {s.request_id: [] for s in seqs}
-        while core.has_work():
-            for seq, out in core.step():
-                outs[caching][seq.request_id].extend(out.new_token_ids)
-        computed = core.stats().num_batched_tokens_total
+        outs[caching], _, seqs = _burst(rt, requests)
+        computed = rt.engine.core.stats().num_batched_tokens_total
         if caching:
             assert [s.num_cached_tokens for s in seqs] == [0, 24, 24, 24, 0, 24]
             assert computed == sum(len(p) for _, p in requests) - 24 * 4 + len(requests) * (NEW - 1)
@@ -221,16 +230,7 @@ def test_a_step_that_completes_a_shared_prefix_takes_no_new_prefill(tiny_llama_d
     outs, firsts = {}, {}
     for caching in (True, False):
         rt = _runtime(tiny_llama_dir, store, caching, max_num_batched_tokens=64, max_num_seqs=8)
-        core = rt.engine.core
-        seqs = [Sequence(f"r{i}", p, greedy(NEW)) for i, (_, p) in enumerate(requests)]
-        for seq in seqs:
-            core.add(seq)
-        outs[caching], firsts[caching], step = {s.request_id: [] for s in seqs}, {}, 0
-        while core.has_work():
-            for seq, out in core.step():
-                outs[caching][seq.request_id].extend(out.new_token_ids)
-                firsts[caching].setdefault(seq.request_id, step)
-            step += 1
+        outs[caching], firsts[caching], _ = _burst(rt, requests)
         assert _all_free(rt)
     assert outs[True] == outs[False]
     assert firsts[True] == {"r0": 0, "r2": 1, "r3": 1, "r1": 1, "r4": 2, "r5": 2}

@@ -31,21 +31,21 @@ CASES = [  # (seq slots, seq lengths)
 ]
 
 
-def _module_weights(out: int, r: int, g: torch.Generator) -> LoRAModuleWeights:
+def _module_weights(out: int, r: int, g: torch.Generator, d_in: int = D_IN) -> LoRAModuleWeights:
     return LoRAModuleWeights(
-        a=torch.randn(r, D_IN, generator=g), b=torch.randn(out, r, generator=g), scale=0.5
+        a=torch.randn(r, d_in, generator=g), b=torch.randn(out, r, generator=g), scale=0.5
     )
 
 
-def _weights(members: int, dtype=torch.float32, ranks=RANKS) -> tuple[SlotWeights, list[list]]:
+def _weights(members: int, dtype=torch.float32, ranks=RANKS, d_in=D_IN) -> tuple[SlotWeights, list[list]]:
     """SlotWeights of ``members`` members with slot i at rank ``ranks[i]``, and the PEFT-layout
     matrices written (per slot, per member) for the naive reference."""
     g = torch.Generator().manual_seed(members)
     outs = OUTS[members]
-    weights = SlotWeights([f"m{j}" for j in range(members)], D_IN, outs, len(ranks), 64, "cpu", dtype)
+    weights = SlotWeights([f"m{j}" for j in range(members)], d_in, outs, len(ranks), 64, "cpu", dtype)
     written = []
     for slot, r in enumerate(ranks):
-        per_member = [_module_weights(out, r, g) for out in outs]
+        per_member = [_module_weights(out, r, g, d_in) for out in outs]
         for j, module in enumerate(per_member):
             weights.write(slot, j, module, None)
         written.append(per_member)
@@ -228,21 +228,12 @@ def test_cpu_kernel_with_an_input_width_its_unrolled_loop_does_not_divide(member
     if "cpu" not in _ops():
         pytest.skip("the native CPU kernel does not build here")
     g = torch.Generator().manual_seed(7)
-    outs, ranks = OUTS[members], [16, 32, 48, 16]
-    weights = SlotWeights([f"m{j}" for j in range(members)], 50, outs, len(ranks), 64, "cpu", torch.float32)
-    written = []
-    for slot, r in enumerate(ranks):
-        written.append([])
-        for j, out in enumerate(outs):
-            module = LoRAModuleWeights(
-                a=torch.randn(r, 50, generator=g), b=torch.randn(out, r, generator=g), scale=0.5
-            )
-            weights.write(slot, j, module, None)
-            written[-1].append(module)
+    weights, written = _weights(members, ranks=[16, 32, 48, 16], d_in=50)
+    outs = OUTS[members]
     seq_slots, seq_lens = [0, 1, 1, 2, 3, 3, 3, 3], [1, 1, 1, 2, 1, 1, 1, 1]  # blocks of 1 to 4 rows
     n = sum(seq_lens)
     x, y = torch.randn(n, 50, generator=g), torch.randn(n, sum(outs), generator=g)
-    batch = LoRABatch(len(ranks))
+    batch = LoRABatch(len(written))
     batch.set(seq_slots, seq_lens)
     got = y.clone()
     _ops()["cpu"](got, x, weights, batch.slot_rows(torch.device("cpu")))

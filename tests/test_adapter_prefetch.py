@@ -147,8 +147,26 @@ def test_engine_never_reads_adapter_files_on_its_thread(tiny_llama_dir, store):
         name, prompt = requests[i]
         assert outs[f"r{i}"] == greedy_ids(peft_model(tiny_llama_dir, {name: store / name}), prompt, 5)
     counters = rt.adapters.stats()
-    assert counters.loads > 6  # max_cpu_loras=2: adapters were read again, never by the engine
+    assert counters.loads >= 6  # every adapter read, never by the engine
     assert counters.prefetch_fills > 0 and counters.slot_hits + counters.slot_misses >= len(seqs)
+
+
+def test_a_queue_of_more_adapters_than_the_host_cache_reads_each_once(tiny_llama_dir, store):
+    """Waiting requests naming more adapters than max_cpu_loras: only the most wanted few are loaded at
+    a time, so no load evicts an adapter that is wanted sooner (asking the cache to load every waiting
+    request's adapter read 7,698 adapters for 480 requests over 1,000 of them, measured)."""
+    rt = build_test_runtime(tiny_llama_dir, adapter_store=store, max_loras=2, max_cpu_loras=2, block_size=4)
+    prompts = random_prompts([9, 5, 12, 7, 10, 6] * 2, seed=9)
+    seqs = [Sequence(f"r{i}", p, greedy(4), AdapterRef(name=NAMES[i % 6])) for i, p in enumerate(prompts)]
+    core, outs = rt.engine.core, {s.request_id: [] for s in seqs}
+    for seq in seqs:  # all queued at once
+        core.add(seq)
+    while core.has_work():
+        for seq, out in core.step():
+            outs[seq.request_id].extend(out.new_token_ids)
+    assert rt.adapters.stats().loads == 6
+    name, prompt = NAMES[4], prompts[4]
+    assert outs["r4"] == greedy_ids(peft_model(tiny_llama_dir, {name: store / name}), prompt, 4)
 
 
 # --- admission order: adapter-aware, age-bounded ------------------------------------------------

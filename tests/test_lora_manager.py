@@ -83,10 +83,12 @@ def _wait(cache, ref, timeout=30.0):
 
 
 def _ready(manager, key, timeout=30.0) -> bool:
-    """Waits as the scheduler would (readiness() re-fetches what the host LRU dropped); False on error."""
+    """Waits as the scheduler would (each step prefetch() loads again what the host LRU dropped, and
+    readiness() reports); False on error."""
     ref = AdapterRef(name=key)
     deadline = time.monotonic() + timeout
     while (status := manager.readiness(ref)) == "loading" and time.monotonic() < deadline:
+        manager.prefetch([ref])
         time.sleep(0.01)
     return status == "ready"
 
@@ -195,9 +197,11 @@ def test_background_load_states_and_errors(tiny_llama_dir, store, tmp_path):
     assert stack.cache.counters.load_failures >= 2
 
     nope = AdapterRef(name="nope")  # what the scheduler asks through the AdapterSlots protocol
-    assert manager.readiness(nope) == "error" and "not found" in manager.load_error(nope)
     ref = AdapterRef(name=MIXED_CASES[1].name)
-    assert manager.readiness(ref) in ("loading", "ready") and _wait(cache, ref) == "ready"
+    assert manager.readiness(ref) == "loading" and cache.state(ref.key) == "missing"  # reports only
+    manager.prefetch([nope, ref])  # the scheduler's step: loads start here
+    assert _wait(cache, nope) == "error" and _wait(cache, ref) == "ready"
+    assert manager.readiness(nope) == "error" and "not found" in manager.load_error(nope)
     assert manager.readiness(ref) == "ready"
     stack.close()
 

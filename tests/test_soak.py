@@ -27,9 +27,9 @@ from tests.fault_server import INJECTED
 from tests.lora_fixtures import ALL_LINEAR, make_peft_adapter
 from tests.server_process import ServerProcess
 
-pytestmark = pytest.mark.soak
-
 DURATION_S = min(float(os.environ.get("SOAK_SECONDS", "600")), 600.0)
+
+pytestmark = [pytest.mark.soak, pytest.mark.timeout(DURATION_S + 300)]  # start-up, warm-up, drain
 FAULT_RATE = 0.002
 RSS_LIMIT = 64 << 20
 SLOW = r"(?:(\w)|(\.)|(\w))*(?(1)#|@)"

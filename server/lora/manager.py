@@ -6,9 +6,9 @@ A slot remembers the epoch of the weights it holds; after a reload the next ``ac
 in place (vLLM's ``load_inplace``: running requests continue on the new weights). An unloaded adapter
 ("retiring") keeps its slot, untouched, until no running request pins it. Slots of waiting requests'
 adapters are filled ahead of time off the engine thread (``prefetch.py``); a slot is one contiguous
-row, written with one copy (``slot_rows.py``, ``slot_fill.py``). Disk reads happen on loader threads:
-``readiness`` keeps a reference to the host copy it found, so ``activate`` has it even if the host
-LRU drops it in between.
+row, written with one copy (``slot_rows.py``, ``slot_fill.py``). Disk reads happen on loader threads,
+started by ``prefetch`` only (for the most wanted few); ``readiness`` keeps a reference to the host
+copy it found, so ``activate`` has it even if the host LRU drops it in between.
 """
 
 from __future__ import annotations

@@ -40,9 +40,9 @@ class AdapterSlots(Protocol):
 
     def prefetch(self, adapters: Sequence[AdapterHandle]) -> None:
         """The waiting requests' adapters, most wanted first (``AdmissionOrder.prefetch_order``): start
-        loading the first few into host memory (again, if the host cache dropped one), and into device slots that are free or hold nothing running or
-        waiting requests use. A request whose adapter is being copied into its slot reads as
-        'loading' until the copy is done."""
+        loading the first few into host memory (again, if the host cache dropped one), and into device
+        slots that are free or hold nothing running or waiting requests use. A request whose adapter
+        is being copied into its slot reads as 'loading' until the copy is done."""
         ...
 
     def idle_wait(self, timeout: float) -> None:

@@ -4,10 +4,10 @@ Each step the engine names the adapters its waiting requests use, most wanted fi
 requests' first, then those with the most waiting requests). The first few (twice the slots: what
 can be scheduled soon; never more than the host cache holds) are loaded into host memory if it does
 not hold them - the only place loads for waiting requests start: loading every adapter of a long
-queue of distinct ones would churn the host LRU, each load evicting one wanted sooner. For each one whose weights
-are in host memory but in no slot, a slot is reserved - a free one, or the least recently
-used one that no running or waiting request needs - and the worker packs and copies the adapter
-into it. The slot stays pinned while the copy runs (nothing evicts or reads it) and its request
+queue of distinct ones would churn the host LRU, each load evicting one wanted sooner. For each one
+whose weights are in host memory but in no slot, a slot is reserved - a free one, or the least
+recently used one that no running or waiting request needs - and the worker packs and copies the
+adapter into it. The slot stays pinned while the copy runs (nothing evicts or reads it) and its request
 reads as loading; the next step commits the finished copy, and the request is scheduled on a
 resident adapter, with no copy on the critical path. Engine thread only, like the slot table.
 """

@@ -151,6 +151,22 @@ def test_engine_never_reads_adapter_files_on_its_thread(tiny_llama_dir, store):
     assert counters.prefetch_fills > 0 and counters.slot_hits + counters.slot_misses >= len(seqs)
 
 
+def _run_queued(core, seqs, max_steps=200) -> dict[str, list[int]]:
+    """Queues all of ``seqs`` at once and steps (at most ``max_steps``); the finished ones' tokens."""
+    for seq in seqs:
+        core.add(seq)
+    outs: dict[str, list[int]] = {s.request_id: [] for s in seqs}
+    finished = set()
+    for _ in range(max_steps):
+        if not core.has_work():
+            break
+        for seq, out in core.step():
+            outs[seq.request_id].extend(out.new_token_ids)
+            if out.finished:
+                finished.add(seq.request_id)
+    return {rid: tokens for rid, tokens in outs.items() if rid in finished}
+
+
 def test_a_queue_of_more_adapters_than_the_host_cache_reads_each_once(tiny_llama_dir, store):
     """Waiting requests naming more adapters than max_cpu_loras: only the most wanted few are loaded at
     a time, so no load evicts an adapter that is wanted sooner (asking the cache to load every waiting
@@ -158,12 +174,7 @@ def test_a_queue_of_more_adapters_than_the_host_cache_reads_each_once(tiny_llama
     rt = build_test_runtime(tiny_llama_dir, adapter_store=store, max_loras=2, max_cpu_loras=2, block_size=4)
     prompts = random_prompts([9, 5, 12, 7, 10, 6] * 2, seed=9)
     seqs = [Sequence(f"r{i}", p, greedy(4), AdapterRef(name=NAMES[i % 6])) for i, p in enumerate(prompts)]
-    core, outs = rt.engine.core, {s.request_id: [] for s in seqs}
-    for seq in seqs:  # all queued at once
-        core.add(seq)
-    while core.has_work():
-        for seq, out in core.step():
-            outs[seq.request_id].extend(out.new_token_ids)
+    outs = _run_queued(rt.engine.core, seqs)
     assert rt.adapters.stats().loads == 6
     name, prompt = NAMES[4], prompts[4]
     assert outs["r4"] == greedy_ids(peft_model(tiny_llama_dir, {name: store / name}), prompt, 4)
@@ -342,4 +353,37 @@ def test_activation_takes_a_waiting_requests_slot_only_when_it_must(tiny_llama_d
     # Two new adapters in one step: the first takes a's slot, the second has to take w's.
     assert set(manager.activate({b.key, NAMES[3]})) == {b.key, NAMES[3]}
     assert manager.resident() == sorted([b.key, NAMES[3]])
+    stack.close()
+
+
+@pytest.mark.parametrize("composed", [False, True])
+def test_a_request_on_a_slot_with_older_weights_is_loaded_again(tiny_llama_dir, store, composed):
+    """A reload in place leaves the old weights in the slot; when the host copy of the new ones is gone
+    too (evicted; a composition's is dropped by the reload), the waiting request's load must start
+    from prefetch, not hang on a slot that looks resident."""
+    rt = build_test_runtime(tiny_llama_dir, adapter_store=store, max_loras=2, max_cpu_loras=1 if not composed else 8,
+                            block_size=4)  # fmt: skip
+    core, cache, manager = rt.engine.core, rt.lora.cache, rt.lora.manager
+    ref = AdapterRef(weights={NAMES[0]: 0.5, NAMES[1]: 0.5}) if composed else AdapterRef(name=NAMES[0])
+    prompts = random_prompts([7, 8], seed=1)
+    assert set(_run_queued(core, [Sequence("r0", prompts[0], greedy(3), ref)])) == {"r0"}
+    cache.replace(NAMES[0], cache.get(NAMES[0])[0])  # what an in-place reload does
+    manager.revive(NAMES[0])
+    if not composed:
+        cache.get(NAMES[2])  # another adapter's load evicts the new host copy (max_cpu_loras=1)
+    assert ref.key in manager.resident() and cache.state(ref.key) == "missing"
+    assert set(_run_queued(core, [Sequence("r1", prompts[1], greedy(3), ref)])) == {"r1"}
+
+
+def test_host_loads_start_while_every_slot_is_busy(tiny_llama_dir, store):
+    _, stack = _stack(tiny_llama_dir, store, max_loras=1)
+    manager, cache = stack.manager, stack.cache
+    running, ready, missing = (AdapterRef(name=n) for n in NAMES[:3])
+    cache.get(running.key)
+    manager.activate({running.key})
+    manager.pin(running.key)  # the only slot runs a request
+    cache.invalidate(missing.key)  # dropped from host memory
+    assert cache.peek(ready.key) is not None and cache.state(missing.key) == "missing"
+    manager.prefetch([ready, missing])  # no slot for `ready`: `missing` still starts loading
+    assert cache.state(missing.key) in ("loading", "ready")
     stack.close()

@@ -35,7 +35,9 @@ class AdapterManager:
         self.filler = SlotFiller(self.rows)
         self._slots = SlotTable(lora.max_loras)  # engine thread only
         self._slot_epoch: dict[str, object] = {}
-        self._prefetcher = SlotPrefetcher(self._slots, self.filler, cache, self._slot_epoch)
+        self._prefetcher = SlotPrefetcher(
+            self._slots, self.filler, cache, self._slot_epoch, self._slot_is_current
+        )
         self._retiring: set[str] = set()  # guarded by cache.lock: unloaded keys awaiting unpin
         self._held: dict[str, tuple[LoRAAdapter, object]] = {}  # host copies readiness() saw
         self._identities = CacheIdentities(cache)

@@ -15,6 +15,7 @@ resident adapter, with no copy on the critical path. Engine thread only, like th
 from __future__ import annotations
 
 import logging
+from collections.abc import Callable
 from concurrent.futures import FIRST_COMPLETED, Future, wait
 
 from server.lora.counters import LoRACounters
@@ -29,9 +30,15 @@ log = logging.getLogger(__name__)
 
 class SlotPrefetcher:
     def __init__(
-        self, slots: SlotTable, filler: SlotFiller, cache: HostCache, slot_epoch: dict[str, object]
+        self,
+        slots: SlotTable,
+        filler: SlotFiller,
+        cache: HostCache,
+        slot_epoch: dict[str, object],
+        slot_is_current: Callable[[str], bool],
     ) -> None:
         self.slots = slots
+        self.slot_is_current = slot_is_current  # the manager's: a resident key's weights are current
         self.filler = filler
         self.cache = cache
         self.counters: LoRACounters = cache.counters
@@ -56,16 +63,21 @@ class SlotPrefetcher:
         for adapter in adapters:
             unique.setdefault(adapter.key, adapter)
         self.wanted = set(unique)
+        room = True  # False once every slot is running or promised to a more wanted waiting request
         for key in list(unique)[: min(2 * self.slots.num_slots, self.cache.max_cpu_loras)]:
-            if key in self._fills or self.slots.holds(key):
+            held = self.slots.holds(key)
+            if key in self._fills or (held and self.slot_is_current(key)):
                 continue
             entry = self.cache.peek(key)
             if entry is None:
                 if self.cache.state(key) in ("missing", "ready"):  # ready: dropped since the peek
                     self.cache.prefetch(unique[key])
                 continue
-            if not self.slots.has_room(self.wanted):
-                return  # every slot is running or promised to a more wanted waiting request
+            if held:
+                continue  # older weights in its slot: activate() rewrites it in place when scheduled
+            room = room and self.slots.has_room(self.wanted)
+            if not room:
+                continue  # host loads still start for the rest: they are what takes long
             slot, evicted = self.slots.assign(key, keep=self.wanted)
             if evicted is not None:
                 self.slot_epoch.pop(evicted, None)

@@ -13,6 +13,7 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
+import server.lora.adapter as adapter_module
 from server.lora.adapter import AdapterError, load_peft_adapter, max_bytes_for
 from server.lora.peft_config import parse_lora_config
 from server.lora.spec import BaseModelSpec
@@ -210,6 +211,30 @@ def test_refuses_a_weights_file_larger_than_any_adapter_of_the_base_before_readi
         AdapterError, match=r"bytes, more than an adapter of this base model at max_lora_rank"
     ):
         load_peft_adapter(path, "big", spec, max_rank=64)
+
+
+def test_a_large_weights_file_is_memory_mapped_and_reads_the_same(good, spec, monkeypatch):
+    whole = load_peft_adapter(good, "a", spec, max_rank=64)
+    monkeypatch.setattr(adapter_module, "WHOLE_READ_MAX_BYTES", 0)  # every file counts as large
+    mapped = load_peft_adapter(good, "a", spec, max_rank=64)
+    assert whole.modules.keys() == mapped.modules.keys()
+    for name, m in whole.modules.items():
+        assert torch.equal(m.a, mapped.modules[name].a) and torch.equal(m.b, mapped.modules[name].b)
+
+
+@pytest.mark.parametrize("large", [False, True])
+def test_refuses_integer_tensors_naming_the_dtype_once(copy, spec, monkeypatch, large):
+    path = copy()
+    _edit_tensors(
+        path, lambda t: t.__setitem__(f"{PREFIX}.lora_A.weight", t[f"{PREFIX}.lora_A.weight"].to(torch.int32))
+    )
+    if large:
+        monkeypatch.setattr(adapter_module, "WHOLE_READ_MAX_BYTES", 0)
+    with pytest.raises(
+        AdapterError, match=r"q_proj.lora_A.weight' has dtype (I32|torch.int32); F64, F32, F16 or BF16"
+    ) as info:
+        load_peft_adapter(path, "x", spec, 64)
+    assert str(info.value).count("adapter 'x'") == 1
 
 
 def test_reading_an_adapter_again_and_again_keeps_no_memory(good, spec):

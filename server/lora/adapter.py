@@ -18,7 +18,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
-from safetensors import SafetensorError, deserialize
+from safetensors import SafetensorError, deserialize, safe_open
 
 from server.confined import PathEscapeError, open_confined
 from server.lora.errors import AdapterError
@@ -31,6 +31,8 @@ _HEADER_BYTES_PER_TENSOR = 512  # a header entry is ~130 bytes: key, dtype, shap
 _HEADER_SLACK_BYTES = 64 * 1024  # __metadata__
 
 _FLOAT_DTYPES = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16}
+_DTYPES_EXPECTED = "F64, F32, F16 or BF16"
+WHOLE_READ_MAX_BYTES = 64 << 20
 
 _PREFIX = "base_model.model."
 _SUFFIXES = {  # tensor key suffix -> role
@@ -159,11 +161,11 @@ def _read_config(path: Path, root: Path | None) -> object:
 def _read_safetensors(
     path: Path, name: str, root: Path | None, max_tensors: int, max_bytes: int
 ) -> dict[str, torch.Tensor]:
-    """The file's tensors. Read whole and parsed by safetensors' ``deserialize``, not through
-    ``safe_open(...).get_tensor``: safetensors 0.8 keeps ~50 bytes (and more native memory) per
-    ``get_tensor`` call for good, measured (a server loading adapters all day grew its RSS steadily);
-    it is also half the time. The file's size is bounded first (``max_bytes``), so nothing large is
-    read before it is known to fit an adapter of this base model."""
+    """The file's tensors. Up to ``WHOLE_READ_MAX_BYTES`` (64 MiB) the file is read whole and parsed by safetensors' ``deserialize``, not through ``safe_open(...)
+    .get_tensor``: safetensors 0.8 keeps ~50 bytes (and more native memory) per ``get_tensor`` call for
+    good, measured (a server loading adapters all day grew its RSS steadily); it is also half the
+    time. Larger files are memory-mapped (``safe_open``): reading them whole would hold the bytes
+    three times over. The file's size is bounded first (``max_bytes``)."""
     try:
         with open_confined(path, root) as f:
             _check_header(f.fd, max_tensors)
@@ -172,8 +174,11 @@ def _read_safetensors(
                     f"is {f.size} bytes, more than an adapter of this base model at max_lora_rank can "
                     f"hold ({max_bytes})"
                 )
+            if f.size > WHOLE_READ_MAX_BYTES:  # memory-mapped instead of held in memory three times over
+                with safe_open(f.reopen_path, framework="pt", device="cpu") as st:
+                    return {key: st.get_tensor(key) for key in st.keys()}  # noqa: SIM118 - no __iter__
             data = _read_exactly(f.fd, f.size, 0)
-        return {key: _tensor(key, view, name) for key, view in sorted(deserialize(data))}  # safe_open's order
+        return {key: _tensor(key, view) for key, view in sorted(deserialize(data))}  # safe_open's order
     except PathEscapeError as exc:
         raise AdapterError(f"adapter '{name}': {WEIGHTS_FILE} refused: {exc}") from None
     except AdapterError as exc:
@@ -182,10 +187,10 @@ def _read_safetensors(
         raise AdapterError(f"adapter '{name}': {WEIGHTS_FILE} is corrupt or truncated ({exc})") from None
 
 
-def _tensor(key: str, view: dict, name: str) -> torch.Tensor:
+def _tensor(key: str, view: dict) -> torch.Tensor:
     dtype = _FLOAT_DTYPES.get(view["dtype"])
     if dtype is None:
-        raise AdapterError(f"adapter '{name}': tensor {key!r} has non-float dtype {view['dtype']}")
+        raise AdapterError(f"tensor {key!r} has dtype {view['dtype']}; {_DTYPES_EXPECTED} expected")
     if not view["data"]:
         return torch.empty(view["shape"], dtype=dtype)
     return torch.frombuffer(bytearray(view["data"]), dtype=dtype).reshape(view["shape"])
@@ -230,8 +235,10 @@ def _group_by_module(
             raise AdapterError(f"adapter '{name}': unexpected tensor key {key!r}{hint}")
         suffix = next(s for s, r in _SUFFIXES.items() if key.endswith(s) and r == role)
         module = key[len(_PREFIX) : -len(suffix)]
-        if not tensor.is_floating_point():
-            raise AdapterError(f"adapter '{name}': tensor {key!r} has non-float dtype {tensor.dtype}")
+        if tensor.dtype not in _FLOAT_DTYPES.values():
+            raise AdapterError(
+                f"adapter '{name}': tensor {key!r} has dtype {tensor.dtype}; {_DTYPES_EXPECTED} expected"
+            )
         modules.setdefault(module, {})[role] = (key, tensor)
     converted = _finite_float32(tensors, name)
     for roles in modules.values():

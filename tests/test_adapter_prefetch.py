@@ -373,17 +373,3 @@ def test_a_request_on_a_slot_with_older_weights_is_loaded_again(tiny_llama_dir, 
         cache.get(NAMES[2])  # another adapter's load evicts the new host copy (max_cpu_loras=1)
     assert ref.key in manager.resident() and cache.state(ref.key) == "missing"
     assert set(_run_queued(core, [Sequence("r1", prompts[1], greedy(3), ref)])) == {"r1"}
-
-
-def test_host_loads_start_while_every_slot_is_busy(tiny_llama_dir, store):
-    _, stack = _stack(tiny_llama_dir, store, max_loras=1)
-    manager, cache = stack.manager, stack.cache
-    running, ready, missing = (AdapterRef(name=n) for n in NAMES[:3])
-    cache.get(running.key)
-    manager.activate({running.key})
-    manager.pin(running.key)  # the only slot runs a request
-    cache.invalidate(missing.key)  # dropped from host memory
-    assert cache.peek(ready.key) is not None and cache.state(missing.key) == "missing"
-    manager.prefetch([ready, missing])  # no slot for `ready`: `missing` still starts loading
-    assert cache.state(missing.key) in ("loading", "ready")
-    stack.close()

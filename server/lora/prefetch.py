@@ -63,7 +63,6 @@ class SlotPrefetcher:
         for adapter in adapters:
             unique.setdefault(adapter.key, adapter)
         self.wanted = set(unique)
-        room = True  # False once every slot is running or promised to a more wanted waiting request
         for key in list(unique)[: min(2 * self.slots.num_slots, self.cache.max_cpu_loras)]:
             held = self.slots.holds(key)
             if key in self._fills or (held and self.slot_is_current(key)):
@@ -75,9 +74,11 @@ class SlotPrefetcher:
                 continue
             if held:
                 continue  # older weights in its slot: activate() rewrites it in place when scheduled
-            room = room and self.slots.has_room(self.wanted)
-            if not room:
-                continue  # host loads still start for the rest: they are what takes long
+            if not self.slots.has_room(self.wanted):
+                # Every slot is running or promised to a more wanted waiting request. Loading the rest
+                # of the list now as well read 2.4x the adapters (1,111 vs 464 in the offline replica of
+                # the saturated uniform run, no faster): they churn the host cache before their turn.
+                return
             slot, evicted = self.slots.assign(key, keep=self.wanted)
             if evicted is not None:
                 self.slot_epoch.pop(evicted, None)

@@ -63,10 +63,9 @@ class AdapterManager:
 
     # --- engine thread (the engine's AdapterSlots protocol) -----------------------------------
     def readiness(self, adapter: AdapterRef) -> str:
-        """'ready' | 'loading' | 'error'. Starts no load: the scheduler asks this of every waiting
-        request it considers, and when those name more adapters than the host cache holds, loading
-        each one asked about would evict the others before their turn (thousands of disk reads for a
-        few hundred requests, measured). ``prefetch`` loads the most wanted few instead."""
+        """'ready' | 'loading' | 'error'. Starts no load: asked of every waiting request, loading each
+        would churn the host cache once they name more adapters than it holds (thousands of disk reads
+        for a few hundred requests, measured); ``prefetch`` loads the most wanted few instead."""
         key = adapter.key
         self._prefetcher.commit()
         if self._prefetcher.is_filling(key):

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -59,6 +60,30 @@ def run_staggered(engine, seqs: list[Sequence], join_every: int = 1) -> dict[str
             outputs[seq.request_id].extend(out.new_token_ids)
         step += 1
     return outputs
+
+
+@dataclass
+class QueuedRun:
+    outputs: dict[str, list[int]]  # token ids per request
+    first_step: dict[str, int]  # the step each request got its first token in
+    finished: set[str]
+
+
+def run_queued(engine, seqs: list[Sequence], max_steps: int | None = None) -> QueuedRun:
+    """Queues every sequence before the first step, then steps until no work is left (or ``max_steps``,
+    for a test that must not hang on a request that never runs)."""
+    for seq in seqs:
+        engine.add(seq)
+    run = QueuedRun({s.request_id: [] for s in seqs}, {}, set())
+    step = 0
+    while engine.has_work() and (max_steps is None or step < max_steps):
+        for seq, out in engine.step():
+            run.outputs[seq.request_id].extend(out.new_token_ids)
+            run.first_step.setdefault(seq.request_id, step)
+            if out.finished:
+                run.finished.add(seq.request_id)
+        step += 1
+    return run
 
 
 def greedy(max_tokens: int, **kw) -> SamplingParams:

@@ -22,7 +22,7 @@ from server.lora.ref import AdapterRef
 from server.lora.setup import build_lora
 from server.store import AdapterStore
 from tests.api_harness import greedy_ids, peft_model
-from tests.engine_utils import build_test_runtime, greedy, random_prompts, run_staggered
+from tests.engine_utils import build_test_runtime, greedy, random_prompts, run_queued, run_staggered
 from tests.lora_fixtures import MIXED_CASES, load_base, make_mixed_adapters, max_rel_err, peft_logits
 
 NAMES = [c.name for c in MIXED_CASES[:6]]  # ranks 4..64, DoRA and lora_bias among them
@@ -151,22 +151,6 @@ def test_engine_never_reads_adapter_files_on_its_thread(tiny_llama_dir, store):
     assert counters.prefetch_fills > 0 and counters.slot_hits + counters.slot_misses >= len(seqs)
 
 
-def _run_queued(core, seqs, max_steps=200) -> dict[str, list[int]]:
-    """Queues all of ``seqs`` at once and steps (at most ``max_steps``); the finished ones' tokens."""
-    for seq in seqs:
-        core.add(seq)
-    outs: dict[str, list[int]] = {s.request_id: [] for s in seqs}
-    finished = set()
-    for _ in range(max_steps):
-        if not core.has_work():
-            break
-        for seq, out in core.step():
-            outs[seq.request_id].extend(out.new_token_ids)
-            if out.finished:
-                finished.add(seq.request_id)
-    return {rid: tokens for rid, tokens in outs.items() if rid in finished}
-
-
 def test_a_queue_of_more_adapters_than_the_host_cache_reads_each_once(tiny_llama_dir, store):
     """Waiting requests naming more adapters than max_cpu_loras: only the most wanted few are loaded at
     a time, so no load evicts an adapter that is wanted sooner (asking the cache to load every waiting
@@ -174,7 +158,7 @@ def test_a_queue_of_more_adapters_than_the_host_cache_reads_each_once(tiny_llama
     rt = build_test_runtime(tiny_llama_dir, adapter_store=store, max_loras=2, max_cpu_loras=2, block_size=4)
     prompts = random_prompts([9, 5, 12, 7, 10, 6] * 2, seed=9)
     seqs = [Sequence(f"r{i}", p, greedy(4), AdapterRef(name=NAMES[i % 6])) for i, p in enumerate(prompts)]
-    outs = _run_queued(rt.engine.core, seqs)
+    outs = run_queued(rt.engine.core, seqs).outputs
     assert rt.adapters.stats().loads == 6
     name, prompt = NAMES[4], prompts[4]
     assert outs["r4"] == greedy_ids(peft_model(tiny_llama_dir, {name: store / name}), prompt, 4)
@@ -366,10 +350,10 @@ def test_a_request_on_a_slot_with_older_weights_is_loaded_again(tiny_llama_dir, 
     core, cache, manager = rt.engine.core, rt.lora.cache, rt.lora.manager
     ref = AdapterRef(weights={NAMES[0]: 0.5, NAMES[1]: 0.5}) if composed else AdapterRef(name=NAMES[0])
     prompts = random_prompts([7, 8], seed=1)
-    assert set(_run_queued(core, [Sequence("r0", prompts[0], greedy(3), ref)])) == {"r0"}
+    assert run_queued(core, [Sequence("r0", prompts[0], greedy(3), ref)], max_steps=200).finished == {"r0"}
     cache.replace(NAMES[0], cache.get(NAMES[0])[0])  # what an in-place reload does
     manager.revive(NAMES[0])
     if not composed:
         cache.get(NAMES[2])  # another adapter's load evicts the new host copy (max_cpu_loras=1)
     assert ref.key in manager.resident() and cache.state(ref.key) == "missing"
-    assert set(_run_queued(core, [Sequence("r1", prompts[1], greedy(3), ref)])) == {"r1"}
+    assert run_queued(core, [Sequence("r1", prompts[1], greedy(3), ref)], max_steps=200).finished == {"r1"}

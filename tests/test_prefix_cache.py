@@ -13,7 +13,7 @@ from server.engine.prefix_cache import extend_block_hashes
 from server.engine.sequence import Sequence
 from server.engine.types import FinishReason
 from tests.api_harness import greedy_ids, peft_model
-from tests.engine_utils import build_test_runtime, greedy, random_prompts, run_staggered
+from tests.engine_utils import build_test_runtime, greedy, random_prompts, run_queued, run_staggered
 from tests.lora_fixtures import MIXED_CASES, make_mixed_adapters
 
 BS = 4
@@ -150,16 +150,9 @@ def _serve(rt, requests, join_every=1) -> tuple[dict[str, list[int]], list[Seque
 def _burst(rt, requests) -> tuple[dict[str, list[int]], dict[str, int], list[Sequence]]:
     """Every request queued before the first step; token ids per request, and the step each one
     got its first token in."""
-    core, seqs = rt.engine.core, _seqs(rt, requests)
-    for seq in seqs:
-        core.add(seq)
-    outs, firsts, step = {s.request_id: [] for s in seqs}, {}, 0
-    while core.has_work():
-        for seq, out in core.step():
-            outs[seq.request_id].extend(out.new_token_ids)
-            firsts.setdefault(seq.request_id, step)
-        step += 1
-    return outs, firsts, seqs
+    seqs = _seqs(rt, requests)
+    run = run_queued(rt.engine.core, seqs)
+    return run.outputs, run.first_step, seqs
 
 
 def _runtime(model_dir, store, caching: bool, **kw):

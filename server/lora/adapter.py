@@ -161,11 +161,12 @@ def _read_config(path: Path, root: Path | None) -> object:
 def _read_safetensors(
     path: Path, name: str, root: Path | None, max_tensors: int, max_bytes: int
 ) -> dict[str, torch.Tensor]:
-    """The file's tensors. Up to ``WHOLE_READ_MAX_BYTES`` (64 MiB) the file is read whole and parsed by safetensors' ``deserialize``, not through ``safe_open(...)
-    .get_tensor``: safetensors 0.8 keeps ~50 bytes (and more native memory) per ``get_tensor`` call for
-    good, measured (a server loading adapters all day grew its RSS steadily); it is also half the
-    time. Larger files are memory-mapped (``safe_open``): reading them whole would hold the bytes
-    three times over. The file's size is bounded first (``max_bytes``)."""
+    """The file's tensors. Up to ``WHOLE_READ_MAX_BYTES`` (64 MiB) the file is read whole and parsed by
+    safetensors' ``deserialize``, not through ``safe_open(...).get_tensor``: safetensors 0.8 keeps ~50
+    bytes (and more native memory) per ``get_tensor`` call for good, measured (a server loading
+    adapters all day grew its RSS steadily); it is also half the time. Larger files are memory-mapped
+    (``safe_open``): reading them whole would hold the bytes three times over. The file's size is
+    bounded first (``max_bytes``)."""
     try:
         with open_confined(path, root) as f:
             _check_header(f.fd, max_tensors)

@@ -228,7 +228,7 @@ def _group_by_module(
     """{module path: {role: (key, tensor)}}; unknown keys (embedding LoRA, base biases...) are refused."""
     if not tensors:
         raise AdapterError(f"adapter '{name}': {WEIGHTS_FILE} holds no tensors")
-    modules: dict[str, dict[str, tuple[str, torch.Tensor]]] = {}
+    keys: dict[str, dict[str, str]] = {}  # module -> role -> tensor key
     for key, tensor in tensors.items():
         role = next((r for s, r in _SUFFIXES.items() if key.endswith(s) and key.startswith(_PREFIX)), None)
         if role is None:
@@ -240,12 +240,11 @@ def _group_by_module(
             raise AdapterError(
                 f"adapter '{name}': tensor {key!r} has dtype {tensor.dtype}; {_DTYPES_EXPECTED} expected"
             )
-        modules.setdefault(module, {})[role] = (key, tensor)
+        keys.setdefault(module, {})[role] = key
     converted = _finite_float32(tensors, name)
-    for roles in modules.values():
-        for role, (key, _) in roles.items():
-            roles[role] = (key, converted[key])
-    return modules
+    return {
+        module: {role: (key, converted[key]) for role, key in roles.items()} for module, roles in keys.items()
+    }
 
 
 def _finite_float32(tensors: dict[str, torch.Tensor], name: str) -> dict[str, torch.Tensor]:

@@ -123,6 +123,12 @@ class Settings(BaseSettings):
     max_loras: int = Field(8, ge=1, description="Adapter slots on the device.")
     max_lora_rank: int = Field(64, ge=1, description="Largest adapter rank accepted.")
     max_cpu_loras: int = Field(64, ge=1, description="Adapters kept parsed in host memory.")
+    lora_dtype: Literal["auto", "bfloat16", "float16"] = Field(
+        "auto",
+        description="dtype of the adapter weights in the device slots: 'auto' is the model's; bfloat16 or "
+        "float16 under a float32 model halve the bytes a mixed-batch step streams (its LoRA time on CPU) "
+        "and the slots' memory, at half-precision rounding of the weights (computed in fp32).",
+    )
     lora_backend: Literal["auto", "torch", "cpu", "triton"] = Field(
         "auto", description="LoRA op: 'auto' = triton on CUDA, the native 'cpu' kernel on CPU, else 'torch'."
     )

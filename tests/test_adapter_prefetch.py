@@ -63,7 +63,7 @@ def test_a_slot_is_one_contiguous_row_written_like_the_per_module_copies(tiny_ll
     end = start + rows.width * rows.storage.element_size()
     for layer in stack.model.layers.values():
         sw = layer.slot_weights
-        for tensor in (sw.a[2], sw.b[2], sw.bias[2], sw.dora_scale[2], sw.dora_shift[2]):
+        for tensor in (sw.a[2], sw.b[2], sw.bias[2], sw.dora_gain[2], sw.dora_shift[2]):
             assert start <= tensor.data_ptr() and tensor[-1:].data_ptr() < end  # inside slot 2's row
     stack.close()
 

@@ -134,3 +134,35 @@ def test_served_merged_adapter_equals_unmerged(tiny_llama_dir, store, oracle):
     seqs = [Sequence("m", prompt, greedy(NEW))]
     outs = run_staggered(merged.engine.core, seqs)
     assert outs["m"] == oracle(name, prompt)[0]
+
+
+@pytest.mark.parametrize("lora_dtype", ["bfloat16", "float16"])
+def test_half_width_lora_slots_follow_peft_within_their_rounding(tiny_llama_dir, store, oracle, lora_dtype):
+    """``lora_dtype`` under the float32 model: every adapter kind (DoRA, lora_bias, rsLoRA, patterns)
+    served from half-width slots follows PEFT within the weights' rounding: logits close at every
+    position, and greedy tokens equal up to a near-tie (the random tiny model has some: a token may
+    differ only where PEFT's own top two logits are closer than that rounding)."""
+    names = sorted(p.name for p in store.iterdir())
+    rt = build_test_runtime(tiny_llama_dir, adapter_store=store, max_loras=8, block_size=4,
+                            max_num_seqs=16, lora_dtype=lora_dtype)  # fmt: skip
+    slots = next(iter(rt.lora.model.layers.values())).slot_weights
+    assert slots.a.dtype == getattr(torch, lora_dtype) and rt.dtype == torch.float32
+    recorder = RecordingSampler(rt.engine.core.sampler)
+    rt.engine.core.sampler = recorder
+    requests = _requests([*names, None], [9, 17, 5, 12, 21, 7, 14, 10])
+    seqs, outs = _run(rt, requests)
+    tol = {"bfloat16": 2e-2, "float16": 2e-3}[lora_dtype]  # measured: <= 1.4e-2 and 1.2e-3 (rsLoRA)
+    for seq, (adapter, prompt) in zip(seqs, requests, strict=True):
+        want_ids, want_logits = oracle(adapter, prompt)
+        got_ids, got_logits = outs[seq.request_id], torch.stack(recorder.logits[seq.request_id])
+        same = next((i for i, (g, w) in enumerate(zip(got_ids, want_ids, strict=True)) if g != w), NEW)
+        err = max_rel_err(got_logits[: same + 1], want_logits[: same + 1])  # same context up to there
+        assert err < (TOL if adapter is None else tol), (adapter, err)
+        if same < NEW:  # a near-tie in PEFT's own logits, closer than the rounding
+            row = want_logits[same]
+            assert (row.max() - row[got_ids[same]]) / row.abs().max() < tol, (adapter, same)
+
+
+def test_lora_dtype_other_than_a_half_precision_model_s_own_is_refused(tiny_llama_dir, store):
+    with pytest.raises(ValueError, match="lora_dtype=float16 under a bfloat16 model"):
+        build_test_runtime(tiny_llama_dir, adapter_store=store, dtype="bfloat16", lora_dtype="float16")

@@ -166,6 +166,23 @@ def test_refuses_rank_above_max(good, spec):
         load_peft_adapter(good, "x", spec, 4)
 
 
+def test_float16_slots_refuse_an_adapter_past_its_range(tiny_llama_dir, good, copy, spec):
+    """lora_dtype=float16 holds at most 65504 once scaled by alpha/r: such an adapter is refused when
+    read (one request fails), not written as inf into a slot every row of its batch reads."""
+    from server.lora.backend import make_lora_backend
+    from server.lora.layers import inject_lora
+    from tests.lora_fixtures import load_base
+
+    lora = inject_lora(
+        load_base(tiny_llama_dir), make_lora_backend("torch", "cpu", 2), 64, dtype=torch.float16
+    )
+    lora.check(load_peft_adapter(good, "fine", spec, 64))
+    path = copy()
+    _edit_tensors(path, lambda t: t.update({f"{PREFIX}.lora_B.weight": torch.full((64, 8), 7e4)}))
+    with pytest.raises(AdapterError, match="q_proj' has weights .* past float16's range"):
+        lora.check(load_peft_adapter(path, "huge", spec, 64))
+
+
 def test_refuses_config_rank_that_disagrees_with_tensors(copy, spec):
     path = copy()
     _edit_config(path, rank_pattern={"q_proj": 4})

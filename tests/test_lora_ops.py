@@ -123,6 +123,32 @@ def test_op_in_bf16_matches_fp32_within_bf16_rounding(op):
     assert ((got.float() - want).abs().max() / want.abs().max()).item() < 3e-2
 
 
+@pytest.mark.parametrize("op", sorted(_ops()))
+@pytest.mark.parametrize("wdtype", [torch.bfloat16, torch.float16])
+def test_op_with_half_width_weights_computes_in_fp32(op, wdtype):
+    """Settings.lora_dtype under a float32 model: the slots hold half-width weights, the op widens
+    them and computes in fp32 - the same result as fp32 slots holding the rounded values."""
+    seq_slots, seq_lens = CASES[2]
+    narrow = SlotWeights(["m0", "m1", "m2"], D_IN, OUTS[3], len(RANKS), 64, "cpu", wdtype)
+    rounded, written = _weights(3)
+    for slot, per_member in enumerate(written):
+        for j, module in enumerate(per_member):
+            narrow.write(slot, j, module, None)
+    for name in ("a", "b"):  # fp32 slots holding exactly the half-width values
+        getattr(rounded, name).copy_(getattr(narrow, name))
+    n = sum(seq_lens)
+    x, y = torch.randn(n, D_IN), torch.randn(n, sum(OUTS[3]))
+    batch = LoRABatch(len(RANKS))
+    batch.set(seq_slots, seq_lens)
+    rows = batch.slot_rows(torch.device("cpu"))
+    got, want = y.clone(), y.clone()
+    _ops()[op](got, x, narrow, rows)
+    sgmv_torch(want, x, rounded, rows)
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-4)
+    exact = _naive(y, x, written, seq_slots, seq_lens)  # and only the weights' rounding from exact
+    assert ((got.double() - exact).abs().max() / (exact - y.double()).abs().max()).item() < 1e-2
+
+
 def test_live_rank_reads_only_the_live_slots():
     weights, _ = _weights(2, ranks=[4, 8, 64, 16])
     assert weights.live_rank([0]) == 16 and weights.live_rank([0, 1, 3]) == 16

@@ -13,7 +13,7 @@ import torch
 from server.lora.adapter import LoRAModuleWeights
 from server.lora.backend import make_lora_backend
 from server.lora.layers import LoRALinear
-from server.lora.slot_weights import SlotWeights
+from server.lora.slot_weights import MemberFacts, SlotWeights
 from server.lora.spec import linear_spec
 from tests.triton_child import only_in_child, run_child
 
@@ -68,6 +68,27 @@ def test_triton_sgmv_matches_torch(interpreted, seq_slots, seq_lens, ranks, outs
     weights = _weights(len(outs), ranks, 72, outs, seed=len(seq_lens))  # in/out not multiples of the blocks
     n = sum(seq_lens)
     got, want = _both(weights, torch.randn(n, 72), torch.randn(n, sum(outs)), seq_slots, seq_lens)
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-4)
+
+
+@pytest.mark.parametrize("wdtype", [torch.bfloat16, torch.float16])
+def test_triton_sgmv_with_half_width_weights_under_fp32(interpreted, wdtype):
+    """``Settings.lora_dtype``: half-width slots, fp32 activations; the kernel widens the weights."""
+    weights = _weights(3, [4, 8, 16, 64], 72, [48, 16, 16])
+    narrow = SlotWeights(weights.names, 72, [48, 16, 16], 4, 64, "cpu", wdtype)
+    for name in ("a", "b"):
+        getattr(narrow, name).copy_(getattr(weights, name))
+        getattr(weights, name).copy_(getattr(narrow, name))  # the reference holds the rounded values
+    for slot in range(4):
+        narrow.set_facts(slot, [MemberFacts(rank=weights.rank[j][slot]) for j in range(3)])
+    seq_slots, seq_lens = CASES[2]
+    n = sum(seq_lens)
+    x, y = torch.randn(n, 72), torch.randn(n, 80)
+    backend = make_lora_backend("triton", "cpu", 4)
+    backend.plan(seq_slots, seq_lens)
+    got = y.clone()
+    backend.apply(got, x, narrow)
+    want = _both(weights, x, y, seq_slots, seq_lens)[1]
     torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-4)
 
 

@@ -1,9 +1,13 @@
 // 16-lane fp32 vectors for the native CPU kernels (GCC vector extensions: AVX-512 registers when
 // built with -march=native on a CPU that has them, pairs or quads of narrower ones elsewhere).
-// bf16 values widen on load (exact) and round to nearest even on store; values are finite.
+// bf16 and fp16 values widen on load (exact); bf16 rounds to nearest even on store; values are finite.
 #pragma once
 
 #include <c10/util/BFloat16.h>
+#include <c10/util/Half.h>
+#if defined(__F16C__) || defined(__AVX512F__)
+#include <immintrin.h>
+#endif
 
 #include <cstdint>
 #include <cstring>
@@ -22,6 +26,24 @@ inline v16 load16(const c10::BFloat16* p) {
   v16 v; std::memcpy(&v, &w, sizeof v); return v;
 }
 
+// fp16 (LoRA weights stored at half width under an fp32 model): the hardware conversion where the CPU
+// has one (F16C, AVX-512), else per lane.
+inline v16 load16(const c10::Half* p) {
+  v16 v;
+#if defined(__AVX512F__)
+  const __m512 w = _mm512_cvtph_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(p)));
+  std::memcpy(&v, &w, sizeof v);
+#elif defined(__F16C__)
+  const __m128i* q = reinterpret_cast<const __m128i*>(p);
+  const __m256 lo = _mm256_cvtph_ps(_mm_loadu_si128(q)), hi = _mm256_cvtph_ps(_mm_loadu_si128(q + 1));
+  std::memcpy(&v, &lo, sizeof lo);
+  std::memcpy(reinterpret_cast<char*>(&v) + sizeof lo, &hi, sizeof hi);
+#else
+  for (int i = 0; i < 16; ++i) v[i] = static_cast<float>(p[i]);
+#endif
+  return v;
+}
+
 inline void store16(float* p, v16 v) { std::memcpy(p, &v, sizeof v); }
 
 inline void store16(c10::BFloat16* p, v16 v) {
@@ -33,6 +55,7 @@ inline void store16(c10::BFloat16* p, v16 v) {
 
 inline float to_float(float v) { return v; }
 inline float to_float(c10::BFloat16 v) { return static_cast<float>(v); }
+inline float to_float(c10::Half v) { return static_cast<float>(v); }
 
 // Horizontal sum and max by halving (4 shuffles), not a serial chain of 15 scalar operations.
 inline float hsum(v16 v) {

@@ -51,7 +51,7 @@ class LoRABackend:
 
         Semantics, for every row ``i`` whose sequence uses slot ``s`` (base rows are left alone)::
 
-            y[i] = dora_scale[s] * y[i] + dora_shift[s]      # when a live slot has DoRA
+            y[i] += dora_gain[s] * y[i] + dora_shift[s]      # DoRA: g * y + b0, gain = g - 1
             y[i] += (x[i] @ a[s]) @ b[s] + bias[s]           # per member column slice (see the ops)
         """
         batch = self.batch
@@ -62,16 +62,16 @@ class LoRABackend:
         if not batch.segments and not batch.static:
             return
         live = batch.live_mask
-        if weights.dora_mask & live:  # y = g * (W x) + b0  ==  g * y + (1 - g) * b0
+        if weights.dora_mask & live:  # y = g * (W x) + b0  ==  y + (g - 1) * y + (1 - g) * b0
             rows = batch.slot_rows(x.device)
-            scale = weights.dora_scale.index_select(0, rows.row_slot)
+            gain = weights.dora_gain.index_select(0, rows.row_slot)
             shift = weights.dora_shift.index_select(0, rows.row_slot)
-            rows.add_into(y, rows.take(y) * (scale - 1) + shift)
+            rows.add_into(y, rows.take(y) * gain + shift)
         if weights.rank_mask & live:  # else no live slot targets this linear (a q/v adapter's o_proj)
             self.sgmv(y, x, weights)
         if weights.bias_mask & live:
             rows = batch.slot_rows(x.device)
-            rows.add_into(y, weights.bias.index_select(0, rows.row_slot))
+            rows.add_into(y, weights.bias.index_select(0, rows.row_slot).to(y.dtype))
 
     def sgmv(self, y: torch.Tensor, x: torch.Tensor, weights: SlotWeights) -> None:
         """``y[i, cols_j] += (x[i] @ A_j[s, :, :r]) @ b[s, :r, cols_j]`` for every LoRA row ``i`` of the

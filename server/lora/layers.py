@@ -22,7 +22,7 @@ from torch import nn
 from server.lora.adapter import LoRAAdapter
 from server.lora.backend import LoRABackend
 from server.lora.errors import AdapterError
-from server.lora.slot_weights import SlotWeights
+from server.lora.slot_weights import SlotWeights, largest_written_value
 from server.lora.spec import BaseModelSpec, LinearSpec
 from server.model.fused_linear import FusedProjection, fused_projection_of
 
@@ -94,6 +94,14 @@ class LoRAModel:
                 raise AdapterError(
                     f"adapter '{adapter.name}': rank {weights.rank} exceeds max_lora_rank={self.max_rank}"
                 )
+            layer = self.layers[name]
+            if layer.slot_weights.b.dtype == torch.float16:
+                bias = layer.base_layer.bias
+                if largest_written_value(weights, bias) > torch.finfo(torch.float16).max:
+                    raise AdapterError(
+                        f"adapter '{adapter.name}': module '{name}' has weights (scaled by alpha/r) past "
+                        "float16's range; serve it with lora_dtype=bfloat16 or auto"
+                    )
 
     def set_slot(self, slot: int, adapter: LoRAAdapter) -> None:
         """Writes every module of ``adapter`` into ``slot``; modules it does not target get zeros."""
@@ -107,10 +115,15 @@ class LoRAModel:
 
 
 def inject_lora(
-    model: nn.Module, backend: LoRABackend, max_rank: int, target_names: Iterable[str] | None = None
+    model: nn.Module,
+    backend: LoRABackend,
+    max_rank: int,
+    target_names: Iterable[str] | None = None,
+    dtype: torch.dtype | None = None,
 ) -> LoRAModel:
     """Wraps the targetable linears of ``model`` in place (all but lm_head by default), with one slot
-    per ``backend.max_loras`` of rank up to ``max_rank`` each."""
+    per ``backend.max_loras`` of rank up to ``max_rank`` each; the slots hold adapter weights in
+    ``dtype`` (None: the model's; see ``lora_slot_dtype``)."""
     spec = BaseModelSpec.from_model(model)
     if any(getattr(m, "is_lora_wrapper", False) for m in model.modules()):
         raise ValueError("model already has LoRA layers injected")
@@ -128,22 +141,39 @@ def inject_lora(
         if len(members) < len(fused.slices):
             continue  # not every member targeted: each wraps on its own below
         members.sort(key=lambda n: spec.module(n).fused_index)
-        weights = _slot_weights(spec, members, backend.max_loras, max_rank)
+        weights = _slot_weights(spec, members, backend.max_loras, max_rank, dtype)
         fused.delta = GroupDelta(backend, weights)
         for index, name in enumerate(members):
             layers[name] = _wrap(model, spec, name, backend, weights, index, adds_delta=False)
     for name in names:
         if name not in layers:
-            weights = _slot_weights(spec, [name], backend.max_loras, max_rank)
+            weights = _slot_weights(spec, [name], backend.max_loras, max_rank, dtype)
             layers[name] = _wrap(model, spec, name, backend, weights, 0, adds_delta=True)
     return LoRAModel({name: layers[name] for name in names}, backend, backend.max_loras, max_rank)
 
 
-def _slot_weights(spec: BaseModelSpec, names: list[str], max_loras: int, max_rank: int) -> SlotWeights:
+def lora_slot_dtype(model_dtype: torch.dtype, requested: str) -> torch.dtype:
+    """``Settings.lora_dtype`` under a model of ``model_dtype``: 'auto' is the model's; a half-width
+    dtype is taken under a float32 model (the kernels widen the weights and compute in fp32). A
+    different dtype under a half-precision model is refused: it would add bytes or a second rounding
+    for nothing."""
+    if requested == "auto":
+        return model_dtype
+    dtype = getattr(torch, requested)
+    if dtype != model_dtype and model_dtype != torch.float32:
+        raise ValueError(
+            f"lora_dtype={requested} under a {str(model_dtype).removeprefix('torch.')} model: use 'auto' "
+            "(a narrower adapter dtype is for float32 models)"
+        )
+    return dtype
+
+
+def _slot_weights(spec: BaseModelSpec, names: list[str], max_loras: int, max_rank: int,
+                  dtype: torch.dtype | None) -> SlotWeights:  # fmt: skip
     linears = [spec.linears[n] for n in names]
     weight = spec.module(names[0]).weight
     return SlotWeights(names, linears[0].in_features, [lin.out_features for lin in linears], max_loras,
-                       max_rank, weight.device, weight.dtype)  # fmt: skip
+                       max_rank, weight.device, dtype or weight.dtype)  # fmt: skip
 
 
 def _wrap(model, spec, name, backend, weights, member, adds_delta) -> LoRALinear:

@@ -14,7 +14,7 @@ from server.lora.catalog import AdapterCatalog
 from server.lora.counters import LoRACounters
 from server.lora.errors import AdapterError
 from server.lora.host_cache import HostCache
-from server.lora.layers import LoRAModel, inject_lora
+from server.lora.layers import LoRAModel, inject_lora, lora_slot_dtype
 from server.lora.manager import AdapterManager
 from server.lora.merge import merge_adapter_into_model
 from server.lora.reader import AdapterReader
@@ -50,15 +50,17 @@ def build_lora(model: torch.nn.Module, settings: Settings, store: AdapterStore) 
         merge_store_adapter(model, settings.merged_adapter, store, base_spec)
     if not settings.enable_lora:
         return None
-    device = next(model.parameters()).device
-    backend = make_lora_backend(settings.lora_backend, device, settings.max_loras)
-    lora = inject_lora(model, backend, settings.max_lora_rank)
+    first = next(model.parameters())
+    slot_dtype = lora_slot_dtype(first.dtype, settings.lora_dtype)
+    backend = make_lora_backend(settings.lora_backend, first.device, settings.max_loras)
+    lora = inject_lora(model, backend, settings.max_lora_rank, dtype=slot_dtype)
     catalog = AdapterCatalog(store)
     counters = LoRACounters()
     reader = AdapterReader(catalog, base_spec, lora, settings.max_lora_rank, counters)
     cache = HostCache(reader, settings.max_cpu_loras, settings.max_lora_rank, counters)
-    log.info("LoRA: %d layers wrapped, %d slots of rank %d, backend %s", len(lora.layers),
-             settings.max_loras, settings.max_lora_rank, backend.name)  # fmt: skip
+    log.info("LoRA: %d layers wrapped, %d slots of rank %d in %s, backend %s", len(lora.layers),
+             settings.max_loras, settings.max_lora_rank, str(slot_dtype).removeprefix("torch."),
+             backend.name)  # fmt: skip
     return LoRAStack(lora, catalog, reader, cache, AdapterManager(lora, cache))
 
 

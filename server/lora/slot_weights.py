@@ -16,8 +16,13 @@ Pre-transposed, both operands are row-major ("NN" GEMMs, measured ~30% faster th
 ``[r, in]`` / ``[out, r]`` for the small CPU matmuls of decode). ``R`` is ``max_rank`` rounded up to
 ``RANK_BLOCK``; unused ranks are zero, so adapters of any rank share the buffers. The adapter scale and DoRA's per-row rescale are folded into ``b``
 when a slot is written; DoRA also rescales its rows' base output (``y = g * (W x) + b0``) with two
-per-slot vectors (1 and 0 where a slot has no DoRA), and ``bias`` is zero where a slot has none, so
-both apply to whole rows without looking at which member a column belongs to.
+per-slot vectors, ``dora_gain = g - 1`` and ``dora_shift`` (both 0 where a slot has no DoRA: kept as
+g - 1, a half-precision slot rounds the small change, not the whole base output), and ``bias`` is
+zero where a slot has none, so all apply to whole rows without looking at which member a column
+belongs to.
+
+The slots' dtype is the model's, or half width under a float32 model (``Settings.lora_dtype``): the
+weights are scaled in fp32 and rounded once when written; the ops widen them and compute in fp32.
 
 The buffers may be views into one ``[max_loras, row]`` tensor shared by every target
 (``slot_rows.py``), so that one slot of the whole model is one contiguous row; ``write_member`` fills
@@ -36,7 +41,7 @@ from server.lora.adapter import LoRAModuleWeights
 from server.lora.errors import AdapterError
 
 RANK_BLOCK = 16  # ranks per block of ``a``; live ranks round up to it
-BUFFERS = ("a", "b", "bias", "dora_scale", "dora_shift")  # the per-slot buffers, in row order
+BUFFERS = ("a", "b", "bias", "dora_gain", "dora_shift")  # the per-slot buffers, in row order
 
 
 @dataclass(frozen=True)
@@ -46,7 +51,7 @@ class SlotView:
     a: torch.Tensor
     b: torch.Tensor
     bias: torch.Tensor
-    dora_scale: torch.Tensor
+    dora_gain: torch.Tensor
     dora_shift: torch.Tensor
 
 
@@ -70,7 +75,7 @@ def clear_view(view: SlotView, rank: int | None = None, extras: bool = True) -> 
         view.b[:rank].zero_()
     if extras:
         view.bias.zero_()
-        view.dora_scale.fill_(1.0)
+        view.dora_gain.zero_()
         view.dora_shift.zero_()
 
 
@@ -84,7 +89,7 @@ def write_member(view: SlotView, cols: slice, member: int, max_rank: int, name: 
         view.a[..., member].zero_()
         view.b[:, cols].zero_()
         view.bias[cols].zero_()
-        view.dora_scale[cols].fill_(1.0)
+        view.dora_gain[cols].zero_()
         view.dora_shift[cols].zero_()
     if weights is None:
         return MemberFacts()
@@ -97,7 +102,7 @@ def write_member(view: SlotView, cols: slice, member: int, max_rank: int, name: 
         shift = torch.zeros_like(weights.dora_g)
         if base_bias is not None:
             shift = (1 - weights.dora_g) * base_bias.float().cpu()
-        view.dora_scale[cols].copy_(weights.dora_g)
+        view.dora_gain[cols].copy_(weights.dora_g - 1)
         view.dora_shift[cols].copy_(shift)
     a_t = weights.a.t()  # [in, r]
     for block in range(-(-r // RANK_BLOCK)):
@@ -107,6 +112,23 @@ def write_member(view: SlotView, cols: slice, member: int, max_rank: int, name: 
     if weights.bias is not None:
         view.bias[cols].copy_(weights.bias * row_scale)
     return MemberFacts(r, weights.bias is not None, weights.dora_g is not None)
+
+
+def largest_written_value(weights: LoRAModuleWeights, base_bias: torch.Tensor | None) -> float:
+    """The largest magnitude ``write_member`` would store for ``weights``: float16 slots hold at most
+    65504, so an adapter past it is refused when read (an inf would poison every row using it)."""
+    row_scale = weights.scale * (weights.dora_g if weights.dora_g is not None else 1.0)
+    parts = [
+        weights.a.abs().amax(),
+        (weights.b.abs() * torch.as_tensor(row_scale).abs().reshape(-1, 1)).amax(),
+    ]
+    if weights.bias is not None:
+        parts.append((weights.bias * row_scale).abs().amax())
+    if weights.dora_g is not None:
+        parts.append((weights.dora_g - 1).abs().amax())
+        if base_bias is not None:
+            parts.append(((1 - weights.dora_g) * base_bias.float().cpu()).abs().amax())
+    return max(float(p) for p in parts)
 
 
 def _with_bit(mask: int, bit: int, value: bool) -> int:
@@ -133,7 +155,7 @@ class SlotWeights(nn.Module):
         self.register_buffer("a", a, persistent=False)
         self.register_buffer("b", torch.zeros(max_loras, blocks * RANK_BLOCK, width, **kw), persistent=False)
         self.register_buffer("bias", torch.zeros(max_loras, width, **kw), persistent=False)
-        self.register_buffer("dora_scale", torch.ones(max_loras, width, **kw), persistent=False)
+        self.register_buffer("dora_gain", torch.zeros(max_loras, width, **kw), persistent=False)
         self.register_buffer("dora_shift", torch.zeros(max_loras, width, **kw), persistent=False)
         self.rank = [[0] * max_loras for _ in self.names]  # [member][slot]
         self._bias = [[False] * max_loras for _ in self.names]

@@ -48,12 +48,13 @@ def sgmv_torch(y: torch.Tensor, x: torch.Tensor, weights: SlotWeights, rows: Slo
     ends = None if _HAS_GROUPED_MM else rows.offsets.tolist()
     xs = rows.take(x)
     blocks = weights.a[lo : hi + 1, : r // RANK_BLOCK].flatten(-2)  # [G, blocks, in, 16 * members]
+    b = weights.b[lo : hi + 1, :r]
+    if blocks.dtype != x.dtype:  # half-width slots under a float32 model: computed in fp32
+        blocks, b = blocks.to(x.dtype), b.to(x.dtype)
     parts = [grouped_mm(xs, blocks[:, k], rows.offsets, ends) for k in range(blocks.shape[1])]
     shrunk = parts[0] if len(parts) == 1 else torch.cat(parts, 1)
     if members > 1:  # rank-major [M, r * members] -> member-major: each member's ranks contiguous
         shrunk = shrunk.view(-1, r, members).transpose(1, 2).reshape(-1, members * r)
     for j, cols in enumerate(weights.slices):
-        delta = grouped_mm(
-            shrunk[:, j * r : (j + 1) * r], weights.b[lo : hi + 1, :r, cols], rows.offsets, ends
-        )
+        delta = grouped_mm(shrunk[:, j * r : (j + 1) * r], b[:, :, cols], rows.offsets, ends)
         rows.add_into(y[:, cols], delta)

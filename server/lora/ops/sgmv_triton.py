@@ -34,13 +34,14 @@ def _segment_gemm(
     x_ptr, w_ptr, out_ptr, seg_ptr, num_segs, K, N,
     stride_xm, stride_xk, stride_ws, stride_wk, stride_wn, stride_wblock, stride_om, stride_on,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
-    ACCUMULATE: tl.constexpr, PRECISION: tl.constexpr,
+    ACCUMULATE: tl.constexpr, PRECISION: tl.constexpr, WIDEN: tl.constexpr,
 ):  # fmt: skip
     """out[rows, cols] (+)= x[rows, :K] @ W[slot, :K, cols] for one (row block, column block) of one
     segment; grid (row blocks, column blocks, segments). Shrink and expand are both this: x @ A into
     the fp32 rank buffer, then y += t @ B. Column n of W sits at ``(n // 16) * stride_wblock +
     (n % 16) * stride_wn`` (A is stored in blocks of 16 ranks; a plain W passes 16 * stride_wn).
-    Accumulates in fp32; each output tile has one owner."""
+    Accumulates in fp32; each output tile has one owner. ``WIDEN``: half-width weights under a
+    float32 model, widened to fp32 for the dot (else x is cast to the weights' dtype)."""
     rows, mask_m, slot, active = _segment_rows(seg_ptr, num_segs, BLOCK_M, 0, 2)
     if active:
         offs_n = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
@@ -54,7 +55,10 @@ def _segment_gemm(
             w_cols = (offs_n // 16) * stride_wblock + (offs_n % 16) * stride_wn
             w_tile = w_ptr + slot * stride_ws + offs_k[:, None] * stride_wk + w_cols[None, :]
             w = tl.load(w_tile, mask=mask_k[:, None] & mask_n[None, :], other=0.0)
-            acc += tl.dot(x.to(w.dtype), w, input_precision=PRECISION)
+            if WIDEN:
+                acc += tl.dot(x.to(tl.float32), w.to(tl.float32), input_precision=PRECISION)
+            else:
+                acc += tl.dot(x.to(w.dtype), w, input_precision=PRECISION)
         out_tile = out_ptr + rows[:, None] * stride_om + offs_n[None, :] * stride_on
         mask = mask_m[:, None] & mask_n[None, :]
         if ACCUMULATE:
@@ -82,6 +86,7 @@ def sgmv_triton(
     table_stride, num_segments = segments.shape[1], batch.launch_segments
     rank, k, n_out = lora_a_blocks.shape[1] * lora_a_blocks.shape[3], x.shape[1], y.shape[1]
     precision = "ieee" if x.dtype == torch.float32 else "tf32"
+    widen = x.dtype == torch.float32 and lora_a_blocks.dtype != torch.float32
     block_m = _block(batch.max_segment_len, 16, 64)
     block_r = _block(rank, 16, 256)
     block_out = _block(n_out, 16, 64)
@@ -99,4 +104,5 @@ def sgmv_triton(
             inp, weights, out, segments, table_stride, k_dim, n_dim,
             *inp.stride(), *strides, *out.stride(),
             BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k, ACCUMULATE=accumulate, PRECISION=precision,
+            WIDEN=widen,
         )  # fmt: skip

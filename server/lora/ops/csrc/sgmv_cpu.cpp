@@ -14,8 +14,10 @@
 // Rows run in blocks of up to 4 rows of one slot, so each A and B row is loaded once per block and
 // reused from registers; register tiles are 4 rows x 64 columns of fp32 (16 AVX-512 registers, or
 // their equivalent elsewhere: GCC vector extensions, compiled for the host CPU). bf16 inputs are
-// widened on load and rounded on store; accumulation is fp32. Blocks run in parallel on torch's
-// intra-op thread pool (the same OpenMP runtime torch uses).
+// widened on load and rounded on store; accumulation is fp32. The weights a and b may be narrower
+// than x and y (W: bf16 or fp16 slots under an fp32 model, Settings.lora_dtype): a decode step's
+// LoRA time is the time to stream them from DRAM, and half-width weights halve it. Blocks run in
+// parallel on torch's intra-op thread pool (the same OpenMP runtime torch uses).
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
 #include <torch/library.h>
@@ -43,8 +45,8 @@ inline void add_store(T* p, v16 v) { loraplex::store16(p, load16(p) + v); }
 // vectors). NV is a template argument so a narrow tile (a single linear's 16 ranks: NV = 1) runs
 // only its own FMAs, and the input dimension is split over U interleaved accumulator sets so at
 // least 8 independent FMA chains are in flight (FMA latency x throughput) however few rows there are.
-template <int MB, int NV, typename T>
-void shrink_tile(const T* x, int64_t ldx, const int64_t* rows, const T* a_slot, int64_t I, int64_t lda,
+template <int MB, int NV, typename T, typename W>
+void shrink_tile(const T* x, int64_t ldx, const int64_t* rows, const W* a_slot, int64_t I, int64_t lda,
                  int64_t q0, float* t, int64_t ldt) {
   constexpr int U = MB * NV >= 8 ? 1 : (MB * NV >= 4 ? 2 : 4);
   v16 acc[U][MB][NV] = {};
@@ -53,7 +55,7 @@ void shrink_tile(const T* x, int64_t ldx, const int64_t* rows, const T* a_slot, 
   int64_t c = 0;
   for (; c + U <= I; c += U)
     for (int u = 0; u < U; ++u) {
-      const T* arow = a_slot + (c + u) * lda + q0;
+      const W* arow = a_slot + (c + u) * lda + q0;
       for (int v = 0; v < NV; ++v) __builtin_prefetch(arow + kAheadRows * lda + 16 * v);
       v16 av[NV];
       for (int v = 0; v < NV; ++v) av[v] = load16(arow + 16 * v);
@@ -63,7 +65,7 @@ void shrink_tile(const T* x, int64_t ldx, const int64_t* rows, const T* a_slot, 
       }
     }
   for (; c < I; ++c) {
-    const T* arow = a_slot + c * lda + q0;
+    const W* arow = a_slot + c * lda + q0;
     for (int m = 0; m < MB; ++m) {
       const float xv = to_float(xr[m][c]);
       for (int v = 0; v < NV; ++v) acc[0][m][v] += xv * load16(arow + 16 * v);
@@ -77,8 +79,8 @@ void shrink_tile(const T* x, int64_t ldx, const int64_t* rows, const T* a_slot, 
     }
 }
 
-template <int MB, typename T>
-void shrink_block(const T* x, int64_t ldx, const int64_t* rows, const T* a_blk, int64_t I, int64_t bk, float* t,
+template <int MB, typename T, typename W>
+void shrink_block(const T* x, int64_t ldx, const int64_t* rows, const W* a_blk, int64_t I, int64_t bk, float* t,
                   int64_t ldt) {
   for (int64_t q0 = 0; q0 < bk; q0 += 16 * kVecs) {
     switch ((int)std::min<int64_t>(kVecs, (bk - q0) / 16)) {
@@ -91,12 +93,12 @@ void shrink_block(const T* x, int64_t ldx, const int64_t* rows, const T* a_blk, 
 }
 
 // y[rows[m], o0 : o0 + 16 * nv] += tj[m, :r] @ b_slot[:r, o0 : ...] for m < MB
-template <int MB, typename T>
-void expand_tile(T* y, int64_t ldy, const int64_t* rows, const T* b_slot, int64_t ldb, const float* tj,
+template <int MB, typename T, typename W>
+void expand_tile(T* y, int64_t ldy, const int64_t* rows, const W* b_slot, int64_t ldb, const float* tj,
                  int64_t r, int64_t o0, int nv) {
   v16 acc[MB][kVecs] = {};
   for (int64_t q = 0; q < r; ++q) {
-    const T* brow = b_slot + q * ldb + o0;
+    const W* brow = b_slot + q * ldb + o0;
     // The next column tile's part of this row: B's rows sit a whole output width apart, so the
     // hardware prefetcher does not follow a tile walk; without it the expand waits on DRAM.
     for (int v = 0; v < kVecs; ++v) __builtin_prefetch(brow + 16 * (kVecs + v));
@@ -111,8 +113,8 @@ void expand_tile(T* y, int64_t ldy, const int64_t* rows, const T* b_slot, int64_
     for (int v = 0; v < nv; ++v) add_store(y + rows[m] * ldy + o0 + 16 * v, acc[m][v]);
 }
 
-template <int MB, typename T>
-void block(T* y, int64_t ldy, const T* x, int64_t ldx, const T* a_slot, const T* b_slot, int64_t I,
+template <int MB, typename T, typename W>
+void block(T* y, int64_t ldy, const T* x, int64_t ldx, const W* a_slot, const W* b_slot, int64_t I,
            int64_t R, int64_t K, int64_t O, const int64_t* cols, const int64_t* rows, int64_t r,
            float* t, float* tj) {
   const int64_t rk = r * K, bk = 16 * K;  // t columns: rank-major, member-minor, like a rank block
@@ -133,7 +135,7 @@ void block(T* y, int64_t ldy, const T* x, int64_t ldx, const T* a_slot, const T*
   }
 }
 
-template <typename T>
+template <typename T, typename W>
 void run(at::Tensor& y, const at::Tensor& x, const at::Tensor& a, const at::Tensor& b,
          const std::vector<int64_t>& cols, const int64_t* rows, const int64_t* slots, int64_t nrows,
          const int64_t* slot_ranks) {
@@ -145,8 +147,8 @@ void run(at::Tensor& y, const at::Tensor& x, const at::Tensor& a, const at::Tens
   starts.push_back(nrows);
   T* yp = y.data_ptr<T>();
   const T* xp = x.data_ptr<T>();
-  const T* ap = a.data_ptr<T>();
-  const T* bp = b.data_ptr<T>();
+  const W* ap = a.data_ptr<W>();
+  const W* bp = b.data_ptr<W>();
   const int64_t ldy = y.stride(0), ldx = x.stride(0), a_slot_stride = a.stride(0), b_slot_stride = b.stride(0);
   at::parallel_for(0, nblocks, 1, [&](int64_t lo, int64_t hi) {
     std::vector<float> t(kRows * R * K), tj(kRows * R);
@@ -155,8 +157,8 @@ void run(at::Tensor& y, const at::Tensor& x, const at::Tensor& a, const at::Tens
       if (slot < 0) continue;  // base-model rows (static steps list every row)
       const int64_t r = slot_ranks[slot];
       if (r == 0) continue;
-      const T* a_slot = ap + slot * a_slot_stride;
-      const T* b_slot = bp + slot * b_slot_stride;
+      const W* a_slot = ap + slot * a_slot_stride;
+      const W* b_slot = bp + slot * b_slot_stride;
       const int64_t* rp = rows + s;
       switch (n) {
         case 1: block<1>(yp, ldy, xp, ldx, a_slot, b_slot, I, R, K, O, cols.data(), rp, r, t.data(), tj.data()); break;
@@ -180,8 +182,8 @@ void sgmv_cpu(at::Tensor y, const at::Tensor& x, const at::Tensor& a, const at::
   TORCH_CHECK(a.stride(4) == 1 && a.stride(3) == a.size(4) && a.stride(2) == 16 * a.size(4) &&
                   a.stride(1) == a.size(2) * 16 * a.size(4) && b.stride(2) == 1 && b.stride(1) == b.size(2),
               "sgmv_cpu: each slot of a and b must be contiguous");
-  TORCH_CHECK(x.scalar_type() == y.scalar_type() && a.scalar_type() == y.scalar_type() &&
-                  b.scalar_type() == y.scalar_type(), "sgmv_cpu: one dtype for x, y, a, b");
+  TORCH_CHECK(x.scalar_type() == y.scalar_type() && a.scalar_type() == b.scalar_type(),
+              "sgmv_cpu: one dtype for x and y, one for a and b");
   TORCH_CHECK(rows.scalar_type() == at::kLong && slots.scalar_type() == at::kLong && rows.is_contiguous() &&
                   slots.is_contiguous() && rows.numel() == slots.numel(), "sgmv_cpu: rows, slots: int64 [M]");
   TORCH_CHECK((int64_t)cols.size() == a.size(4) + 1 && cols.front() == 0 && cols.back() == b.size(2),
@@ -201,11 +203,17 @@ void sgmv_cpu(at::Tensor y, const at::Tensor& x, const at::Tensor& a, const at::
   for (int64_t i = 0; i < n; ++i)
     TORCH_CHECK(rp[i] >= 0 && rp[i] < y.size(0) && rp[i] < x.size(0) && sp[i] >= -1 && sp[i] < a.size(0),
                 "sgmv_cpu: row or slot out of range");
-  if (y.scalar_type() == at::kFloat) {
-    run<float>(y, x, a, b, cols, rp, sp, n, kp);
+  const auto xt = y.scalar_type(), wt = a.scalar_type();
+  if (xt == at::kFloat && wt == at::kFloat) {
+    run<float, float>(y, x, a, b, cols, rp, sp, n, kp);
+  } else if (xt == at::kFloat && wt == at::kBFloat16) {
+    run<float, c10::BFloat16>(y, x, a, b, cols, rp, sp, n, kp);
+  } else if (xt == at::kFloat && wt == at::kHalf) {
+    run<float, c10::Half>(y, x, a, b, cols, rp, sp, n, kp);
   } else {
-    TORCH_CHECK(y.scalar_type() == at::kBFloat16, "sgmv_cpu: float32 or bfloat16");
-    run<c10::BFloat16>(y, x, a, b, cols, rp, sp, n, kp);
+    TORCH_CHECK(xt == at::kBFloat16 && wt == at::kBFloat16,
+                "sgmv_cpu: float32 x/y with float32, bfloat16 or float16 weights, or bfloat16 throughout");
+    run<c10::BFloat16, c10::BFloat16>(y, x, a, b, cols, rp, sp, n, kp);
   }
 }
 

@@ -13,6 +13,7 @@ from benchmarks.workload import Target, Workload
 
 ALL_LINEAR = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 BASE_ROW = "loraplex base only (LoRA layers idle)"
+HALF_ROW = "loraplex mixed, 8 adapters, float16 slots"
 
 
 def make_adapters(model_dir: Path, store: Path, count: int, rank: int = 16) -> list[str]:
@@ -85,6 +86,10 @@ def bench_lora(
     rows.append((BASE_ROW, run_engine(rt, prompts, new, target)))
     rows.append(("loraplex mixed, 8 adapters", run_engine(rt, prompts, new, target, adapters=names)))
     del rt
+    if target.dtype == torch.float32:  # --lora-dtype float16: half the adapter bytes a step streams
+        rt = preloaded_runtime(model_dir, store, target, names, max_loras=8, lora_dtype="float16")
+        rows.append((HALF_ROW, run_engine(rt, prompts, new, target, adapters=names)))
+        del rt
     merged = build_bench_runtime(
         model_dir, target, adapter_store=store, merged_adapter=names[0], enable_lora=False
     )
@@ -95,6 +100,8 @@ def bench_lora(
     print(
         f"ours mixed / ours base   = {tps['loraplex mixed, 8 adapters'] / tps[BASE_ROW]:.2f}  (target >= 0.85)"
     )
+    if HALF_ROW in tps:
+        print(f"ours mixed, float16 slots / ours base = {tps[HALF_ROW] / tps[BASE_ROW]:.2f}")
     print(
         f"ours mixed / PEFT mixed  = "
         f"{tps['loraplex mixed, 8 adapters'] / tps['PEFT mixed batch, 8 adapters']:.2f}  (target >= 1.7)"

@@ -111,24 +111,33 @@ def is_loopback(host: str) -> bool:
         return False
 
 
-def cmd_serve(ns: argparse.Namespace) -> int:
+def prepare_server_process(settings: Settings, log_level: str) -> None:
+    """What a serving process sets up before it builds the runtime: the CPU runtime (re-executed once
+    under the tuned allocator and OpenMP), logging, and a log line saying what it runs with. Shared
+    with the tests' fault-injecting server, so a soak measures the process users run."""
     from server import runtime_env
 
-    settings = settings_from_args(ns)
     runtime_env.reexec_if_needed(settings.runtime_tuning, settings.device)  # returns when nothing to do
 
     import torch  # noqa: F401 - loads OpenMP now, in this thread, which it pins to one core
 
-    from server.api.app import create_app
-    from server.api.serving import serve
     from server.model.loader import ASYNC_LOAD_OFF
 
     if runtime_env.serves_on_cpu(settings.device):  # now, while this is the only thread (see the loader)
         os.environ.setdefault(ASYNC_LOAD_OFF, "1")
 
     runtime_env.unpin_main_thread()
-    logging.basicConfig(level=ns.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    logging.basicConfig(level=log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     logging.getLogger("loraplex").info(runtime_env.describe(runtime_env.loaded_libraries(), dict(os.environ)))
+
+
+def cmd_serve(ns: argparse.Namespace) -> int:
+    settings = settings_from_args(ns)
+    prepare_server_process(settings, ns.log_level)
+
+    from server.api.app import create_app
+    from server.api.serving import serve
+
     if not (settings.api_keys or settings.admin_keys) and not is_loopback(settings.host):
         logging.getLogger("loraplex").warning(
             "auth is off (no LORAPLEX_API_KEYS / LORAPLEX_ADMIN_KEYS) and the server listens on %s: "

@@ -27,16 +27,16 @@ class RandomFaults:
 
 
 def main(argv: list[str]) -> int:
-    import logging
+    from server.cli import build_parser, prepare_server_process, settings_from_args
+
+    ns = build_parser().parse_args(argv)
+    settings = settings_from_args(ns)
+    prepare_server_process(settings, ns.log_level)  # as `loraplex serve`: tuned allocator and OpenMP
 
     from server.api.app import create_app
     from server.api.serving import serve
     from server.bootstrap import build_runtime
-    from server.cli import build_parser, settings_from_args
 
-    ns = build_parser().parse_args(argv)
-    logging.basicConfig(level=ns.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    settings = settings_from_args(ns)
     runtime = build_runtime(settings)
     runtime.engine.core.faults = RandomFaults(float(os.environ.get("FAULT_RATE", "0")))
     serve(create_app(settings, runtime), settings.host, settings.port, ns.log_level)

@@ -199,5 +199,11 @@ class ServerMetrics:
     def adapter_request_count(self, adapter: str) -> int:
         return self._adapter_counts.get(adapter, 0)
 
+    def forget_adapter(self, adapter: str) -> None:
+        """A deleted adapter's request counter goes (a later upload under the name starts from zero):
+        a server that sees many short-lived adapter names keeps no series for each one."""
+        if self._adapter_counts.pop(adapter, None) is not None:
+            self.adapter_requests.remove(adapter)
+
     def render(self) -> bytes:
         return generate_latest(self.registry)

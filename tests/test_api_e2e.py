@@ -315,9 +315,12 @@ def test_store_api_upload_use_delete_reupload(env, http, tmp_path):
     assert upload(first).status_code == 409
     r = http.post("/v1/completions", json=greedy_body("fresh", PROMPTS[0]))
     assert token_ids_of(r.json()["choices"][0]["logprobs"]) == oracle(env, "fresh", PROMPTS[0])
+    series = 'loraplex_adapter_requests_total{adapter="fresh"}'
+    assert series in http.get("/metrics").text
 
     assert http.delete("/v1/adapters/fresh").json()["deleted"] is True
     assert not (env["store"] / "fresh").exists()
+    assert series not in http.get("/metrics").text  # no series kept per deleted adapter name
     assert http.post("/v1/completions", json=greedy_body("fresh", PROMPTS[0])).status_code == 404
     assert http.delete("/v1/adapters/fresh").status_code == 404
 

@@ -129,6 +129,20 @@ def test_drop_forgets_an_identity_and_never_publishes_it_again():
     assert len(bm.cached_prefix(_seq("m", tokens + [2]), ("y", 0))) == 3
 
 
+def test_dropped_identities_are_remembered_boundedly():
+    """Each delete of an adapter name drops one identity: a server that sees many names keeps only the
+    most recent ones (a block published under an older one is never matched, its chain names it)."""
+    from server.engine.prefix_cache import MAX_DROPPED_IDENTITIES, PrefixCache
+
+    cache = PrefixCache()
+    for i in range(MAX_DROPPED_IDENTITIES + 50):
+        cache.drop((f"churn-{i}", 1))
+    assert len(cache._dropped) == MAX_DROPPED_IDENTITIES
+    cache.publish(0, b"h-old", ("churn-0", 1))  # long forgotten: publishing it only caches a dead name
+    cache.publish(1, b"h-new", (f"churn-{MAX_DROPPED_IDENTITIES + 49}", 1))  # recent: refused
+    assert cache.num_cached == 1 and cache.lookup([b"h-new"]) == []
+
+
 # --- the engine, caching on vs off --------------------------------------------------------------
 def _requests(names: list[str | None], suffix_lens: list[int]) -> list[tuple[str | None, list[int]]]:
     suffixes = random_prompts(suffix_lens, seed=22)

@@ -80,6 +80,7 @@ async def delete_adapter(
 ) -> JSONResponse:
     """Hides the adapter at once (new requests: 404), lets queued and running requests finish, deletes it."""
     await state.ready_runtime().adapters.delete(name)
+    state.metrics.forget_adapter(name)
     return JSONResponse({"id": name, "object": "adapter", "deleted": True})
 
 

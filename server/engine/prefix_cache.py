@@ -18,6 +18,8 @@ from array import array
 from collections import OrderedDict
 from collections.abc import Hashable
 
+MAX_DROPPED_IDENTITIES = 1024  # recently dropped identities remembered (see PrefixCache._dropped)
+
 
 def extend_block_hashes(
     hashes: list[bytes], identity: Hashable, token_ids: list[int], block_size: int, num_blocks: int
@@ -38,7 +40,11 @@ class PrefixCache:
         self._name_of: dict[int, tuple[bytes, Hashable]] = {}  # block -> (hash, identity)
         self._by_identity: dict[Hashable, set[int]] = {}
         self._evictable: OrderedDict[int, None] = OrderedDict()  # free cached blocks, oldest first
-        self._dropped: set[Hashable] = set()  # identities whose weights changed: never published again
+        # Identities whose weights changed, most recent last: not published again. Only the recent ones
+        # matter (a sequence still running on old weights); a name's hash chain includes its identity,
+        # so a block published under an old one is never matched anyway, only kept until evicted. Kept
+        # bounded: every upload/delete of a new adapter name adds one.
+        self._dropped: OrderedDict[Hashable, None] = OrderedDict()
 
     @property
     def num_evictable(self) -> int:
@@ -95,7 +101,9 @@ class PrefixCache:
 
     def drop(self, identity: Hashable) -> list[int]:
         """Forgets every block of ``identity`` (its weights changed); returns those nobody uses."""
-        self._dropped.add(identity)
+        self._dropped[identity] = None
+        if len(self._dropped) > MAX_DROPPED_IDENTITIES:
+            self._dropped.popitem(last=False)
         freed = []
         for block in list(self._by_identity.get(identity, ())):
             self._forget(block)

@@ -85,7 +85,8 @@ class HostCache:
         """Starts a background disk -> host load of ``ref`` unless it is cached or already loading."""
         key = ref.key
         with self.lock:
-            self._refs[key] = ref
+            if ref.weights:  # a composition, rebuilt from its parts; a plain name needs no entry
+                self._refs[key] = ref
             epoch = self.epoch_of(key)
             if self._cached(key) is not None or self._loading.get(key) == epoch:
                 return

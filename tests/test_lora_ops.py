@@ -104,19 +104,24 @@ def _slot_of_row(seq_slots, seq_lens, i):
     raise IndexError(i)
 
 
-@pytest.mark.parametrize("op", sorted(_ops()))
-def test_op_in_bf16_matches_fp32_within_bf16_rounding(op):
+def _fused_case_in(dtype):
+    """CASES[2] over a fused q/k/v target: fp32 slots, the same adapters in ``dtype`` slots, and a step."""
     seq_slots, seq_lens = CASES[2]
     weights32, written = _weights(3)
-    weights16 = SlotWeights(weights32.names, D_IN, OUTS[3], len(RANKS), 64, "cpu", torch.bfloat16)
+    narrow = SlotWeights(weights32.names, D_IN, OUTS[3], len(RANKS), 64, "cpu", dtype)
     for slot, per_member in enumerate(written):
         for j, module in enumerate(per_member):
-            weights16.write(slot, j, module, None)
+            narrow.write(slot, j, module, None)
     n = sum(seq_lens)
     x, y = torch.randn(n, D_IN), torch.randn(n, sum(OUTS[3]))
     batch = LoRABatch(len(RANKS))
     batch.set(seq_slots, seq_lens)
-    rows = batch.slot_rows(torch.device("cpu"))
+    return weights32, narrow, written, x, y, batch.slot_rows(torch.device("cpu"))
+
+
+@pytest.mark.parametrize("op", sorted(_ops()))
+def test_op_in_bf16_matches_fp32_within_bf16_rounding(op):
+    weights32, weights16, _, x, y, rows = _fused_case_in(torch.bfloat16)
     want, got = y.clone(), y.bfloat16()
     sgmv_torch(want, x, weights32, rows)
     _ops()[op](got, x.bfloat16(), weights16, rows)
@@ -128,24 +133,14 @@ def test_op_in_bf16_matches_fp32_within_bf16_rounding(op):
 def test_op_with_half_width_weights_computes_in_fp32(op, wdtype):
     """Settings.lora_dtype under a float32 model: the slots hold half-width weights, the op widens
     them and computes in fp32 - the same result as fp32 slots holding the rounded values."""
-    seq_slots, seq_lens = CASES[2]
-    narrow = SlotWeights(["m0", "m1", "m2"], D_IN, OUTS[3], len(RANKS), 64, "cpu", wdtype)
-    rounded, written = _weights(3)
-    for slot, per_member in enumerate(written):
-        for j, module in enumerate(per_member):
-            narrow.write(slot, j, module, None)
+    rounded, narrow, written, x, y, rows = _fused_case_in(wdtype)
     for name in ("a", "b"):  # fp32 slots holding exactly the half-width values
         getattr(rounded, name).copy_(getattr(narrow, name))
-    n = sum(seq_lens)
-    x, y = torch.randn(n, D_IN), torch.randn(n, sum(OUTS[3]))
-    batch = LoRABatch(len(RANKS))
-    batch.set(seq_slots, seq_lens)
-    rows = batch.slot_rows(torch.device("cpu"))
     got, want = y.clone(), y.clone()
     _ops()[op](got, x, narrow, rows)
     sgmv_torch(want, x, rounded, rows)
     torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-4)
-    exact = _naive(y, x, written, seq_slots, seq_lens)  # and only the weights' rounding from exact
+    exact = _naive(y, x, written, *CASES[2])  # and only the weights' rounding from exact
     assert ((got.double() - exact).abs().max() / (exact - y.double()).abs().max()).item() < 1e-2
 
 

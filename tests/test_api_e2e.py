@@ -288,7 +288,9 @@ def test_store_api_upload_use_delete_reupload(env, http, tmp_path):
     assert info["digest"] == f"sha256:{tree_digest(env['store'] / 'attn-r4')}"
     assert info["rank"] == 4 and sorted(info["target_modules"]) == sorted(ATTENTION)
     assert info["size_bytes"] > 0 and info["parent"] == BASE
-    assert http.get("/v1/adapters/attn-r4").json()["requests"] >= 1
+    served = http.get("/v1/adapters/attn-r4").json()["requests"]
+    assert http.post("/v1/completions", json=greedy_body("attn-r4", PROMPTS[0])).status_code == 200
+    assert http.get("/v1/adapters/attn-r4").json()["requests"] == served + 1  # this test's own request
     assert http.get("/v1/adapters/ghost").status_code == 404
 
     first = make_peft_adapter(env["model_dir"], tmp_path / "v1", r=4, seed=21)

@@ -16,8 +16,9 @@
 // their equivalent elsewhere: GCC vector extensions, compiled for the host CPU). bf16 inputs are
 // widened on load and rounded on store; accumulation is fp32. The weights a and b may be narrower
 // than x and y (W: bf16 or fp16 slots under an fp32 model, Settings.lora_dtype): a decode step's
-// LoRA time is the time to stream them from DRAM, and half-width weights halve it. Blocks run in
-// parallel on torch's intra-op thread pool (the same OpenMP runtime torch uses).
+// LoRA time is mostly streaming them from DRAM, and half-width weights halve those bytes (measured,
+// a mixed-8 step's 32 calls alone: 0.68 ms fp32, 0.49 ms fp16/bf16). Blocks run in parallel on
+// torch's intra-op thread pool (the same OpenMP runtime torch uses).
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
 #include <torch/library.h>

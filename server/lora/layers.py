@@ -22,7 +22,7 @@ from torch import nn
 from server.lora.adapter import LoRAAdapter
 from server.lora.backend import LoRABackend
 from server.lora.errors import AdapterError
-from server.lora.slot_weights import SlotWeights, largest_written_value
+from server.lora.slot_weights import SlotWeights, largest_stored_value
 from server.lora.spec import BaseModelSpec, LinearSpec
 from server.model.fused_linear import FusedProjection, fused_projection_of
 
@@ -84,7 +84,22 @@ class LoRAModel:
         self.max_rank = max_rank
 
     def check(self, adapter: LoRAAdapter) -> None:
-        """Raises AdapterError if ``adapter`` needs a module or rank this injection cannot hold."""
+        """Raises AdapterError if ``adapter`` cannot be served here: ``check_fits``, and in float16 slots
+        values past float16's range. Run where adapters come in (the reader, compositions)."""
+        self.check_fits(adapter)
+        for name, weights in adapter.modules.items():
+            layer = self.layers[name]
+            if layer.slot_weights.b.dtype != torch.float16:
+                continue
+            if largest_stored_value(weights, layer.base_layer.bias) > torch.finfo(torch.float16).max:
+                raise AdapterError(
+                    f"adapter '{adapter.name}': module '{name}' has weights (scaled by alpha/r) past "
+                    "float16's range; serve it with lora_dtype=bfloat16 or auto"
+                )
+
+    def check_fits(self, adapter: LoRAAdapter) -> None:
+        """Raises AdapterError if ``adapter`` needs a module or rank this injection cannot hold (cheap:
+        a slot fill runs it; ``check``'s pass over the values ran when the adapter came in)."""
         for name, weights in adapter.modules.items():
             if name not in self.layers:
                 raise AdapterError(
@@ -94,14 +109,6 @@ class LoRAModel:
                 raise AdapterError(
                     f"adapter '{adapter.name}': rank {weights.rank} exceeds max_lora_rank={self.max_rank}"
                 )
-            layer = self.layers[name]
-            if layer.slot_weights.b.dtype == torch.float16:
-                bias = layer.base_layer.bias
-                if largest_written_value(weights, bias) > torch.finfo(torch.float16).max:
-                    raise AdapterError(
-                        f"adapter '{adapter.name}': module '{name}' has weights (scaled by alpha/r) past "
-                        "float16's range; serve it with lora_dtype=bfloat16 or auto"
-                    )
 
     def set_slot(self, slot: int, adapter: LoRAAdapter) -> None:
         """Writes every module of ``adapter`` into ``slot``; modules it does not target get zeros."""

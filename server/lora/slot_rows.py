@@ -79,7 +79,7 @@ class SlotRows:
         instead of the whole row: a slot fill's main cost)."""
         modules = {}
         if adapter is not None:
-            self.lora.check(adapter)
+            self.lora.check_fits(adapter)
             modules = adapter.modules
         facts = []
         try:

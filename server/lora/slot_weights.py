@@ -96,39 +96,49 @@ def write_member(view: SlotView, cols: slice, member: int, max_rank: int, name: 
     r = weights.rank
     if r > max_rank:
         raise AdapterError(f"module '{name}': rank {r} exceeds max_lora_rank={max_rank}")
-    row_scale = torch.full((cols.stop - cols.start,), weights.scale, dtype=torch.float32)
-    if weights.dora_g is not None:
-        row_scale = row_scale * weights.dora_g
-        shift = torch.zeros_like(weights.dora_g)
-        if base_bias is not None:
-            shift = (1 - weights.dora_g) * base_bias.float().cpu()
-        view.dora_gain[cols].copy_(weights.dora_g - 1)
-        view.dora_shift[cols].copy_(shift)
+    stored = stored_values(weights, base_bias)
+    if stored.dora_gain is not None:
+        view.dora_gain[cols].copy_(stored.dora_gain)
+        view.dora_shift[cols].copy_(stored.dora_shift)
     a_t = weights.a.t()  # [in, r]
     for block in range(-(-r // RANK_BLOCK)):
         ranks = a_t[:, block * RANK_BLOCK : (block + 1) * RANK_BLOCK]
         view.a[block, :, : ranks.shape[1], member].copy_(ranks)
-    view.b[:r, cols].copy_((weights.b * row_scale[:, None]).t())
-    if weights.bias is not None:
-        view.bias[cols].copy_(weights.bias * row_scale)
+    view.b[:r, cols].copy_(stored.b.t())
+    if stored.bias is not None:
+        view.bias[cols].copy_(stored.bias)
     return MemberFacts(r, weights.bias is not None, weights.dora_g is not None)
 
 
-def largest_written_value(weights: LoRAModuleWeights, base_bias: torch.Tensor | None) -> float:
-    """The largest magnitude ``write_member`` would store for ``weights``: float16 slots hold at most
-    65504, so an adapter past it is refused when read (an inf would poison every row using it)."""
-    row_scale = weights.scale * (weights.dora_g if weights.dora_g is not None else 1.0)
-    parts = [
-        weights.a.abs().amax(),
-        (weights.b.abs() * torch.as_tensor(row_scale).abs().reshape(-1, 1)).amax(),
-    ]
-    if weights.bias is not None:
-        parts.append((weights.bias * row_scale).abs().amax())
+@dataclass(frozen=True)
+class StoredValues:
+    """What a slot holds for one module besides A (stored as given), in fp32 before the slot's dtype
+    rounds it: B and the bias scaled by the adapter scale (and DoRA's per-row rescale), and DoRA's
+    ``g - 1`` and shift."""
+
+    b: torch.Tensor  # [out, r]
+    bias: torch.Tensor | None
+    dora_gain: torch.Tensor | None
+    dora_shift: torch.Tensor | None
+
+
+def stored_values(weights: LoRAModuleWeights, base_bias: torch.Tensor | None) -> StoredValues:
+    row_scale = torch.full((weights.b.shape[0],), weights.scale, dtype=torch.float32)
+    gain = shift = None
     if weights.dora_g is not None:
-        parts.append((weights.dora_g - 1).abs().amax())
-        if base_bias is not None:
-            parts.append(((1 - weights.dora_g) * base_bias.float().cpu()).abs().amax())
-    return max(float(p) for p in parts)
+        row_scale = row_scale * weights.dora_g
+        gain = weights.dora_g - 1
+        shift = torch.zeros_like(weights.dora_g) if base_bias is None else -gain * base_bias.float().cpu()
+    bias = None if weights.bias is None else weights.bias * row_scale
+    return StoredValues(weights.b * row_scale[:, None], bias, gain, shift)
+
+
+def largest_stored_value(weights: LoRAModuleWeights, base_bias: torch.Tensor | None) -> float:
+    """The largest magnitude a slot would hold for ``weights``: float16 slots hold at most 65504, so an
+    adapter past it is refused when read (an inf would poison every row using it)."""
+    stored = stored_values(weights, base_bias)
+    parts = (weights.a, stored.b, stored.bias, stored.dora_gain, stored.dora_shift)
+    return max(float(t.abs().amax()) for t in parts if t is not None)
 
 
 def _with_bit(mask: int, bit: int, value: bool) -> int:

@@ -190,8 +190,8 @@ def _read_safetensors(
 
 def _tensor(key: str, view: dict) -> torch.Tensor:
     dtype = _FLOAT_DTYPES.get(view["dtype"])
-    if dtype is None:
-        raise AdapterError(f"tensor {key!r} has dtype {view['dtype']}; {_DTYPES_EXPECTED} expected")
+    if dtype is None:  # the header said otherwise (_check_header): the file changed while read
+        raise ValueError(f"tensor {key!r} is {view['dtype']} in the data but a float in the header")
     if not view["data"]:
         return torch.empty(view["shape"], dtype=dtype)
     return torch.frombuffer(bytearray(view["data"]), dtype=dtype).reshape(view["shape"])
@@ -199,7 +199,8 @@ def _tensor(key: str, view: dict) -> torch.Tensor:
 
 def _check_header(fd: int, max_tensors: int) -> None:
     """Refuses, from the header alone, a file with more tensors than an adapter of the base can hold
-    (parsing 100,000 tiny tensors would hold a worker - and the GIL - for seconds)."""
+    (parsing 100,000 tiny tensors would hold a worker - and the GIL - for seconds), or with a tensor
+    that is not a float (before any is read, whichever way the file is read next)."""
     max_header = max_tensors * _HEADER_BYTES_PER_TENSOR + _HEADER_SLACK_BYTES
     length = int.from_bytes(_read_exactly(fd, 8, 0), "little")
     if length > max_header:
@@ -213,6 +214,10 @@ def _check_header(fd: int, max_tensors: int) -> None:
         raise AdapterError(
             f"holds {count} tensors, more than a LoRA adapter of this base model can ({max_tensors})"
         )
+    for key, entry in header.items() if isinstance(header, dict) else ():
+        dtype = entry.get("dtype") if isinstance(entry, dict) else None
+        if key != "__metadata__" and not (isinstance(dtype, str) and dtype in _FLOAT_DTYPES):
+            raise AdapterError(f"tensor {key!r} has dtype {dtype}; {_DTYPES_EXPECTED} expected")
 
 
 def _read_exactly(fd: int, size: int, offset: int) -> bytes:
@@ -229,17 +234,13 @@ def _group_by_module(
     if not tensors:
         raise AdapterError(f"adapter '{name}': {WEIGHTS_FILE} holds no tensors")
     keys: dict[str, dict[str, str]] = {}  # module -> role -> tensor key
-    for key, tensor in tensors.items():
+    for key in tensors:
         role = next((r for s, r in _SUFFIXES.items() if key.endswith(s) and key.startswith(_PREFIX)), None)
         if role is None:
             hint = " (embedding LoRA is not supported)" if "lora_embedding" in key else ""
             raise AdapterError(f"adapter '{name}': unexpected tensor key {key!r}{hint}")
         suffix = next(s for s, r in _SUFFIXES.items() if key.endswith(s) and r == role)
         module = key[len(_PREFIX) : -len(suffix)]
-        if tensor.dtype not in _FLOAT_DTYPES.values():
-            raise AdapterError(
-                f"adapter '{name}': tensor {key!r} has dtype {tensor.dtype}; {_DTYPES_EXPECTED} expected"
-            )
         keys.setdefault(module, {})[role] = key
     converted = _finite_float32(tensors, name)
     return {

@@ -50,16 +50,7 @@ def reference_greedy(model_dir: Path, prompts: list[list[int]], max_new_tokens: 
 
 def run_staggered(engine, seqs: list[Sequence], join_every: int = 1) -> dict[str, list[int]]:
     """Adds one sequence every ``join_every`` steps while others decode; returns token ids per request."""
-    outputs: dict[str, list[int]] = {s.request_id: [] for s in seqs}
-    pending = list(seqs)
-    step = 0
-    while pending or engine.has_work():
-        if pending and step % join_every == 0:
-            engine.add(pending.pop(0))
-        for seq, out in engine.step():
-            outputs[seq.request_id].extend(out.new_token_ids)
-        step += 1
-    return outputs
+    return run_queued(engine, seqs, join_every=join_every).outputs
 
 
 @dataclass
@@ -69,14 +60,22 @@ class QueuedRun:
     finished: set[str]
 
 
-def run_queued(engine, seqs: list[Sequence], max_steps: int | None = None) -> QueuedRun:
-    """Queues every sequence before the first step, then steps until no work is left (or ``max_steps``,
-    for a test that must not hang on a request that never runs)."""
-    for seq in seqs:
-        engine.add(seq)
+def run_queued(
+    engine, seqs: list[Sequence], max_steps: int | None = None, join_every: int | None = None
+) -> QueuedRun:
+    """Queues every sequence before the first step (``join_every``: one every that many steps instead,
+    while others decode), then steps until no work is left (or ``max_steps``, for a test that must not
+    hang on a request that never runs)."""
+    pending = list(seqs)
+    if join_every is None:
+        for seq in pending:
+            engine.add(seq)
+        pending = []
     run = QueuedRun({s.request_id: [] for s in seqs}, {}, set())
     step = 0
-    while engine.has_work() and (max_steps is None or step < max_steps):
+    while (pending or engine.has_work()) and (max_steps is None or step < max_steps):
+        if pending and step % join_every == 0:
+            engine.add(pending.pop(0))
         for seq, out in engine.step():
             run.outputs[seq.request_id].extend(out.new_token_ids)
             run.first_step.setdefault(seq.request_id, step)

@@ -1,5 +1,6 @@
-"""Many adapters through few slots: one contiguous slot row per adapter, slots filled ahead of time off
-the engine thread, no disk read on the engine thread, and adapter-aware admission that starves no one."""
+"""Many adapters through little slot memory: adapters take pages of 16 ranks as their rank needs, each
+page one contiguous row of the whole model, filled ahead of time off the engine thread; no disk read
+on the engine thread, and adapter-aware admission that starves no one."""
 
 from __future__ import annotations
 
@@ -20,6 +21,7 @@ from server.engine.sequence import Sequence
 from server.engine.types import FinishReason
 from server.lora.ref import AdapterRef
 from server.lora.setup import build_lora
+from server.lora.slot_weights import blocks_for
 from server.store import AdapterStore
 from tests.api_harness import greedy_ids, peft_model
 from tests.engine_utils import build_test_runtime, greedy, random_prompts, run_queued, run_staggered
@@ -45,50 +47,58 @@ def _stack(base_dir, store, max_loras=2):
     return model, stack
 
 
-def test_a_slot_is_one_contiguous_row_written_like_the_per_module_copies(tiny_llama_dir, store):
-    _, stack = _stack(tiny_llama_dir, store, max_loras=3)
+def test_an_adapters_pages_are_rows_holding_what_the_per_module_writes_hold(tiny_llama_dir, store):
+    _, stack = _stack(tiny_llama_dir, store, max_loras=2)  # 8 pages
     rows = stack.manager.rows
-    for name in ("dora-r8", "bias-r4", "all-r64"):
+    for name, pages in (("dora-r8", [6]), ("bias-r4", [3]), ("all-r64", [5, 0, 7, 2])):
         adapter, _ = stack.cache.get(name)
+        rows.table.map(1, pages)  # scattered, out of order
         stack.model.set_slot(1, adapter)  # the per-module writes, through the layers' views
-        packed = rows.new_row()
-        facts = rows.pack(adapter, packed)
-        assert torch.equal(rows.storage[1], packed), name
+        staging = rows.new_staging()
+        facts = rows.pack_staged(adapter, 1, pages, staging)
+        for k, page in enumerate(pages):
+            assert torch.equal(rows.pages[page], staging.pages[k]), (name, k)
+        assert torch.equal(rows.vectors[1], staging.vector), name
         layers = stack.model.layers.items()
         ranks = {n: layer.slot_weights.rank[layer.member][1] for n, layer in layers}
         assert any(ranks.values())
-        rows.commit(1, facts)  # the packed row's facts are those the per-module writes recorded
+        rows.commit(1, pages, facts)  # the packed rows' facts are those the per-module writes recorded
         assert {n: layer.slot_weights.rank[layer.member][1] for n, layer in layers} == ranks
-    start = rows.storage[2].data_ptr()
-    end = start + rows.width * rows.storage.element_size()
+    start = rows.pages[2].data_ptr()
+    end = start + rows.pages.shape[1] * rows.pages.element_size()
     for layer in stack.model.layers.values():
         sw = layer.slot_weights
-        for tensor in (sw.a[2], sw.b[2], sw.bias[2], sw.dora_gain[2], sw.dora_shift[2]):
-            assert start <= tensor.data_ptr() and tensor[-1:].data_ptr() < end  # inside slot 2's row
+        for tensor in (sw.a[2], sw.b[2]):
+            assert start <= tensor.data_ptr() and tensor[-1:].data_ptr() < end  # inside page 2's row
+    assert torch.equal(rows.pages[rows.table.zero_page], torch.zeros_like(rows.pages[0]))
     stack.close()
 
 
-def test_a_fill_clears_only_what_the_slots_occupant_wrote_and_ends_like_a_fresh_row(tiny_llama_dir, store):
-    """Each fill into a live slot (CPU: packed in place) follows an occupant of another rank, module set,
-    bias or DoRA: the slot ends bit-identical to the adapter packed into a fresh row."""
-    _, stack = _stack(tiny_llama_dir, store, max_loras=2)
+def test_a_fill_clears_only_what_its_pages_held_and_ends_like_a_fresh_pack(tiny_llama_dir, store):
+    """Fills in place (CPU) into pages and slots last written by adapters of other ranks, module sets,
+    bias or DoRA: each ends bit-identical to the adapter packed into fresh rows."""
+    _, stack = _stack(tiny_llama_dir, store, max_loras=2)  # 8 pages
     rows = stack.manager.rows
-    sequence = ["all-r64", "dora-r8", "bias-r4", NAMES[0], "all-r64", NAMES[1], None]
-    for name in sequence:
-        adapter = stack.cache.get(name)[0] if name else None
-        rows.commit(1, rows.pack(adapter, rows.storage[1], slot=1))
-        fresh = rows.new_row()
-        fresh.fill_(float("nan"))  # nothing may survive from before
-        rows.pack(adapter, fresh)
-        assert torch.equal(rows.storage[1], fresh), name
+    sequence = ["all-r64", "dora-r8", "bias-r4", NAMES[0], "all-r64", NAMES[1], "bias-r4", "all-r64"]
+    for i, name in enumerate(sequence):
+        adapter = stack.cache.get(name)[0]
+        pages = [(3 * i + k) % 8 for k in range(blocks_for(adapter.rank))]
+        slot = i % 3
+        rows.commit(slot, pages, rows.fill_in_place(adapter, slot, pages))
+        fresh = rows.new_staging()
+        fresh.pages.fill_(float("nan"))  # nothing may survive from before
+        rows.pack_staged(adapter, slot, pages, fresh)
+        for k, page in enumerate(pages):
+            assert torch.equal(rows.pages[page], fresh.pages[k]), (name, k)
+        assert torch.equal(rows.vectors[slot], fresh.vector), name
     stack.close()
 
 
 @torch.inference_mode()
-def test_prefetch_fills_a_free_slot_off_the_engine_thread(tiny_llama_dir, store):
-    model, stack = _stack(tiny_llama_dir, store)
+def test_prefetch_fills_free_pages_off_the_engine_thread(tiny_llama_dir, store):
+    model, stack = _stack(tiny_llama_dir, store, max_loras=1)  # 4 pages
     manager, counters = stack.manager, stack.cache.counters
-    a, b, c = (AdapterRef(name=n) for n in NAMES[2:5])
+    a, b, c = (AdapterRef(name=n) for n in ("attn-r4", "dora-r8", "all-r64"))  # 1, 1 and 4 pages
     gate, threads = threading.Event(), []
     real_fill = manager.filler._fill
 
@@ -99,8 +109,8 @@ def test_prefetch_fills_a_free_slot_off_the_engine_thread(tiny_llama_dir, store)
 
     manager.filler._fill = held_fill
     manager.prefetch([a, a])
-    assert manager.readiness(a) == "loading"  # its slot is being written: not schedulable yet
-    assert not manager.fits({b.key, c.key})  # the slot being filled is spoken for
+    assert manager.readiness(a) == "loading"  # its page is being written: not schedulable yet
+    assert not manager.fits({c.key})  # the page being filled is spoken for
     gate.set()
     deadline = time.monotonic() + 30
     while manager.readiness(a) == "loading" and time.monotonic() < deadline:
@@ -117,13 +127,15 @@ def test_prefetch_fills_a_free_slot_off_the_engine_thread(tiny_llama_dir, store)
     assert max_rel_err(model(input_ids=ids).logits, peft_logits(tiny_llama_dir, store / a.key, ids)) < TOL
 
     manager.activate({b.key})  # resident, but nothing runs on it
-    manager.prefetch([b, c])  # a is pinned (running) and b is wanted: c gets no slot
+    manager.prefetch([b, c])  # a is pinned (running) and b is wanted: no room for c's 4 pages
     assert manager.readiness(c) == "ready" and manager.resident() == sorted([a.key, b.key])  # no fill
-    manager.prefetch([c])  # b is no longer wanted: its slot goes to c
+    manager.prefetch([c])  # b is no longer wanted, but a still runs on its page
+    assert manager.resident() == sorted([a.key, b.key])
+    manager.unpin(a.key)
+    manager.prefetch([c])  # now both give their pages to c
     while manager.readiness(c) == "loading" and time.monotonic() < deadline:
         time.sleep(0.01)
-    assert manager.resident() == sorted([a.key, c.key]) and counters.prefetch_fills == 2
-    manager.unpin(a.key)
+    assert manager.resident() == [c.key] and counters.prefetch_fills == 2 and counters.evictions == 2
     stack.close()
 
 
@@ -323,20 +335,24 @@ def test_free_slots_go_to_starving_requests_then_to_the_most_wanted_adapters():
     assert [a.key for a in order.prefetch_order([base, *seqs[:1]], 1.0)] == ["rare"]  # base rows need no slot
 
 
-def test_activation_takes_a_waiting_requests_slot_only_when_it_must(tiny_llama_dir, store):
-    _, stack = _stack(tiny_llama_dir, store)  # 2 slots
+def test_activation_takes_a_waiting_requests_pages_only_when_it_must(tiny_llama_dir, store):
+    _, stack = _stack(tiny_llama_dir, store, max_loras=1)  # 4 pages
     manager = stack.manager
-    w, a, b = (AdapterRef(name=n) for n in NAMES[:3])
-    manager.prefetch([w])  # a waiting request's adapter fills one slot
+    w, a, b, d, e = (
+        AdapterRef(name=n) for n in ("attn-r4", "all-r8-rslora", "patterns-r16", "dora-r8", "bias-r4")
+    )
+    manager.prefetch([w])  # a waiting request's adapter fills one page
     deadline = time.monotonic() + 30
     while manager.readiness(w) == "loading" and time.monotonic() < deadline:
         time.sleep(0.01)
     assert manager.resident() == [w.key]
-    assert set(manager.activate({a.key})) == {a.key}  # the free slot, w is spared
-    assert manager.resident() == sorted([w.key, a.key])
-    # Two new adapters in one step: the first takes a's slot, the second has to take w's.
-    assert set(manager.activate({b.key, NAMES[3]})) == {b.key, NAMES[3]}
-    assert manager.resident() == sorted([b.key, NAMES[3]])
+    for ref in (a, b, d):  # the free pages, one each
+        assert set(manager.activate({ref.key})) == {ref.key}
+    assert manager.resident() == sorted([w.key, a.key, b.key, d.key])
+    manager.activate({e.key})  # full: w is the least recently used, but wanted; a is taken instead
+    assert manager.resident() == sorted([w.key, b.key, d.key, e.key])
+    manager.activate({"all-r64"})  # 4 pages: has to take w's too
+    assert manager.resident() == ["all-r64"]
     stack.close()
 
 

@@ -1,7 +1,8 @@
 """Adapter residency: host LRU, device slots with pins and LRU eviction, background loads, reload/unload.
 
-Outputs are checked against PEFT while only 2 device slots serve 6 adapters, so every eviction and
-re-activation has to copy exactly the right weights back.
+Outputs are checked against PEFT while the slot memory of one rank-64 adapter (4 pages of 16 ranks)
+serves 6 adapters of ranks 4 to 64, so every eviction and re-activation has to copy exactly the right
+weights back into whichever pages it gets.
 """
 
 from __future__ import annotations
@@ -22,6 +23,7 @@ from server.lora.compose import compose_adapters
 from server.lora.layers import inject_lora
 from server.lora.ref import AdapterRef
 from server.lora.setup import build_lora
+from server.lora.slot_weights import blocks_for
 from server.lora.spec import BaseModelSpec
 from server.service.adapter_service import AdapterService
 from server.store import AdapterStore
@@ -103,12 +105,17 @@ def _step(model, manager, rows):
     return [logits[i : i + 1] for i in range(len(rows))]
 
 
+def _pages_in_use(manager) -> int:
+    pages = {c.name: blocks_for(c.kwargs["r"]) for c in MIXED_CASES}
+    return sum(pages[name] for name in manager.resident())
+
+
 @pytest.mark.parametrize("max_cpu_loras", [8, 2])
-def test_two_slots_six_adapters_in_flight_keep_outputs_identical(
+def test_one_slots_memory_six_adapters_in_flight_keep_outputs_identical(
     tiny_llama_dir, store, prompts, expected, max_cpu_loras
 ):
-    """A mini scheduler: FIFO admission while the adapters fit in the slots, pin while running."""
-    model, stack = _stack(tiny_llama_dir, store, max_loras=2, max_cpu_loras=max_cpu_loras)
+    """A mini scheduler: FIFO admission while the adapters fit in the slot memory, pin while running."""
+    model, stack = _stack(tiny_llama_dir, store, max_loras=1, max_cpu_loras=max_cpu_loras)
     manager = stack.manager
     names = [c.name for c in MIXED_CASES[:6]]
     rng = random.Random(0)
@@ -117,7 +124,7 @@ def test_two_slots_six_adapters_in_flight_keep_outputs_identical(
         if key:
             stack.cache.prefetch(AdapterRef(name=key))
     running: list[list] = []
-    checked = 0
+    checked, most_resident = 0, 0
     while waiting or running:
         active = {r[0] for r in running if r[0]}
         while waiting:
@@ -129,7 +136,8 @@ def test_two_slots_six_adapters_in_flight_keep_outputs_identical(
                 manager.pin(key)
                 active.add(key)
         outputs = _step(model, manager, [(key, prompts[p]) for key, p, _ in running])
-        assert len(manager.resident()) <= 2
+        assert _pages_in_use(manager) <= 4
+        most_resident = max(most_resident, len(manager.resident()))
         for request, logits in zip(running, outputs, strict=True):
             assert max_rel_err(logits, expected[(request[0], request[1])]) < TOL, request
             checked += 1
@@ -140,6 +148,7 @@ def test_two_slots_six_adapters_in_flight_keep_outputs_identical(
                 manager.unpin(request[0])
     counters = stack.cache.counters.snapshot()
     assert checked >= 18 and counters.evictions >= 4 and counters.activations >= 6
+    assert most_resident >= 3  # low-rank adapters share the memory of one rank-64 slot
     assert counters.load_seconds > 0 and counters.load_failures == 0
     if max_cpu_loras >= 6:
         assert counters.loads == 6  # each adapter parsed once; slots refill from host memory
@@ -148,24 +157,35 @@ def test_two_slots_six_adapters_in_flight_keep_outputs_identical(
     stack.close()
 
 
-def test_pins_block_eviction_and_lru_picks_the_victim(tiny_llama_dir, store):
-    _, stack = _stack(tiny_llama_dir, store, max_loras=2)
+def test_pins_block_eviction_and_lru_picks_the_victims(tiny_llama_dir, store):
+    """Slot memory of 4 pages (one rank-64 adapter): four rank <= 16 adapters, or the rank-64 one."""
+    _, stack = _stack(tiny_llama_dir, store, max_loras=1)
     manager = stack.manager
-    a, b, c = (x.name for x in MIXED_CASES[:3])
+    a, b, c, big, d = (x.name for x in MIXED_CASES[:5])  # 1, 1, 1, 4 and 1 pages
     slot_a = manager.activate({a})[a]
     manager.activate({b})
+    manager.activate({c})
     assert manager.activate({a}) == {a: slot_a}  # resident: no copy, a becomes most recent
+    manager.activate({d})
+    assert manager.resident() == sorted([a, b, c, d])  # four adapters in one rank-64 slot's memory
     activations = manager.counters.activations
-    manager.activate({c})  # evicts b, the least recently used
-    assert manager.resident() == sorted([a, c]) and manager.counters.activations == activations + 1
+    manager.activate({"bias-r4"})  # evicts b, the least recently used
+    assert (
+        manager.resident() == sorted([a, c, d, "bias-r4"]) and manager.counters.activations == activations + 1
+    )
     manager.pin(a)
-    manager.pin(c)
-    assert not manager.fits({b}) and manager.fits({a, c})
-    with pytest.raises(RuntimeError, match="do not fit in 2 slots"):
-        manager.activate({b})
-    manager.unpin(c)
-    assert manager.fits({b})
-    assert manager.activate({b, a}) == {a: slot_a, b: 1 - slot_a}  # c evicted, pinned a kept
+    assert not manager.fits({big}) and manager.fits({a, c})
+    with pytest.raises(RuntimeError, match="do not fit in the slot memory"):
+        manager.activate({big})
+    assert manager.resident() == sorted([a, c, d, "bias-r4"])  # nothing evicted for it
+    manager.unpin(a)
+    assert manager.fits({big})
+    manager.activate({big})  # evicts all four
+    assert manager.resident() == [big]
+    manager.pin(big)
+    assert not manager.fits({a})
+    manager.unpin(big)
+    assert manager.activate({a, b}).keys() == {a, b} and manager.resident() == sorted([a, b])
     with pytest.raises(RuntimeError, match="without a matching pin"):
         manager.unpin(c)
     stack.close()
@@ -243,9 +263,9 @@ def test_reload_in_place_and_unload_after_in_flight_requests(tiny_llama_dir, sto
     assert max_rel_err(before, peft_logits(tiny_llama_dir, path, prompts[1])) < TOL
 
     shutil.rmtree(path)
-    make_peft_adapter(tiny_llama_dir, path, r=8, seed=32)  # new weights, new rank, same place
+    make_peft_adapter(tiny_llama_dir, path, r=40, seed=32)  # new weights, new rank, same place
     asyncio.run(service.load("ext", str(path), inplace=True))
-    [after] = _step(model, manager, [("ext", prompts[1])])  # the slot is rewritten in place
+    [after] = _step(model, manager, [("ext", prompts[1])])  # the slot is rewritten in place, on 3 pages
     assert max_rel_err(after, peft_logits(tiny_llama_dir, path, prompts[1])) < TOL
     assert max_rel_err(after, before) > 1e-2
 

@@ -14,7 +14,7 @@ from server.lora.adapter import LoRAModuleWeights
 from server.lora.backend import LoRABackend, cpu_kernel_available, make_lora_backend
 from server.lora.batch import LoRABatch
 from server.lora.ops.sgmv_torch import sgmv_torch
-from server.lora.slot_weights import SlotWeights
+from server.lora.slot_weights import SlotWeights, blocks_for
 
 D_IN = 48
 OUTS = {1: [40], 2: [40, 40], 3: [32, 16, 16]}  # one linear, gate/up, q/k/v (GQA-sized k, v)
@@ -37,12 +37,23 @@ def _module_weights(out: int, r: int, g: torch.Generator, d_in: int = D_IN) -> L
     )
 
 
-def _weights(members: int, dtype=torch.float32, ranks=RANKS, d_in=D_IN) -> tuple[SlotWeights, list[list]]:
+def _weights(
+    members: int, dtype=torch.float32, ranks=RANKS, d_in=D_IN, paged=False
+) -> tuple[SlotWeights, list[list]]:
     """SlotWeights of ``members`` members with slot i at rank ``ranks[i]``, and the PEFT-layout
-    matrices written (per slot, per member) for the naive reference."""
+    matrices written (per slot, per member) for the naive reference. ``paged``: each slot on only the
+    pages its rank needs, handed out in a scattered order (one page spare)."""
     g = torch.Generator().manual_seed(members)
     outs = OUTS[members]
-    weights = SlotWeights([f"m{j}" for j in range(members)], d_in, outs, len(ranks), 64, "cpu", dtype)
+    names = [f"m{j}" for j in range(members)]
+    if paged:
+        needs = [blocks_for(r) for r in ranks]
+        weights = SlotWeights(names, d_in, outs, len(ranks), 64, "cpu", dtype, num_pages=sum(needs) + 1)
+        order = torch.randperm(sum(needs) + 1, generator=g).tolist()
+        for slot, n in enumerate(needs):
+            weights.table.map(slot, [order.pop() for _ in range(n)])
+    else:
+        weights = SlotWeights(names, d_in, outs, len(ranks), 64, "cpu", dtype)
     written = []
     for slot, r in enumerate(ranks):
         per_member = [_module_weights(out, r, g, d_in) for out in outs]
@@ -81,8 +92,9 @@ def _ops():
 @pytest.mark.parametrize("op", sorted(_ops()))
 @pytest.mark.parametrize("members", [1, 2, 3])
 @pytest.mark.parametrize("seq_slots,seq_lens", CASES)
-def test_op_matches_naive(op, members, seq_slots, seq_lens):
-    weights, written = _weights(members)
+@pytest.mark.parametrize("paged", [False, True], ids=["own-pages", "scattered-pages"])
+def test_op_matches_naive(op, members, seq_slots, seq_lens, paged):
+    weights, written = _weights(members, paged=paged)
     n = sum(seq_lens)
     x, y = torch.randn(n, D_IN), torch.randn(n, sum(OUTS[members]))
     batch = LoRABatch(len(RANKS))

@@ -13,7 +13,7 @@ import torch
 from server.lora.adapter import LoRAModuleWeights
 from server.lora.backend import make_lora_backend
 from server.lora.layers import LoRALinear
-from server.lora.slot_weights import MemberFacts, SlotWeights
+from server.lora.slot_weights import MemberFacts, SlotWeights, blocks_for
 from server.lora.spec import linear_spec
 from tests.triton_child import only_in_child, run_child
 
@@ -28,11 +28,21 @@ def interpreted():
     assert make_lora_backend("triton", "cpu", 2).name == "triton"
 
 
-def _weights(members: int, ranks, d_in: int, outs, seed=0) -> SlotWeights:
+def _weights(members: int, ranks, d_in: int, outs, seed=0, paged=False) -> SlotWeights:
+    """Slot i at rank ``ranks[i]``; ``paged``: on pages handed out in a scattered order, only as many
+    as each rank needs (then a slot's other page-table entries name the zero page)."""
     g = torch.Generator().manual_seed(seed)
-    weights = SlotWeights(
-        [f"m{j}" for j in range(members)], d_in, outs, len(ranks), max(ranks), "cpu", torch.float32
-    )
+    names = [f"m{j}" for j in range(members)]
+    if paged:
+        needs = [blocks_for(r) for r in ranks]
+        weights = SlotWeights(
+            names, d_in, outs, len(ranks), 64, "cpu", torch.float32, num_pages=sum(needs) + 1
+        )
+        order = torch.randperm(sum(needs) + 1, generator=g).tolist()
+        for slot, n in enumerate(needs):
+            weights.table.map(slot, [order.pop() for _ in range(n)])
+    else:
+        weights = SlotWeights(names, d_in, outs, len(ranks), max(ranks), "cpu", torch.float32)
     for slot, r in enumerate(ranks):
         for j, out in enumerate(outs):
             module = LoRAModuleWeights(
@@ -45,7 +55,7 @@ def _weights(members: int, ranks, d_in: int, outs, seed=0) -> SlotWeights:
 def _both(weights, x, y, seq_slots, seq_lens):
     outputs = {}
     for name in ("torch", "triton"):
-        backend = make_lora_backend(name, "cpu", weights.a.shape[0])
+        backend = make_lora_backend(name, "cpu", weights.num_slots)
         backend.plan(seq_slots, seq_lens)
         outputs[name] = y.clone()
         backend.apply(outputs[name], x, weights)
@@ -65,7 +75,8 @@ CASES = [  # (seq slots, seq lengths): prefill-like, decode-like, unsorted with 
 @pytest.mark.parametrize("ranks", [[4, 8, 16, 64], [16, 16, 16, 16]])
 @pytest.mark.parametrize("outs", [[80], [48, 16, 16]])  # one linear; a fused q/k/v group
 def test_triton_sgmv_matches_torch(interpreted, seq_slots, seq_lens, ranks, outs):
-    weights = _weights(len(outs), ranks, 72, outs, seed=len(seq_lens))  # in/out not multiples of the blocks
+    # in/out not multiples of the blocks; mixed ranks on scattered pages
+    weights = _weights(len(outs), ranks, 72, outs, seed=len(seq_lens), paged=len(set(ranks)) > 1)
     n = sum(seq_lens)
     got, want = _both(weights, torch.randn(n, 72), torch.randn(n, sum(outs)), seq_slots, seq_lens)
     torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-4)
@@ -92,6 +103,20 @@ def test_triton_sgmv_with_half_width_weights_under_fp32(interpreted, wdtype):
     torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-4)
 
 
+def test_triton_static_step_reads_every_block_and_adds_nothing_past_a_slots_pages(interpreted):
+    """A static (graph) step launches at the full rank for every row: blocks a slot does not own read
+    the zero page."""
+    weights = _weights(3, [4, 40, 16, 64], 72, [48, 16, 16], seed=3, paged=True)
+    seq_slots = [1, 0, -1, 3, 2, 1, 0]
+    x, y = torch.randn(7, 72), torch.randn(7, 80)
+    backend = make_lora_backend("triton", "cpu", 4)
+    backend.plan(seq_slots, [1] * 7, static=True)
+    got = y.clone()
+    backend.apply(got, x, weights)
+    want = _both(weights, x, y, seq_slots, [1] * 7)[1]
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-4)
+
+
 def test_triton_sgmv_on_non_contiguous_input(interpreted):
     """Strides are honoured, not assumed."""
     weights = _weights(1, [8, 4], 32, [24])
@@ -115,7 +140,7 @@ def test_triton_layer_with_dora_and_bias_matches_torch(interpreted):
     x = torch.randn(1, 19, 48)
     outputs = {}
     for backend in ("torch", "triton"):
-        weights = SlotWeights(["l"], 48, [40], max_loras=3, max_rank=16, device="cpu", dtype=torch.float32)
+        weights = SlotWeights(["l"], 48, [40], num_slots=3, max_rank=16, device="cpu", dtype=torch.float32)
         for slot, module_weights in enumerate(slots):
             weights.write(slot, 0, module_weights, base.bias)
         layer = LoRALinear(base, linear_spec("l", base), make_lora_backend(backend, "cpu", 3), weights)

@@ -48,12 +48,13 @@ def test_adapter_slots_take_the_model_dtype(tiny_llama_dir, tmp_path):
                             num_kv_blocks=16)  # fmt: skip
     assert rt.dtype == torch.bfloat16
     adapter, _ = rt.lora.cache.get("a")
-    rt.lora.manager.activate({"a"})
+    slot_id = rt.lora.manager.activate({"a"})["a"]
     name, weights = next(iter(adapter.modules.items()))
     slot = rt.lora.model.layers[name].slot_weights
     assert slot.a.dtype == slot.b.dtype == torch.bfloat16
     member = slot.names.index(name)
-    assert torch.equal(slot.a[0, 0, :, :4, member], weights.a.t().to(torch.bfloat16))
+    [page] = slot.table.pages_of(slot_id)  # rank 4: one page
+    assert torch.equal(slot.a[page, :, :4, member], weights.a.t().to(torch.bfloat16))
     assert rt.engine.core.runner.attention.kv_caches[0].dtype == torch.bfloat16
     rt.close()
 

@@ -15,7 +15,7 @@ from collections.abc import Sequence
 import torch
 
 from server.lora.batch import LoRABatch
-from server.lora.slot_weights import SlotWeights
+from server.lora.slot_weights import RANK_BLOCK, SlotWeights
 from server.triton_support import triton_unavailable
 
 
@@ -122,11 +122,11 @@ class TritonLoRABackend(LoRABackend):
         batch = self.batch
         # A static (graph) step launches at the buffers' full rank: its launches may not depend on
         # which slots are live. Eager steps read only the live rank blocks.
-        r = weights.b.shape[1] if batch.static else weights.live_rank(batch.live_slots)
+        r = weights.table.blocks * RANK_BLOCK if batch.static else weights.live_rank(batch.live_slots)
         if r == 0:
             return
         for j, cols in enumerate(weights.slices):
-            sgmv_triton(y[:, cols], x, weights.a[:, : r // 16, ..., j], weights.b[:, :r, cols], batch)
+            sgmv_triton(y[:, cols], x, weights.a[..., j], weights.b[:, :, cols], weights.page_table, r, batch)
 
 
 BACKENDS: dict[str, type[LoRABackend]] = {

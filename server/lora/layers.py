@@ -57,9 +57,10 @@ class LoRALinear(nn.Module):
         return y
 
     def extra_repr(self) -> str:
-        slots, rank = self.slot_weights.a.shape[0], self.slot_weights.max_rank
-        fused = "" if self.adds_delta else f", fused member {self.member} of {self.slot_weights.names}"
-        return f"max_loras={slots}, max_rank={rank}, backend={self.backend.name}{fused}"
+        weights = self.slot_weights
+        fused = "" if self.adds_delta else f", fused member {self.member} of {weights.names}"
+        return (f"slots={weights.num_slots}, pages={weights.table.num_pages}, max_rank={weights.max_rank}, "
+                f"backend={self.backend.name}{fused}")  # fmt: skip
 
 
 class GroupDelta:
@@ -77,11 +78,13 @@ class GroupDelta:
 class LoRAModel:
     """Handle on an injected model: its LoRA layers, the shared backend, and slot writes."""
 
-    def __init__(self, layers: dict[str, LoRALinear], backend: LoRABackend, max_loras: int, max_rank: int):
+    def __init__(self, layers: dict[str, LoRALinear], backend: LoRABackend, max_loras: int, max_rank: int,
+                 num_pages: int | None = None):  # fmt: skip
         self.layers = layers
         self.backend = backend
-        self.max_loras = max_loras
+        self.max_loras = max_loras  # slots: adapters resident at once, at most
         self.max_rank = max_rank
+        self.num_pages = num_pages  # rank blocks of slot memory (None: each slot owns max_rank of them)
 
     def check(self, adapter: LoRAAdapter) -> None:
         """Raises AdapterError if ``adapter`` cannot be served here: ``check_fits``, and in float16 slots
@@ -127,10 +130,12 @@ def inject_lora(
     max_rank: int,
     target_names: Iterable[str] | None = None,
     dtype: torch.dtype | None = None,
+    num_pages: int | None = None,
 ) -> LoRAModel:
-    """Wraps the targetable linears of ``model`` in place (all but lm_head by default), with one slot
-    per ``backend.max_loras`` of rank up to ``max_rank`` each; the slots hold adapter weights in
-    ``dtype`` (None: the model's; see ``lora_slot_dtype``)."""
+    """Wraps the targetable linears of ``model`` in place (all but lm_head by default), with
+    ``backend.max_loras`` slots of rank up to ``max_rank`` each; the slots hold adapter weights in
+    ``dtype`` (None: the model's; see ``lora_slot_dtype``). ``num_pages``: the slots share that many
+    pages of 16 ranks, handed out by ``SlotRows`` (None: each slot owns ``max_rank`` of them)."""
     spec = BaseModelSpec.from_model(model)
     if any(getattr(m, "is_lora_wrapper", False) for m in model.modules()):
         raise ValueError("model already has LoRA layers injected")
@@ -148,15 +153,15 @@ def inject_lora(
         if len(members) < len(fused.slices):
             continue  # not every member targeted: each wraps on its own below
         members.sort(key=lambda n: spec.module(n).fused_index)
-        weights = _slot_weights(spec, members, backend.max_loras, max_rank, dtype)
+        weights = _slot_weights(spec, members, backend.max_loras, max_rank, dtype, num_pages)
         fused.delta = GroupDelta(backend, weights)
         for index, name in enumerate(members):
             layers[name] = _wrap(model, spec, name, backend, weights, index, adds_delta=False)
     for name in names:
         if name not in layers:
-            weights = _slot_weights(spec, [name], backend.max_loras, max_rank, dtype)
+            weights = _slot_weights(spec, [name], backend.max_loras, max_rank, dtype, num_pages)
             layers[name] = _wrap(model, spec, name, backend, weights, 0, adds_delta=True)
-    return LoRAModel({name: layers[name] for name in names}, backend, backend.max_loras, max_rank)
+    return LoRAModel({name: layers[name] for name in names}, backend, backend.max_loras, max_rank, num_pages)
 
 
 def lora_slot_dtype(model_dtype: torch.dtype, requested: str) -> torch.dtype:
@@ -176,11 +181,11 @@ def lora_slot_dtype(model_dtype: torch.dtype, requested: str) -> torch.dtype:
 
 
 def _slot_weights(spec: BaseModelSpec, names: list[str], max_loras: int, max_rank: int,
-                  dtype: torch.dtype | None) -> SlotWeights:  # fmt: skip
+                  dtype: torch.dtype | None, num_pages: int | None) -> SlotWeights:  # fmt: skip
     linears = [spec.linears[n] for n in names]
     weight = spec.module(names[0]).weight
     return SlotWeights(names, linears[0].in_features, [lin.out_features for lin in linears], max_loras,
-                       max_rank, weight.device, dtype or weight.dtype)  # fmt: skip
+                       max_rank, weight.device, dtype or weight.dtype, num_pages)  # fmt: skip
 
 
 def _wrap(model, spec, name, backend, weights, member, adds_delta) -> LoRALinear:

@@ -5,8 +5,9 @@ Only the engine thread touches the slots (``activate``/``pin``/``unpin``/``prefe
 A slot remembers the epoch of the weights it holds; after a reload the next ``activate`` rewrites it
 in place (vLLM's ``load_inplace``: running requests continue on the new weights). An unloaded adapter
 ("retiring") keeps its slot, untouched, until no running request pins it. Slots of waiting requests'
-adapters are filled ahead of time off the engine thread (``prefetch.py``); a slot is one contiguous
-row, written with one copy (``slot_rows.py``, ``slot_fill.py``). Disk reads happen on loader threads,
+adapters are filled ahead of time off the engine thread (``prefetch.py``). An adapter takes a slot
+and the pages of slot memory its rank needs (``slot_table.py``); each page is one contiguous row of
+the whole model, written with one copy (``slot_rows.py``, ``slot_fill.py``). Disk reads happen on loader threads,
 started by ``prefetch`` only (for the most wanted few); ``readiness`` keeps a reference to the host
 copy it found, so ``activate`` has it even if the host LRU drops it in between.
 """
@@ -15,15 +16,16 @@ from __future__ import annotations
 
 from collections.abc import Hashable
 
-from server.lora.adapter import LoRAAdapter
 from server.lora.cache_identity import CacheIdentities
+from server.lora.held_copies import HeldCopies
 from server.lora.host_cache import HostCache
 from server.lora.layers import LoRAModel
 from server.lora.prefetch import SlotPrefetcher
 from server.lora.ref import AdapterRef
 from server.lora.slot_fill import SlotFiller
 from server.lora.slot_rows import SlotRows
-from server.lora.slot_table import SlotTable
+from server.lora.slot_table import Residency, SlotTable
+from server.lora.slot_weights import blocks_for
 
 
 class AdapterManager:
@@ -33,18 +35,19 @@ class AdapterManager:
         self.counters = cache.counters
         self.rows = SlotRows(lora)
         self.filler = SlotFiller(self.rows)
-        self._slots = SlotTable(lora.max_loras)  # engine thread only
+        self._slots = SlotTable(lora.max_loras, self.rows.num_pages)  # engine thread only
         self._slot_epoch: dict[str, object] = {}
         self._prefetcher = SlotPrefetcher(
-            self._slots, self.filler, cache, self._slot_epoch, self._slot_is_current
+            self._slots, self.filler, cache, self._slot_epoch, self._slot_is_current, self._evicted
         )
         self._retiring: set[str] = set()  # guarded by cache.lock: unloaded keys awaiting unpin
-        self._held: dict[str, tuple[LoRAAdapter, object]] = {}  # host copies readiness() saw
+        self._held = HeldCopies(cache, self.rows.table.blocks)  # host copies readiness() saw
         self._identities = CacheIdentities(cache)
 
     @property
     def max_loras(self) -> int:
-        return self.lora.max_loras
+        """The slot memory, in adapters of ``max_lora_rank`` (lower ranks take fewer pages)."""
+        return self.rows.num_pages // self.rows.table.blocks
 
     def close(self) -> None:
         self.filler.close()
@@ -70,11 +73,11 @@ class AdapterManager:
         self._prefetcher.commit()
         if self._prefetcher.is_filling(key):
             return "loading"
-        if self._slots.holds(key) and self._slot_is_current(key):
+        if self._current(key):
             return "ready"
         entry = self.cache.peek(key)
         if entry is not None:
-            self._held[key] = entry
+            self._held.hold(key, entry)
             return "ready"
         return "error" if self.cache.state(key) == "error" else "loading"
 
@@ -96,40 +99,39 @@ class AdapterManager:
         return self._identities.stale()
 
     def fits(self, keys: set[str]) -> bool:
-        return self._slots.fits(keys)
+        return self._slots.fits(keys, self._held.pages)
 
     def activate(self, keys: set[str]) -> dict[str, int]:
-        """Makes every key resident (copying weights into free or LRU-evicted slots); key -> slot."""
+        """Makes every key resident (copying weights into free or LRU-evicted pages); key -> slot."""
         self._reap_retired()
         self._prefetcher.commit(wait_for=keys)
-        if not self._slots.fits(keys):
-            raise RuntimeError(f"{len(keys)} adapters do not fit in {self.max_loras} slots beside the pinned")
+        copies = {k: self._held.get(k) for k in keys if not self._current(k)}  # a failed load evicts nothing
+        if not self._slots.fits(keys, lambda k: blocks_for(copies[k][0].rank)):
+            raise RuntimeError(f"{len(keys)} adapters do not fit in the slot memory beside the pinned")
         slots: dict[str, int] = {}
-        for key in sorted(keys, key=lambda k: not self._slots.holds(k)):  # resident ones first
-            slot = self._slots.lookup(key)
-            if slot is not None and self._slot_is_current(key):
-                slots[key] = slot
+        for key in sorted(keys, key=lambda k: k in copies):  # resident ones first
+            if key not in copies:
+                slots[key] = self._slots.lookup(key).slot  # marked most recently used
                 continue
-            adapter, epoch = self._host_copy(key)  # before taking a slot: a failed load evicts nothing
-            if slot is None:
-                keep = set(keys) | self._prefetcher.wanted  # spare waiting requests' adapters if possible
-                slot, evicted = self._slots.assign(key, keep if self._slots.has_room(keep) else set(keys))
-                if evicted is not None:
-                    self._slot_epoch.pop(evicted, None)
-                    self.counters.add(evictions=1)
-            self.rows.commit(slot, self.filler.fill_now(slot, adapter))
+            adapter, epoch = copies[key]  # spare the waiting requests' adapters if possible:
+            where, evicted = self._slots.place(key, blocks_for(adapter.rank), keys, self._prefetcher.wanted)
+            self._evicted(evicted)
+            self.rows.commit(where.slot, where.pages, self.filler.fill_now(where, adapter))
             self._slot_epoch[key] = epoch
             self.counters.add(activations=1)
-            slots[key] = slot
+            slots[key] = where.slot
         self._held.clear()
         return slots
 
-    def _host_copy(self, key: str) -> tuple[LoRAAdapter, object]:
-        """What ``readiness`` found, if still current; a disk read here only if a reload raced it."""
-        held = self._held.get(key)
-        if held is not None and held[1] == self.cache.epoch_of(key):
-            return held
-        return self.cache.peek(key) or self.cache.get(key)
+    def _current(self, key: str) -> bool:
+        return self._slots.holds(key) and self._slot_is_current(key)
+
+    def _evicted(self, evicted: list[tuple[str, Residency]]) -> None:
+        """Unmaps the slots of keys the table evicted (their pages now belong to someone else)."""
+        for key, where in evicted:
+            self._slot_epoch.pop(key, None)
+            self.rows.release(where.slot)
+            self.counters.add(evictions=1)
 
     def _slot_is_current(self, key: str) -> bool:
         """A resident key keeps its slot while retiring (running requests finish on those weights) or
@@ -143,7 +145,7 @@ class AdapterManager:
 
     def pin(self, key: str) -> None:
         """A request using ``key`` is scheduled: a slot hit if its weights are already in place."""
-        hit = self._slots.holds(key) and self._slot_is_current(key)
+        hit = self._current(key)
         self.counters.add(**{"slot_hits" if hit else "slot_misses": 1})
         self._slots.pin(key)
 
@@ -172,7 +174,7 @@ class AdapterManager:
             done = {k for k in self._retiring if k not in pinned}
             self._retiring -= done
         for key in done:
-            slot = self._slots.release(key)
+            where = self._slots.release(key)
             self._slot_epoch.pop(key, None)
-            if slot is not None:
-                self.rows.clear(slot)
+            if where is not None:
+                self.rows.release(where.slot)

@@ -5,9 +5,9 @@ requests' first, then those with the most waiting requests). The first few (twic
 can be scheduled soon; never more than the host cache holds) are loaded into host memory if it does
 not hold them - the only place loads for waiting requests start: loading every adapter of a long
 queue of distinct ones would churn the host LRU, each load evicting one wanted sooner. For each one
-whose weights are in host memory but in no slot, a slot is reserved - a free one, or the least
-recently used one that no running or waiting request needs - and the worker packs and copies the
-adapter into it. The slot stays pinned while the copy runs (nothing evicts or reads it) and its request
+whose weights are in host memory but in no slot, a slot and the pages its rank needs are reserved -
+free ones, or those of the least recently used adapters that no running or waiting request needs -
+and the worker packs and copies the adapter into them. The slot stays pinned while the copy runs (nothing evicts or reads it) and its request
 reads as loading; the next step commits the finished copy, and the request is scheduled on a
 resident adapter, with no copy on the critical path. Engine thread only, like the slot table.
 """
@@ -23,7 +23,8 @@ from server.lora.host_cache import HostCache
 from server.lora.ref import AdapterRef
 from server.lora.slot_fill import SlotFiller
 from server.lora.slot_rows import TargetFacts
-from server.lora.slot_table import SlotTable
+from server.lora.slot_table import Residency, SlotTable
+from server.lora.slot_weights import blocks_for
 
 log = logging.getLogger(__name__)
 
@@ -36,6 +37,7 @@ class SlotPrefetcher:
         cache: HostCache,
         slot_epoch: dict[str, object],
         slot_is_current: Callable[[str], bool],
+        evicted: Callable[[list[tuple[str, Residency]]], None],
     ) -> None:
         self.slots = slots
         self.slot_is_current = slot_is_current  # the manager's: a resident key's weights are current
@@ -43,6 +45,7 @@ class SlotPrefetcher:
         self.cache = cache
         self.counters: LoRACounters = cache.counters
         self.slot_epoch = slot_epoch  # the manager's: key -> epoch of the weights its slot holds
+        self.evicted = evicted  # the manager's: unmaps the slots of evicted keys
         self.wanted: set[str] = set()  # adapters of the waiting requests, as of the last call
         self._fills: dict[str, tuple[Future[list[TargetFacts]], object]] = {}  # key -> (copy, epoch)
 
@@ -63,7 +66,8 @@ class SlotPrefetcher:
         for adapter in adapters:
             unique.setdefault(adapter.key, adapter)
         self.wanted = set(unique)
-        for key in list(unique)[: min(2 * self.slots.num_slots, self.cache.max_cpu_loras)]:
+        # Twice what the slot memory holds at two pages (32 ranks) an adapter: what can run soon.
+        for key in list(unique)[: min(self.slots.num_pages, self.cache.max_cpu_loras)]:
             held = self.slots.holds(key)
             if key in self._fills or (held and self.slot_is_current(key)):
                 continue
@@ -74,17 +78,16 @@ class SlotPrefetcher:
                 continue
             if held:
                 continue  # older weights in its slot: activate() rewrites it in place when scheduled
-            if not self.slots.has_room(self.wanted):
-                # Every slot is running or promised to a more wanted waiting request. Loading the rest
-                # of the list now as well read 2.4x the adapters (1,111 vs 464 in the offline replica of
-                # the saturated uniform run, no faster): they churn the host cache before their turn.
+            pages = blocks_for(entry[0].rank)
+            if not self.slots.has_room(self.wanted, pages):
+                # The slot memory is running or promised to more wanted waiting requests. Loading the
+                # rest of the list now as well read 2.4x the adapters (1,111 vs 464 in the offline
+                # replica of the saturated uniform run, no faster): they churn the host cache early.
                 return
-            slot, evicted = self.slots.assign(key, keep=self.wanted)
-            if evicted is not None:
-                self.slot_epoch.pop(evicted, None)
-                self.counters.add(evictions=1)
+            where, evicted = self.slots.assign(key, pages, keep=self.wanted)
+            self.evicted(evicted)
             self.slots.pin(key)  # until the copy is committed
-            self._fills[key] = (self.filler.submit(slot, entry[0]), entry[1])
+            self._fills[key] = (self.filler.submit(where, entry[0]), entry[1])
 
     def commit(self, wait_for: set[str] | frozenset[str] = frozenset()) -> None:
         """Commits finished copies (and waits for those of ``wait_for``): their slots serve from now."""
@@ -93,14 +96,14 @@ class SlotPrefetcher:
                 continue
             del self._fills[key]
             self.slots.unpin(key)
-            slot = self.slots.lookup(key)
+            where = self.slots.lookup(key)
             try:
                 facts = future.result()
             except Exception:  # the engine thread will copy it itself, and report a failure there
-                log.exception("prefetching adapter '%s' into slot %d failed", key, slot)
+                log.exception("prefetching adapter '%s' into slot %d failed", key, where.slot)
                 self.slots.release(key)
-                self.filler.rows.clear(slot)
+                self.filler.rows.release(where.slot)
                 continue
-            self.filler.rows.commit(slot, facts)
+            self.filler.rows.commit(where.slot, where.pages, facts)
             self.slot_epoch[key] = epoch
             self.counters.add(activations=1, prefetch_fills=1)

@@ -18,6 +18,7 @@ from server.lora.layers import LoRAModel, inject_lora, lora_slot_dtype
 from server.lora.manager import AdapterManager
 from server.lora.merge import merge_adapter_into_model
 from server.lora.reader import AdapterReader
+from server.lora.slot_weights import blocks_for
 from server.lora.spec import BaseModelSpec
 from server.store import AdapterStore
 
@@ -52,15 +53,18 @@ def build_lora(model: torch.nn.Module, settings: Settings, store: AdapterStore) 
         return None
     first = next(model.parameters())
     slot_dtype = lora_slot_dtype(first.dtype, settings.lora_dtype)
-    backend = make_lora_backend(settings.lora_backend, first.device, settings.max_loras)
-    lora = inject_lora(model, backend, settings.max_lora_rank, dtype=slot_dtype)
+    # Slot memory for max_loras adapters of max_lora_rank, in pages of 16 ranks that adapters take as
+    # their rank needs (S-LoRA's unified paging): as many slots as pages, so memory is the only bound.
+    pages = settings.max_loras * blocks_for(settings.max_lora_rank)
+    backend = make_lora_backend(settings.lora_backend, first.device, pages)
+    lora = inject_lora(model, backend, settings.max_lora_rank, dtype=slot_dtype, num_pages=pages)
     catalog = AdapterCatalog(store)
     counters = LoRACounters()
     reader = AdapterReader(catalog, base_spec, lora, settings.max_lora_rank, counters)
     cache = HostCache(reader, settings.max_cpu_loras, settings.max_lora_rank, counters)
-    log.info("LoRA: %d layers wrapped, %d slots of rank %d in %s, backend %s", len(lora.layers),
-             settings.max_loras, settings.max_lora_rank, str(slot_dtype).removeprefix("torch."),
-             backend.name)  # fmt: skip
+    log.info("LoRA: %d layers wrapped, slot memory for %d adapters of rank %d (%d pages of 16 ranks) in %s, "
+             "backend %s", len(lora.layers), settings.max_loras, settings.max_lora_rank, pages,
+             str(slot_dtype).removeprefix("torch."), backend.name)  # fmt: skip
     return LoRAStack(lora, catalog, reader, cache, AdapterManager(lora, cache))
 
 

@@ -1,12 +1,12 @@
-"""Copies packed adapters into device slots: on the engine thread when a request needs it now, or
+"""Copies packed adapters into device pages: on the engine thread when a request needs it now, or
 ahead of time on a worker thread for a request still waiting (``submit``).
 
-Each fill packs the adapter's whole slot row on the host (``SlotRows.pack``: padding, transposes,
-scale folding) and lands it in the slot with one copy. On a CUDA device the row is a reused pinned
-host buffer and the copy runs asynchronously on a side stream, so it overlaps the engine's compute
-on the default stream; the worker waits for its copy before the fill counts as done, so the engine
-reads a slot only after its bytes have landed. On the CPU the device memory is host memory: the row
-is packed straight into the slot (no second copy).
+Each fill packs the adapter's page rows and vector row on the host (``SlotRows``: rank blocking,
+transposes, scale folding) and lands them with one copy per page. On a CUDA device the rows are
+reused pinned host buffers and the copies run asynchronously on a side stream, so they overlap the
+engine's compute on the default stream; the worker waits for its copies before the fill counts as
+done, so the engine reads a slot only after its bytes have landed. On the CPU the device memory is
+host memory: the adapter is packed straight into its pages (no second copy).
 """
 
 from __future__ import annotations
@@ -17,7 +17,8 @@ from concurrent.futures import Future, ThreadPoolExecutor
 import torch
 
 from server.lora.adapter import LoRAAdapter
-from server.lora.slot_rows import SlotRows, TargetFacts
+from server.lora.slot_rows import SlotRows, Staging, TargetFacts
+from server.lora.slot_table import Residency
 
 
 class SlotFiller:
@@ -25,39 +26,39 @@ class SlotFiller:
         self.rows = rows
         self.cuda = rows.device.type == "cuda"
         self._stream = torch.cuda.Stream(rows.device) if self.cuda else None
-        self._staging: queue.SimpleQueue[torch.Tensor] = queue.SimpleQueue()  # pinned rows, reused
+        self._staging: queue.SimpleQueue[Staging] = queue.SimpleQueue()  # pinned rows, reused
         self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="lora-slot-fill")
 
-    def fill_now(self, slot: int, adapter: LoRAAdapter) -> list[TargetFacts]:
-        """Writes ``adapter`` into ``slot`` before returning (engine thread)."""
+    def fill_now(self, where: Residency, adapter: LoRAAdapter) -> list[TargetFacts]:
+        """Writes ``adapter`` into its slot and pages before returning (engine thread)."""
         stream = torch.cuda.current_stream(self.rows.device) if self.cuda else None
-        return self._fill(slot, adapter, stream)
+        return self._fill(where, adapter, stream)
 
-    def submit(self, slot: int, adapter: LoRAAdapter) -> Future[list[TargetFacts]]:
-        """Writes ``adapter`` into ``slot`` on the worker; the slot must not be read until it is done."""
-        return self._pool.submit(self._fill_in_worker, slot, adapter)
+    def submit(self, where: Residency, adapter: LoRAAdapter) -> Future[list[TargetFacts]]:
+        """Writes ``adapter`` on the worker; its slot and pages must not be read until it is done."""
+        return self._pool.submit(self._fill_in_worker, where, adapter)
 
-    def _fill_in_worker(self, slot: int, adapter: LoRAAdapter) -> list[TargetFacts]:
+    def _fill_in_worker(self, where: Residency, adapter: LoRAAdapter) -> list[TargetFacts]:
         with torch.inference_mode():  # thread-local: the slots may be inference tensors
-            return self._fill(slot, adapter, self._stream)
+            return self._fill(where, adapter, self._stream)
 
     def close(self) -> None:
         self._pool.shutdown(wait=True, cancel_futures=True)
 
-    def _fill(self, slot: int, adapter: LoRAAdapter, stream) -> list[TargetFacts]:
+    def _fill(self, where: Residency, adapter: LoRAAdapter, stream) -> list[TargetFacts]:
         if not self.cuda:
-            return self.rows.pack(adapter, self.rows.storage[slot], slot)
+            return self.rows.fill_in_place(adapter, where.slot, where.pages)
         try:
-            row = self._staging.get_nowait()
+            staging = self._staging.get_nowait()
         except queue.Empty:
-            row = self.rows.new_row(pin_memory=True)
+            staging = self.rows.new_staging(pin_memory=True)
         try:
-            facts = self.rows.pack(adapter, row)
+            facts = self.rows.pack_staged(adapter, where.slot, where.pages, staging)
         except Exception:
-            self._staging.put(row)  # no copy was issued from it
+            self._staging.put(staging)  # no copy was issued from it
             raise
         with torch.cuda.stream(stream):
-            self.rows.storage[slot].copy_(row, non_blocking=True)
-        stream.synchronize()  # the bytes have landed: any stream may read the slot, the row is free
-        self._staging.put(row)
+            self.rows.copy_in(where.slot, where.pages, staging)
+        stream.synchronize()  # the bytes have landed: any stream may read the slot, the rows are free
+        self._staging.put(staging)
         return facts

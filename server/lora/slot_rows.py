@@ -1,28 +1,78 @@
-"""Every LoRA target's slot buffers as views of one ``[max_loras, row]`` tensor, so that an adapter's
-slot - its A, B, bias and DoRA vectors in every layer - is one contiguous row.
+"""Every LoRA target's pages as views of one ``[pages + 1, page_row]`` tensor, and its per-slot vectors
+as views of one ``[slots, vector_row]`` tensor: one page of the whole model - one rank block of an
+adapter, in every layer - is one contiguous row, and so is a slot's bias and DoRA vectors.
 
-Then activating an adapter is one copy: its row is packed on the host (off the engine thread when
-it is prefetched; the padding, rank blocking, transposes and scale folding all happen there) and
-copied into the slot in one piece (``slot_fill.py``). The kernels see the same ``a``/``b`` shapes as
-before, with a larger slot stride.
+An adapter takes as many pages as its rank needs (``slot_weights.blocks_for``; the slot table hands
+them out, the page table maps its slot to them) and its slot's vector row. Its rows are packed on
+the host, off the engine thread when it is prefetched (the rank blocking, transposes and scale
+folding all happen there): on the CPU straight into its pages (no second copy), clearing only what
+their previous owners wrote; on CUDA into pinned staging rows copied in one copy per page
+(``slot_fill.py``). The kernels see ``a``/``b`` pages with a larger page stride.
 """
 
 from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
 
 import torch
 
 from server.lora.adapter import LoRAAdapter
 from server.lora.layers import LoRAModel
-from server.lora.slot_weights import BUFFERS, MemberFacts, SlotView, SlotWeights, clear_view, write_member
+from server.lora.slot_weights import (
+    PAGE_BUFFERS,
+    RANK_BLOCK,
+    VECTOR_BUFFERS,
+    MemberFacts,
+    PageTable,
+    SlotView,
+    SlotWeights,
+    blocks_for,
+    write_member,
+)
 
 TargetFacts = list[MemberFacts]  # one entry per member of a target
 
 
-class SlotRows:
-    """Lays the slots of freshly injected targets (all empty) out as rows of one ``storage`` tensor.
+@dataclass(frozen=True)
+class Staging:
+    """Host rows an adapter is packed into before its copy to the device (pinned on CUDA)."""
 
-    The targets' own buffers are released before ``storage`` is allocated, so the slots never take
-    twice their memory, even briefly.
+    pages: torch.Tensor  # [max_rank / 16, page_row]
+    vector: torch.Tensor  # [vector_row]
+
+
+class RowLayout:
+    """Where each target's buffers sit in a row: ``views(rows, target)`` -> name -> view of ``rows``
+    [..., width], with the leading dims of ``rows``."""
+
+    def __init__(self, names: Sequence[str], shapes: list[list[torch.Size]]) -> None:
+        self.names = names
+        self._parts: list[list[tuple[int, torch.Size]]] = []
+        width = 0
+        for target_shapes in shapes:
+            part = []
+            for shape in target_shapes:
+                part.append((width, shape))
+                width += shape.numel()
+            self._parts.append(part)
+        self.width = width
+
+    def views(self, rows: torch.Tensor, target: int) -> dict[str, torch.Tensor]:
+        lead = rows.shape[:-1]
+        return {
+            name: rows[..., offset : offset + shape.numel()].view(*lead, *shape)
+            for name, (offset, shape) in zip(self.names, self._parts[target], strict=True)
+        }
+
+
+class SlotRows:
+    """Lays the pages and vectors of freshly injected, paged targets (all empty) out as rows of
+    ``pages`` and ``vectors``, and packs adapters into them.
+
+    The targets' own buffers are released before the rows are allocated, so the slots never take
+    twice their memory, even briefly. Which pages may hold non-zeros is tracked per page and target
+    (``_written``), so a fill in place clears only those.
     """
 
     def __init__(self, lora: LoRAModel) -> None:
@@ -35,78 +85,117 @@ class SlotRows:
             raise ValueError("slot rows are laid out over empty slots, right after inject_lora")
         first = self._targets[0].a
         self.device, self.dtype = first.device, first.dtype
-        self._shapes = [target.release() for target in self._targets]
-        self._offsets: list[int] = []
-        width = 0
-        for shapes in self._shapes:
-            self._offsets.append(width)
-            width += sum(shape.numel() for shape in shapes)
-        self.width = width
-        self.storage = torch.empty(lora.max_loras, width, device=self.device, dtype=self.dtype)
+        self.num_slots = lora.max_loras
+        self.table = PageTable(self.num_slots, blocks_for(lora.max_rank), lora.num_pages, self.device)
+        shapes = [target.release() for target in self._targets]
+        self._page_layout = RowLayout(PAGE_BUFFERS, [s[0] for s in shapes])
+        self._vector_layout = RowLayout(VECTOR_BUFFERS, [s[1] for s in shapes])
+        kw = {"device": self.device, "dtype": self.dtype}
+        self.pages = torch.zeros(self.table.num_pages + 1, self._page_layout.width, **kw)  # + the zero page
+        self.vectors = torch.zeros(self.num_slots, self._vector_layout.width, **kw)
         # Base biases on the host, once: packing runs on loader threads and must not touch the device.
         self._base_bias = {
             name: None if layer.base_layer.bias is None else layer.base_layer.bias.detach().float().cpu()
             for name, layer in lora.layers.items()
         }
         for i, target in enumerate(self._targets):
-            target.bind(self._views(self.storage, i))
-        for slot in range(lora.max_loras):
-            self.clear(slot)
+            views = {**self._page_layout.views(self.pages, i), **self._vector_layout.views(self.vectors, i)}
+            target.bind(views, self.table)
+        self._written: list[frozenset[int]] = [frozenset()] * self.table.num_pages  # targets, per page
+        self._vectors_written: list[frozenset[int]] = [frozenset()] * self.num_slots
 
-    def _views(self, rows: torch.Tensor, target: int) -> SlotView:
-        """``rows`` [..., width] -> target ``target``'s tensors, with the leading dims of ``rows``."""
-        lead, offset = rows.shape[:-1], self._offsets[target]
-        views = []
-        for shape in self._shapes[target]:
-            n = shape.numel()
-            views.append(rows[..., offset : offset + n].view(*lead, *shape))
-            offset += n
-        assert len(views) == len(BUFFERS)
-        return SlotView(*views)
+    @property
+    def num_pages(self) -> int:
+        return self.table.num_pages
 
-    def new_row(self, pin_memory: bool = False) -> torch.Tensor:
-        """A host row to pack into (pinned, for asynchronous copies to a CUDA device)."""
-        return torch.empty(self.width, dtype=self.dtype, pin_memory=pin_memory)
+    def new_staging(self, pin_memory: bool = False) -> Staging:
+        """Host rows to pack an adapter of any rank into (pinned: asynchronous copies to CUDA)."""
+        pages = torch.empty(
+            self.table.blocks, self._page_layout.width, dtype=self.dtype, pin_memory=pin_memory
+        )
+        return Staging(pages, torch.empty(self._vector_layout.width, dtype=self.dtype, pin_memory=pin_memory))
+
+    def fill_in_place(self, adapter: LoRAAdapter, slot: int, pages: Sequence[int]) -> list[TargetFacts]:
+        """Packs ``adapter`` straight into ``pages`` and ``slot``'s vector row (the device is the host),
+        clearing only what was written there before. The caller owns them: nothing reads them now."""
+        rows = [self.pages[p] for p in pages]
+        stale = [self._written[p] for p in pages]
+        try:
+            facts = self._write(adapter, rows, self.vectors[slot], stale, self._vectors_written[slot])
+        except BaseException:  # what was written is unknown: leave the rows empty
+            for p in pages:
+                self.pages[p].zero_()
+            self.vectors[slot].zero_()
+            self._record_written(slot, pages, None)
+            raise
+        self._record_written(slot, pages, facts)
+        return facts
+
+    def pack_staged(self, adapter: LoRAAdapter, slot: int, pages: Sequence[int], staging: Staging):
+        """Packs ``adapter`` into ``staging`` whole (its first ``len(pages)`` page rows and its vector
+        row), to be copied into ``pages`` and ``slot`` by ``copy_in``."""
+        rows = staging.pages[: len(pages)]
+        rows.zero_()
+        staging.vector.zero_()
+        facts = self._write(adapter, list(rows), staging.vector, None, None)
+        self._record_written(slot, pages, facts)  # what the copy leaves there
+        return facts
+
+    def copy_in(self, slot: int, pages: Sequence[int], staging: Staging) -> None:
+        """Copies packed ``staging`` into ``pages`` and ``slot``'s vector row (on the current stream)."""
+        for k, page in enumerate(pages):
+            self.pages[page].copy_(staging.pages[k], non_blocking=True)
+        self.vectors[slot].copy_(staging.vector, non_blocking=True)
 
     @torch.no_grad()
-    def pack(
-        self, adapter: LoRAAdapter | None, row: torch.Tensor, slot: int | None = None
-    ) -> list[TargetFacts]:
-        """Writes ``adapter`` into ``row`` (a [width] tensor: a host row, or a slot of ``storage``) as
-        its slot holds it; every element ends as the slot needs it, modules it does not target get zeros
-        (None: an empty slot). ``slot``: ``row`` is that slot of ``storage`` with its committed facts
-        current, so only what its occupant wrote is cleared (mostly a few rank blocks of a few targets,
-        instead of the whole row: a slot fill's main cost)."""
+    def _write(self, adapter: LoRAAdapter | None, page_rows: list[torch.Tensor], vector_row: torch.Tensor,
+               stale: list[frozenset[int]] | None, stale_vectors: frozenset[int] | None) -> list[TargetFacts]:  # fmt: skip
+        """Writes ``adapter`` (None: nothing) into rows that hold zeros except, per target, the pages
+        ``stale`` names and the vectors ``stale_vectors`` names (cleared first); modules it does not
+        target stay zero."""
         modules = {}
         if adapter is not None:
             self.lora.check_fits(adapter)
             modules = adapter.modules
         facts = []
-        try:
-            for i, target in enumerate(self._targets):
-                view = self._views(row, i)
-                clear_view(view, *(target.written_extent(slot) if slot is not None else (None, True)))
-                facts.append([
-                    write_member(view, target.slices[j], j, target.max_rank, name, modules.get(name),
-                                 self._base_bias[name], cleared=True)
-                    for j, name in enumerate(target.names)
-                ])  # fmt: skip
-        except BaseException:
-            if slot is not None:  # the committed facts no longer describe the row: leave it empty
-                for i in range(len(self._targets)):
-                    clear_view(self._views(row, i))
-            raise
+        for i, target in enumerate(self._targets):
+            pages = [self._page_layout.views(row, i) for row in page_rows]
+            vectors = self._vector_layout.views(vector_row, i)
+            view = SlotView([p["a"] for p in pages], [p["b"] for p in pages], **vectors)
+            for k, targets in enumerate(stale or ()):
+                if i in targets:
+                    view.a[k].zero_()
+                    view.b[k].zero_()
+            if stale_vectors and i in stale_vectors:
+                for vector in vectors.values():
+                    vector.zero_()
+            facts.append([
+                write_member(view, target.slices[j], j, target.max_rank, name, modules.get(name),
+                             self._base_bias[name], cleared=True)
+                for j, name in enumerate(target.names)
+            ])  # fmt: skip
         return facts
 
-    def commit(self, slot: int, facts: list[TargetFacts]) -> None:
-        """Records what ``slot`` now holds (engine thread: the forward reads these facts)."""
+    def _record_written(self, slot: int, pages: Sequence[int], facts: list[TargetFacts] | None) -> None:
+        """Which targets' blocks of ``pages`` and vectors of ``slot`` hold non-zeros per ``facts``."""
+        facts = facts or [[] for _ in self._targets]
+        blocks = [-(-max((f.rank for f in fs), default=0) // RANK_BLOCK) for fs in facts]
+        for k, page in enumerate(pages):
+            self._written[page] = frozenset(i for i, n in enumerate(blocks) if k < n)
+        self._vectors_written[slot] = frozenset(
+            i for i, fs in enumerate(facts) if any(f.has_bias or f.is_dora for f in fs)
+        )
+
+    def commit(self, slot: int, pages: Sequence[int], facts: list[TargetFacts]) -> None:
+        """``slot`` serves from ``pages`` what ``facts`` describe (engine thread: the forward reads these)."""
+        self.table.map(slot, pages)
         for target, target_facts in zip(self._targets, facts, strict=True):
             target.set_facts(slot, target_facts)
+
+    def release(self, slot: int) -> None:
+        """``slot`` serves nothing (its pages are free: a later fill clears what they hold)."""
+        self.commit(slot, [], [[MemberFacts()] * t.num_members for t in self._targets])
 
     def any_host_pass(self) -> bool:
         """Whether a resident slot holds DoRA or lora_bias weights (passes that loop on the host)."""
         return any(target.resident_host_pass for target in self._targets)
-
-    def clear(self, slot: int) -> None:
-        """Empties ``slot`` whole (rare: unloads, failed fills; not relying on its recorded facts)."""
-        self.commit(slot, self.pack(None, self.storage[slot]))

@@ -1,32 +1,39 @@
-"""The slot weights of one LoRA target: every resident adapter's A and B (and DoRA, bias), stacked.
+"""The slot weights of one LoRA target: every resident adapter's A and B (and DoRA, bias), in pages.
 
 A target is one linear, or a fused group of sibling linears that read the same input (q/k/v,
 gate/up: ``server.model.fused_linear``); then one op serves every member, and each member keeps its
-own PEFT name and rank but writes into the shared buffers:
+own PEFT name and rank but writes into the shared buffers.
 
-* ``a [max_loras, R / 16, in, 16, members]``: member j's A (pre-transposed, ``[in, r]``) in blocks of
-  16 ranks, each block ``[in, 16 ranks, members]``. Rank-major, member-minor, so a rank block of the
-  whole group is one contiguous ``[in, 16 * members]`` matrix: the shrink runs once for the group,
-  over only the step's live rank blocks (no padding to ``max_lora_rank``), streaming contiguous
-  memory (a step's adapter weights come from DRAM; with the rank padded inside each row instead,
-  the decode step measured ~8% slower at ``max_lora_rank=64`` and rank-16 adapters).
-* ``b [max_loras, R, sum(out)]``: member j's B (pre-transposed, ``[r, out_j]``) is its column slice.
+A and B live in **pages** of one rank block (16 ranks) each, and a slot - one resident adapter - owns
+as many pages as its rank needs (S-LoRA's unified paging, by rank): the page table maps slot ``s``'s
+rank block ``k`` to a page, so the same memory holds twice as many rank-32 adapters as rank-64 ones,
+and an adapter never waits for a slot because a large one sized every slot. Per page:
+
+* ``a [pages, in, 16, members]``: member j's A (pre-transposed, ``[in, r]``), ranks ``16k..16k+15``
+  of the slot's block k, rank-major, member-minor, so a rank block of the whole group is one
+  contiguous ``[in, 16 * members]`` matrix: the shrink runs once for the group, over only the slot's
+  own rank blocks, streaming contiguous memory.
+* ``b [pages, 16, sum(out)]``: member j's B (pre-transposed, ``[r, out_j]``) rows of that block, in
+  its column slice.
+
+Per slot (not paged: one vector each): ``bias``, and DoRA's ``dora_gain = g - 1`` and ``dora_shift``
+(``y = g * (W x) + b0``; kept as g - 1 so a half-precision slot rounds the small change, not the
+whole base output), all ``[slots, sum(out)]`` and zero where a slot has none, so they apply to whole
+rows without looking at which member a column belongs to.
 
 Pre-transposed, both operands are row-major ("NN" GEMMs, measured ~30% faster than PEFT's
-``[r, in]`` / ``[out, r]`` for the small CPU matmuls of decode). ``R`` is ``max_rank`` rounded up to
-``RANK_BLOCK``; unused ranks are zero, so adapters of any rank share the buffers. The adapter scale and DoRA's per-row rescale are folded into ``b``
-when a slot is written; DoRA also rescales its rows' base output (``y = g * (W x) + b0``) with two
-per-slot vectors, ``dora_gain = g - 1`` and ``dora_shift`` (both 0 where a slot has no DoRA: kept as
-g - 1, a half-precision slot rounds the small change, not the whole base output), and ``bias`` is
-zero where a slot has none, so all apply to whole rows without looking at which member a column
-belongs to.
+``[r, in]`` / ``[out, r]`` for the small CPU matmuls of decode). Ranks past a member's own are zero,
+so adapters of any rank share the buffers. The adapter scale and DoRA's per-row rescale are folded
+into ``b`` when a slot is written. The page table's unused entries name the **zero page** (the last
+page, never written): a step that reads every block of a slot (a captured graph's fixed launches)
+adds exactly zero for blocks the slot does not own.
 
 The slots' dtype is the model's, or half width under a float32 model (``Settings.lora_dtype``): the
 weights are scaled in fp32 and rounded once when written; the ops widen them and compute in fp32.
 
-The buffers may be views into one ``[max_loras, row]`` tensor shared by every target
-(``slot_rows.py``), so that one slot of the whole model is one contiguous row; ``write_member`` fills
-one slot's views wherever they live: the device buffers, or a host row copied there in one piece.
+Standalone (tests, tools), slot ``s`` owns pages ``s * blocks + k`` (every slot at ``max_rank``). The
+server lays every target's pages out as rows of one tensor and hands pages out as adapters come and
+go (``slot_rows.py``).
 """
 
 from __future__ import annotations
@@ -40,16 +47,52 @@ from torch import nn
 from server.lora.adapter import LoRAModuleWeights
 from server.lora.errors import AdapterError
 
-RANK_BLOCK = 16  # ranks per block of ``a``; live ranks round up to it
-BUFFERS = ("a", "b", "bias", "dora_gain", "dora_shift")  # the per-slot buffers, in row order
+RANK_BLOCK = 16  # ranks per page; live ranks round up to it
+PAGE_BUFFERS = ("a", "b")  # one rank block of each, per page, in page-row order
+VECTOR_BUFFERS = ("bias", "dora_gain", "dora_shift")  # one vector each, per slot, in vector-row order
+
+
+def blocks_for(rank: int) -> int:
+    """Rank blocks (pages) that ``rank`` ranks take; at least one, so every resident adapter owns a page."""
+    return max(1, -(-rank // RANK_BLOCK))
+
+
+class PageTable:
+    """Which page holds each slot's rank block: ``tensor`` [slots, blocks] int64 on the device (the
+    kernels read it), ``host`` the same as lists (Python reads it without touching the device). Entries
+    a slot does not own name ``zero_page``, the page past the ``num_pages`` that hold weights."""
+
+    def __init__(self, num_slots: int, blocks: int, num_pages: int | None, device) -> None:
+        """``num_pages`` None: slot ``s`` owns pages ``s * blocks + k`` (standalone); else none owns any."""
+        self.blocks = blocks
+        identity = num_pages is None
+        self.num_pages = num_slots * blocks if identity else num_pages
+        self.zero_page = self.num_pages
+        self.host = [
+            [s * blocks + k for k in range(blocks)] if identity else [self.zero_page] * blocks
+            for s in range(num_slots)
+        ]
+        self.tensor = torch.tensor(self.host, dtype=torch.long, device=device)
+
+    def pages_of(self, slot: int) -> list[int]:
+        return [p for p in self.host[slot] if p != self.zero_page]
+
+    def map(self, slot: int, pages: Sequence[int]) -> None:
+        """Slot ``slot`` owns ``pages`` (its rank blocks in order) from now; engine thread."""
+        if len(pages) > self.blocks or not all(0 <= p < self.num_pages for p in pages):
+            raise ValueError(f"slot {slot}: pages {list(pages)} (at most {self.blocks} of {self.num_pages})")
+        row = list(pages) + [self.zero_page] * (self.blocks - len(pages))
+        self.host[slot] = row
+        self.tensor[slot] = torch.tensor(row, dtype=torch.long)
 
 
 @dataclass(frozen=True)
 class SlotView:
-    """One slot of one target: ``a`` [R/16, in, 16, members], ``b`` [R, sum(out)], the rest [sum(out)]."""
+    """One slot of one target: its pages' blocks, ``a[k]`` [in, 16, members] and ``b[k]`` [16, sum(out)]
+    (ranks ``16k..16k+15``), and its vectors [sum(out)]."""
 
-    a: torch.Tensor
-    b: torch.Tensor
+    a: Sequence[torch.Tensor]
+    b: Sequence[torch.Tensor]
     bias: torch.Tensor
     dora_gain: torch.Tensor
     dora_shift: torch.Tensor
@@ -64,21 +107,6 @@ class MemberFacts:
     is_dora: bool = False
 
 
-def clear_view(view: SlotView, rank: int | None = None, extras: bool = True) -> None:
-    """An empty slot: a padded kernel adds exactly nothing for it. ``rank``: only the first ``rank``
-    ranks can be non-zero (the rest is cleared already); ``extras``: whether bias/DoRA may be set."""
-    if rank is None:
-        view.a.zero_()
-        view.b.zero_()
-    elif rank:
-        view.a[: -(-rank // RANK_BLOCK)].zero_()
-        view.b[:rank].zero_()
-    if extras:
-        view.bias.zero_()
-        view.dora_gain.zero_()
-        view.dora_shift.zero_()
-
-
 @torch.no_grad()
 def write_member(view: SlotView, cols: slice, member: int, max_rank: int, name: str,
                  weights: LoRAModuleWeights | None, base_bias: torch.Tensor | None,
@@ -86,25 +114,30 @@ def write_member(view: SlotView, cols: slice, member: int, max_rank: int, name: 
     """Writes one module's adapter weights (None: zeros) into its member part of ``view``, columns
     ``cols`` of the group; ``cleared``: the view was just cleared, so only the weights are written."""
     if not cleared:
-        view.a[..., member].zero_()
-        view.b[:, cols].zero_()
-        view.bias[cols].zero_()
-        view.dora_gain[cols].zero_()
-        view.dora_shift[cols].zero_()
+        for a, b in zip(view.a, view.b, strict=True):
+            a[..., member].zero_()
+            b[:, cols].zero_()
+        for vector in (view.bias, view.dora_gain, view.dora_shift):
+            vector[cols].zero_()
     if weights is None:
         return MemberFacts()
     r = weights.rank
     if r > max_rank:
         raise AdapterError(f"module '{name}': rank {r} exceeds max_lora_rank={max_rank}")
+    if blocks_for(r) > len(view.a):
+        raise AdapterError(
+            f"module '{name}': rank {r} needs {blocks_for(r)} pages, its slot has {len(view.a)}"
+        )
     stored = stored_values(weights, base_bias)
     if stored.dora_gain is not None:
         view.dora_gain[cols].copy_(stored.dora_gain)
         view.dora_shift[cols].copy_(stored.dora_shift)
-    a_t = weights.a.t()  # [in, r]
+    a_t, b_t = weights.a.t(), stored.b.t()  # [in, r], [r, out]
     for block in range(-(-r // RANK_BLOCK)):
-        ranks = a_t[:, block * RANK_BLOCK : (block + 1) * RANK_BLOCK]
-        view.a[block, :, : ranks.shape[1], member].copy_(ranks)
-    view.b[:r, cols].copy_(stored.b.t())
+        ranks = slice(block * RANK_BLOCK, (block + 1) * RANK_BLOCK)
+        width = a_t[:, ranks].shape[1]
+        view.a[block][:, :width, member].copy_(a_t[:, ranks])
+        view.b[block][:width, cols].copy_(b_t[ranks])
     if stored.bias is not None:
         view.bias[cols].copy_(stored.bias)
     return MemberFacts(r, weights.bias is not None, weights.dora_g is not None)
@@ -146,39 +179,47 @@ def _with_bit(mask: int, bit: int, value: bool) -> int:
 
 
 class SlotWeights(nn.Module):
-    """The stacked weights of one target (one linear or a fused group), plus host-side per-slot facts
+    """The paged weights of one target (one linear or a fused group), plus host-side per-slot facts
     read every forward (without touching the device) to skip passes no slot needs."""
 
-    def __init__(self, names: Sequence[str], in_features: int, out_features: Sequence[int], max_loras: int,
-                 max_rank: int, device, dtype) -> None:  # fmt: skip
+    def __init__(self, names: Sequence[str], in_features: int, out_features: Sequence[int], num_slots: int,
+                 max_rank: int, device, dtype, num_pages: int | None = None) -> None:  # fmt: skip
+        """``num_pages`` None: every slot owns its ``max_rank`` pages (standalone); else that many pages,
+        handed out by whoever lays the slots out (``SlotRows``), none owned yet."""
         super().__init__()
         self.names = list(names)
         self.max_rank = max_rank
+        self.num_slots = num_slots
         bounds = [0]
         for n in out_features:
             bounds.append(bounds[-1] + n)
         self.slices = [slice(a, b) for a, b in zip(bounds, bounds[1:], strict=False)]
-        blocks = -(-max_rank // RANK_BLOCK)
+        self.table = PageTable(num_slots, blocks_for(max_rank), num_pages, device)
         kw = {"device": device, "dtype": dtype}
-        members, width = len(self.names), bounds[-1]
-        a = torch.zeros(max_loras, blocks, in_features, RANK_BLOCK, members, **kw)
-        self.register_buffer("a", a, persistent=False)
-        self.register_buffer("b", torch.zeros(max_loras, blocks * RANK_BLOCK, width, **kw), persistent=False)
-        self.register_buffer("bias", torch.zeros(max_loras, width, **kw), persistent=False)
-        self.register_buffer("dora_gain", torch.zeros(max_loras, width, **kw), persistent=False)
-        self.register_buffer("dora_shift", torch.zeros(max_loras, width, **kw), persistent=False)
-        self.rank = [[0] * max_loras for _ in self.names]  # [member][slot]
-        self._bias = [[False] * max_loras for _ in self.names]
-        self._dora = [[False] * max_loras for _ in self.names]
+        members, width, pages = len(self.names), bounds[-1], self.table.num_pages + 1  # + the zero page
         self.register_buffer(
-            "slot_rank", torch.zeros(max_loras, dtype=torch.long, device=device), persistent=False
+            "a", torch.zeros(pages, in_features, RANK_BLOCK, members, **kw), persistent=False
+        )
+        self.register_buffer("b", torch.zeros(pages, RANK_BLOCK, width, **kw), persistent=False)
+        for name in VECTOR_BUFFERS:
+            self.register_buffer(name, torch.zeros(num_slots, width, **kw), persistent=False)
+        self.rank = [[0] * num_slots for _ in self.names]  # [member][slot]
+        self._bias = [[False] * num_slots for _ in self.names]
+        self._dora = [[False] * num_slots for _ in self.names]
+        self.register_buffer(
+            "slot_rank", torch.zeros(num_slots, dtype=torch.long, device=device), persistent=False
         )
         self.rank_mask = self.dora_mask = self.bias_mask = 0
-        self._refresh_resident(range(max_loras))
+        self._refresh_resident(range(num_slots))
 
     @property
     def num_members(self) -> int:
         return len(self.names)
+
+    @property
+    def page_table(self) -> torch.Tensor:
+        """[slots, max_rank / 16] int64: the page of each slot's rank block (the zero page if none)."""
+        return self.table.tensor
 
     def live_rank(self, slots: Iterable[int]) -> int:
         """The rank the op needs for these slots: the largest live one, rounded up to RANK_BLOCK."""
@@ -201,12 +242,16 @@ class SlotWeights(nn.Module):
         self.rank_mask, self.dora_mask, self.bias_mask = masks  # bit s: slot s has a rank > 0, DoRA, a bias
         self.resident_host_pass = bool(self.dora_mask or self.bias_mask)
 
-    def written_extent(self, slot: int) -> tuple[int, bool]:
-        """What ``slot`` may hold beyond zeros: its live rank, and whether it has bias or DoRA vectors."""
-        return self.live_rank([slot]), bool((self.dora_mask | self.bias_mask) >> slot & 1)
+    def written_blocks(self, slot: int) -> tuple[int, bool]:
+        """What ``slot`` may hold beyond zeros: its live rank blocks, and whether it has bias or DoRA
+        vectors (from its committed facts)."""
+        return self.live_rank([slot]) // RANK_BLOCK, bool((self.dora_mask | self.bias_mask) >> slot & 1)
 
-    def view(self, slot: int) -> SlotView:
-        return SlotView(*(getattr(self, name)[slot] for name in BUFFERS))
+    def view(self, slot: int, pages: Sequence[int] | None = None) -> SlotView:
+        """``slot``'s blocks in ``pages`` (None: the pages the table maps it to) and its vectors."""
+        pages = self.table.pages_of(slot) if pages is None else pages
+        vectors = (getattr(self, name)[slot] for name in VECTOR_BUFFERS)
+        return SlotView([self.a[p] for p in pages], [self.b[p] for p in pages], *vectors)
 
     def set_facts(self, slot: int, facts: Sequence[MemberFacts]) -> None:
         """Records what ``slot`` holds, one entry per member (engine thread: the forward reads these)."""
@@ -219,19 +264,23 @@ class SlotWeights(nn.Module):
         self._bias[member][slot] = f.has_bias
         self._dora[member][slot] = f.is_dora
 
-    def release(self) -> list[torch.Size]:
-        """Frees the slot buffers, to be replaced by ``bind``; returns one slot's shape of each."""
-        shapes = []
-        for name in BUFFERS:
-            old = getattr(self, name)
-            shapes.append(old.shape[1:])
-            setattr(self, name, old.new_empty(0))
+    def release(self) -> tuple[list[torch.Size], list[torch.Size]]:
+        """Frees the buffers, to be replaced by ``bind``; returns one page's shape of each paged buffer,
+        and one slot's of each vector."""
+        shapes: tuple[list[torch.Size], list[torch.Size]] = ([], [])
+        for part, names in zip(shapes, (PAGE_BUFFERS, VECTOR_BUFFERS), strict=True):
+            for name in names:
+                old = getattr(self, name)
+                part.append(old.shape[1:])
+                setattr(self, name, old.new_empty(0))
         return shapes
 
-    def bind(self, stacked: SlotView) -> None:
-        """Serves from ``stacked``: views of the same shapes (e.g. into one tensor shared by all targets)."""
-        for name in BUFFERS:
-            setattr(self, name, getattr(stacked, name))
+    def bind(self, buffers: dict[str, torch.Tensor], table: PageTable) -> None:
+        """Serves from ``buffers`` (every name of PAGE_BUFFERS and VECTOR_BUFFERS: views of the same
+        per-page and per-slot shapes, e.g. into one tensor shared by all targets) through ``table``."""
+        for name in (*PAGE_BUFFERS, *VECTOR_BUFFERS):
+            setattr(self, name, buffers[name])
+        self.table = table
 
     def write(self, slot: int, member: int, weights: LoRAModuleWeights | None,
               base_bias: torch.Tensor | None) -> None:  # fmt: skip

@@ -27,8 +27,9 @@ def sgmv_cpu_available() -> bool:
 
 
 def sgmv_cpu(y: torch.Tensor, x: torch.Tensor, weights: SlotWeights, rows: SlotRows) -> None:
-    """``y[i, cols_j] += (x[i] @ a[s, :, :r, j]) @ b[s, :r, cols_j]`` for every LoRA row ``i`` (slot
-    ``s``) and member ``j``; ``y`` and ``x`` need contiguous rows (the layers' outputs and inputs do)."""
+    """``y[i, cols_j] += (x[i] @ A_j[s, :, :r]) @ B[s, :r, cols_j]`` for every LoRA row ``i`` (slot
+    ``s``, its rank blocks in the pages its page-table row names) and member ``j``; ``y`` and ``x`` need
+    contiguous rows (the layers' outputs and inputs do)."""
     sgmv_cpu_rows(y, x, weights, rows.batch_rows, rows.row_slot)
 
 
@@ -38,4 +39,6 @@ def sgmv_cpu_rows(y, x, weights: SlotWeights, rows: torch.Tensor, slots: torch.T
     bounds = [cols.start for cols in weights.slices] + [weights.slices[-1].stop]
     if x.stride(-1) != 1:
         x = x.contiguous()
-    torch.ops.loraplex_cpu.sgmv(y, x, weights.a, weights.b, bounds, rows, slots, weights.slot_rank)
+    torch.ops.loraplex_cpu.sgmv(
+        y, x, weights.a, weights.b, bounds, rows, slots, weights.page_table, weights.slot_rank
+    )

@@ -5,9 +5,10 @@ Semantics, for every LoRA row ``i`` of the step (slot ``s``; base rows have none
 
     y[i, cols_j] += (x[i] @ A_j[s, :, :r]) @ b[s, :r, cols_j]
 
-Shapes: ``y`` [N, sum(out)], ``x`` [N, in]; ``SlotWeights`` holds ``a`` [max_loras, R/16, in, 16,
-members] (``A_j[s, :, q] = a[s, q // 16, :, q % 16, j]``) and ``b`` [max_loras, R, sum(out)]; ``r``
-is the step's live rank (a multiple of 16).
+Shapes: ``y`` [N, sum(out)], ``x`` [N, in]; ``SlotWeights`` holds pages of one rank block, ``a``
+[pages, in, 16, members] and ``b`` [pages, 16, sum(out)], and the page table ``pt`` [slots, R/16]:
+``A_j[s, :, q] = a[pt[s, q // 16], :, q % 16, j]``, ``B[s, q] = b[pt[s, q // 16], q % 16]``; ``r`` is
+the step's live rank (a multiple of 16).
 
 All slots go through one ``grouped_mm`` per stage whatever the rows per slot (the rows are grouped
 by slot once per step, ``SlotRows``): one shrink per live rank block for the whole fused group (a
@@ -47,8 +48,9 @@ def sgmv_torch(y: torch.Tensor, x: torch.Tensor, weights: SlotWeights, rows: Slo
     lo, hi, members = rows.lo, rows.hi, weights.num_members
     ends = None if _HAS_GROUPED_MM else rows.offsets.tolist()
     xs = rows.take(x)
-    blocks = weights.a[lo : hi + 1, : r // RANK_BLOCK].flatten(-2)  # [G, blocks, in, 16 * members]
-    b = weights.b[lo : hi + 1, :r]
+    pages = weights.page_table[lo : hi + 1, : r // RANK_BLOCK]  # [G, blocks]
+    blocks = weights.a[pages].flatten(-2)  # [G, blocks, in, 16 * members]
+    b = weights.b[pages].flatten(1, 2)  # [G, r, sum(out)]
     if blocks.dtype != x.dtype:  # half-width slots under a float32 model: computed in fp32
         blocks, b = blocks.to(x.dtype), b.to(x.dtype)
     parts = [grouped_mm(xs, blocks[:, k], rows.offsets, ends) for k in range(blocks.shape[1])]

@@ -31,29 +31,42 @@ def _segment_rows(seg_ptr, num_segs, BLOCK_M: tl.constexpr, rows_axis: tl.conste
 
 @triton.jit
 def _segment_gemm(
-    x_ptr, w_ptr, out_ptr, seg_ptr, num_segs, K, N,
-    stride_xm, stride_xk, stride_ws, stride_wk, stride_wn, stride_wblock, stride_om, stride_on,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+    x_ptr, w_ptr, out_ptr, seg_ptr, num_segs, pages_ptr, num_blocks, K, N,
+    stride_xm, stride_xk, stride_wpage, stride_wk, stride_wn, stride_om, stride_on,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, PAGED_K: tl.constexpr,
     ACCUMULATE: tl.constexpr, PRECISION: tl.constexpr, WIDEN: tl.constexpr,
 ):  # fmt: skip
-    """out[rows, cols] (+)= x[rows, :K] @ W[slot, :K, cols] for one (row block, column block) of one
+    """out[rows, cols] (+)= x[rows, :K] @ W[slot][:K, cols] for one (row block, column block) of one
     segment; grid (row blocks, column blocks, segments). Shrink and expand are both this: x @ A into
-    the fp32 rank buffer, then y += t @ B. Column n of W sits at ``(n // 16) * stride_wblock +
-    (n % 16) * stride_wn`` (A is stored in blocks of 16 ranks; a plain W passes 16 * stride_wn).
-    Accumulates in fp32; each output tile has one owner. ``WIDEN``: half-width weights under a
-    float32 model, widened to fp32 for the dot (else x is cast to the weights' dtype)."""
+    the fp32 rank buffer, then y += t @ B. W is paged along its rank dimension: rank q of the slot sits
+    in page ``pages[slot, q // 16]`` at position ``q % 16`` (``pages_ptr``: the [slots, num_blocks]
+    page table). The rank is W's column dimension in the shrink (A: ``[in, rank]``) and its row
+    dimension in the expand (``PAGED_K``; B: ``[rank, out]``). Accumulates in fp32; each output tile
+    has one owner. ``WIDEN``: half-width weights under a float32 model, widened to fp32 for the dot
+    (else x is cast to the weights' dtype)."""
     rows, mask_m, slot, active = _segment_rows(seg_ptr, num_segs, BLOCK_M, 0, 2)
     if active:
         offs_n = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
         mask_n = offs_n < N
+        slot_pages = pages_ptr + slot * num_blocks
+        if not PAGED_K:  # the columns are ranks: their pages are fixed for the whole tile
+            page_n = tl.load(slot_pages + offs_n // 16, mask=mask_n, other=0).to(tl.int64)
+            w_cols = page_n * stride_wpage + (offs_n % 16) * stride_wn
         acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
         for k0 in range(0, K, BLOCK_K):
             offs_k = k0 + tl.arange(0, BLOCK_K)
             mask_k = offs_k < K
             x_tile = x_ptr + rows[:, None] * stride_xm + offs_k[None, :] * stride_xk
             x = tl.load(x_tile, mask=mask_m[:, None] & mask_k[None, :], other=0.0)
-            w_cols = (offs_n // 16) * stride_wblock + (offs_n % 16) * stride_wn
-            w_tile = w_ptr + slot * stride_ws + offs_k[:, None] * stride_wk + w_cols[None, :]
+            if PAGED_K:
+                page_k = tl.load(slot_pages + offs_k // 16, mask=mask_k, other=0).to(tl.int64)
+                w_tile = (
+                    w_ptr
+                    + (page_k * stride_wpage + (offs_k % 16) * stride_wk)[:, None]
+                    + (offs_n * stride_wn)[None, :]
+                )
+            else:
+                w_tile = w_ptr + (offs_k * stride_wk)[:, None] + w_cols[None, :]
             w = tl.load(w_tile, mask=mask_k[:, None] & mask_n[None, :], other=0.0)
             if WIDEN:
                 acc += tl.dot(x.to(tl.float32), w.to(tl.float32), input_precision=PRECISION)
@@ -73,36 +86,39 @@ def _block(n: int, lo: int, hi: int) -> int:
 def sgmv_triton(
     y: torch.Tensor,
     x: torch.Tensor,
-    lora_a_blocks: torch.Tensor,
-    lora_b_stacked: torch.Tensor,
+    a_pages: torch.Tensor,
+    b_pages: torch.Tensor,
+    page_table: torch.Tensor,
+    rank: int,
     batch: LoRABatch,
 ) -> None:
-    """``y[s:e] += (x[s:e] @ A[slot]) @ B[slot]`` per segment of ``batch``; A in rank blocks
-    [slots, rank / 16, in, 16] (one member's view of ``SlotWeights.a``), B [slots, rank, out] (padded
-    ranks contribute zeros)."""
+    """``y[s:e] += (x[s:e] @ A[slot]) @ B[slot]`` per segment of ``batch``, over the slots' first
+    ``rank`` ranks (a multiple of 16): A in pages [pages, in, 16] (one member's view of
+    ``SlotWeights.a``), B in pages [pages, 16, out], ``page_table`` [slots, R/16] int64 (ranks a slot
+    does not have read the zero page or zeros, and contribute nothing)."""
     if not batch.segments and not batch.static:
         return
     segments = batch.segment_table(x.device)  # [3, capacity]: the kernel's row stride is the capacity
     table_stride, num_segments = segments.shape[1], batch.launch_segments
-    rank, k, n_out = lora_a_blocks.shape[1] * lora_a_blocks.shape[3], x.shape[1], y.shape[1]
+    k, n_out = x.shape[1], y.shape[1]
     precision = "ieee" if x.dtype == torch.float32 else "tf32"
-    widen = x.dtype == torch.float32 and lora_a_blocks.dtype != torch.float32
+    widen = x.dtype == torch.float32 and a_pages.dtype != torch.float32
     block_m = _block(batch.max_segment_len, 16, 64)
     block_r = _block(rank, 16, 256)
     block_out = _block(n_out, 16, 64)
     rows_grid = triton.cdiv(batch.max_segment_len, block_m)
     shrunk = torch.empty((x.shape[0], rank), dtype=torch.float32, device=x.device)
-    a, b = lora_a_blocks, lora_b_stacked
-    a_strides = (a.stride(0), a.stride(2), a.stride(3), a.stride(1))  # slot, in, rank in block, block
-    b_strides = (b.stride(0), b.stride(1), b.stride(2), 16 * b.stride(2))
-    for inp, weights, strides, out, k_dim, n_dim, block_n, block_k, accumulate in (
-        (x, a, a_strides, shrunk, k, rank, block_r, _block(k, 16, 64), False),  # shrink: t = x @ A
-        (shrunk, b, b_strides, y, rank, n_out, block_out, block_r, True),  # expand: y += t @ B
+    a, b = a_pages, b_pages
+    a_strides = (a.stride(0), a.stride(1), a.stride(2))  # page, in, rank in page
+    b_strides = (b.stride(0), b.stride(1), b.stride(2))  # page, rank in page, out
+    for inp, weights, strides, out, k_dim, n_dim, block_n, block_k, paged_k, accumulate in (
+        (x, a, a_strides, shrunk, k, rank, block_r, _block(k, 16, 64), False, False),  # shrink: t = x @ A
+        (shrunk, b, b_strides, y, rank, n_out, block_out, block_r, True, True),  # expand: y += t @ B
     ):
         grid = (rows_grid, triton.cdiv(n_dim, block_n), num_segments)
         _segment_gemm[grid](
-            inp, weights, out, segments, table_stride, k_dim, n_dim,
+            inp, weights, out, segments, table_stride, page_table, page_table.shape[1], k_dim, n_dim,
             *inp.stride(), *strides, *out.stride(),
-            BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k, ACCUMULATE=accumulate, PRECISION=precision,
-            WIDEN=widen,
+            BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k, PAGED_K=paged_k, ACCUMULATE=accumulate,
+            PRECISION=precision, WIDEN=widen,
         )  # fmt: skip

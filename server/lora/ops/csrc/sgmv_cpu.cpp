@@ -2,14 +2,15 @@
 //
 // Semantics (server/lora/ops/sgmv_torch.py is the reference): for grouped row i (batch row
 // rows[i]) with slot s = slots[i], and member j of K:
-//     t_j[q]            = x[row] @ a[s, q / 16, :, q % 16, j]      a: [S, R/16, I, 16, K]
-//     y[row, cols_j]   += t_j[:r] @ b[s, :r, cols_j]               b: [S, R, O]
-// with r = slot_ranks[s], the slot's own rank (the largest of its members', a multiple of 16; ranks
-// past a member's own are zero). A rank block a[s, k] is one contiguous [I, 16 * K] matrix
-// (rank-major, member-minor), so one shrink serves the whole group and reads only the slot's r / 16
-// blocks: per-slot ranks are honoured, nothing is padded to max_lora_rank. Each slot of a and b is
-// contiguous; the slots may sit at any stride (server/lora/slot_rows.py lays every target's slot of
-// one adapter out as one row).
+//     t_j[q]            = x[row] @ a[page(s, q / 16), :, q % 16, j]     a: [P, I, 16, K]
+//     y[row, cols_j]   += sum_q t_j[q] * b[page(s, q / 16), q % 16, cols_j]   b: [P, 16, O]
+// over q < r = slot_ranks[s], the slot's own rank (the largest of its members', a multiple of 16;
+// ranks past a member's own are zero), with page(s, k) = page_table[s, k]: adapters own pages of one
+// rank block each (server/lora/slot_weights.py), wherever the pages sit. A rank block a[p] is one
+// contiguous [I, 16 * K] matrix (rank-major, member-minor), so one shrink serves the whole group and
+// reads only the slot's r / 16 pages: per-slot ranks are honoured, nothing is padded to
+// max_lora_rank. Each page of a and b is contiguous; pages may sit at any stride
+// (server/lora/slot_rows.py lays every target's block of one page out as one row).
 //
 // Rows run in blocks of up to 4 rows of one slot, so each A and B row is loaded once per block and
 // reused from registers; register tiles are 4 rows x 64 columns of fp32 (16 AVX-512 registers, or
@@ -95,11 +96,11 @@ void shrink_block(const T* x, int64_t ldx, const int64_t* rows, const W* a_blk, 
 
 // y[rows[m], o0 : o0 + 16 * nv] += tj[m, :r] @ b_slot[:r, o0 : ...] for m < MB
 template <int MB, typename T, typename W>
-void expand_tile(T* y, int64_t ldy, const int64_t* rows, const W* b_slot, int64_t ldb, const float* tj,
+void expand_tile(T* y, int64_t ldy, const int64_t* rows, const W* const* b_pages, int64_t ldb, const float* tj,
                  int64_t r, int64_t o0, int nv) {
   v16 acc[MB][kVecs] = {};
   for (int64_t q = 0; q < r; ++q) {
-    const W* brow = b_slot + q * ldb + o0;
+    const W* brow = b_pages[q / 16] + (q % 16) * ldb + o0;
     // The next column tile's part of this row: B's rows sit a whole output width apart, so the
     // hardware prefetcher does not follow a tile walk; without it the expand waits on DRAM.
     for (int v = 0; v < kVecs; ++v) __builtin_prefetch(brow + 16 * (kVecs + v));
@@ -115,21 +116,21 @@ void expand_tile(T* y, int64_t ldy, const int64_t* rows, const W* b_slot, int64_
 }
 
 template <int MB, typename T, typename W>
-void block(T* y, int64_t ldy, const T* x, int64_t ldx, const W* a_slot, const W* b_slot, int64_t I,
-           int64_t R, int64_t K, int64_t O, const int64_t* cols, const int64_t* rows, int64_t r,
-           float* t, float* tj) {
+void block(T* y, int64_t ldy, const T* x, int64_t ldx, const W* const* a_pages, const W* const* b_pages,
+           int64_t I, int64_t K, int64_t O, const int64_t* cols, const int64_t* rows, int64_t r, float* t,
+           float* tj) {
   const int64_t rk = r * K, bk = 16 * K;  // t columns: rank-major, member-minor, like a rank block
-  for (int64_t blk = 0; blk < r / 16; ++blk) shrink_block<MB>(x, ldx, rows, a_slot + blk * I * bk, I, bk, t + blk * bk, rk);
+  for (int64_t blk = 0; blk < r / 16; ++blk) shrink_block<MB>(x, ldx, rows, a_pages[blk], I, bk, t + blk * bk, rk);
   for (int64_t j = 0; j < K; ++j) {
     for (int m = 0; m < MB; ++m)
       for (int64_t q = 0; q < r; ++q) tj[m * r + q] = t[m * rk + q * K + j];
     const int64_t end = cols[j + 1], vec_end = cols[j] + (end - cols[j]) / 16 * 16;
     for (int64_t o0 = cols[j]; o0 < vec_end; o0 += 16 * kVecs)
-      expand_tile<MB>(y, ldy, rows, b_slot, O, tj, r, o0, (int)std::min<int64_t>(kVecs, (vec_end - o0) / 16));
+      expand_tile<MB>(y, ldy, rows, b_pages, O, tj, r, o0, (int)std::min<int64_t>(kVecs, (vec_end - o0) / 16));
     for (int m = 0; m < MB; ++m)  // a column tail that is not a multiple of 16
       for (int64_t o = vec_end; o < end; ++o) {
         float acc = 0.f;
-        for (int64_t q = 0; q < r; ++q) acc += tj[m * r + q] * to_float(b_slot[q * O + o]);
+        for (int64_t q = 0; q < r; ++q) acc += tj[m * r + q] * to_float(b_pages[q / 16][(q % 16) * O + o]);
         T* out = y + rows[m] * ldy + o;
         *out = T(to_float(*out) + acc);
       }
@@ -139,8 +140,8 @@ void block(T* y, int64_t ldy, const T* x, int64_t ldx, const W* a_slot, const W*
 template <typename T, typename W>
 void run(at::Tensor& y, const at::Tensor& x, const at::Tensor& a, const at::Tensor& b,
          const std::vector<int64_t>& cols, const int64_t* rows, const int64_t* slots, int64_t nrows,
-         const int64_t* slot_ranks) {
-  const int64_t I = a.size(2), R = a.size(1) * 16, K = a.size(4), O = b.size(2);
+         const int64_t* page_table, int64_t nb, const int64_t* slot_ranks) {
+  const int64_t I = a.size(1), K = a.size(3), O = b.size(2);
   std::vector<int64_t> starts;  // blocks: runs of at most kRows grouped rows sharing a slot
   for (int64_t i = 0; i < nrows; ++i)
     if (starts.empty() || slots[i] != slots[i - 1] || i - starts.back() == kRows) starts.push_back(i);
@@ -150,78 +151,89 @@ void run(at::Tensor& y, const at::Tensor& x, const at::Tensor& a, const at::Tens
   const T* xp = x.data_ptr<T>();
   const W* ap = a.data_ptr<W>();
   const W* bp = b.data_ptr<W>();
-  const int64_t ldy = y.stride(0), ldx = x.stride(0), a_slot_stride = a.stride(0), b_slot_stride = b.stride(0);
+  const int64_t ldy = y.stride(0), ldx = x.stride(0), a_page_stride = a.stride(0), b_page_stride = b.stride(0);
   at::parallel_for(0, nblocks, 1, [&](int64_t lo, int64_t hi) {
-    std::vector<float> t(kRows * R * K), tj(kRows * R);
+    std::vector<float> t(kRows * nb * 16 * K), tj(kRows * nb * 16);
+    std::vector<const W*> a_pages(nb), b_pages(nb);
     for (int64_t blk = lo; blk < hi; ++blk) {
       const int64_t s = starts[blk], n = starts[blk + 1] - s, slot = slots[s];
       if (slot < 0) continue;  // base-model rows (static steps list every row)
       const int64_t r = slot_ranks[slot];
       if (r == 0) continue;
-      const W* a_slot = ap + slot * a_slot_stride;
-      const W* b_slot = bp + slot * b_slot_stride;
+      for (int64_t k = 0; k < r / 16; ++k) {
+        const int64_t page = page_table[slot * nb + k];
+        a_pages[k] = ap + page * a_page_stride;
+        b_pages[k] = bp + page * b_page_stride;
+      }
+      const W* const* pa = a_pages.data();
+      const W* const* pb = b_pages.data();
       const int64_t* rp = rows + s;
       switch (n) {
-        case 1: block<1>(yp, ldy, xp, ldx, a_slot, b_slot, I, R, K, O, cols.data(), rp, r, t.data(), tj.data()); break;
-        case 2: block<2>(yp, ldy, xp, ldx, a_slot, b_slot, I, R, K, O, cols.data(), rp, r, t.data(), tj.data()); break;
-        case 3: block<3>(yp, ldy, xp, ldx, a_slot, b_slot, I, R, K, O, cols.data(), rp, r, t.data(), tj.data()); break;
-        default: block<4>(yp, ldy, xp, ldx, a_slot, b_slot, I, R, K, O, cols.data(), rp, r, t.data(), tj.data());
+        case 1: block<1>(yp, ldy, xp, ldx, pa, pb, I, K, O, cols.data(), rp, r, t.data(), tj.data()); break;
+        case 2: block<2>(yp, ldy, xp, ldx, pa, pb, I, K, O, cols.data(), rp, r, t.data(), tj.data()); break;
+        case 3: block<3>(yp, ldy, xp, ldx, pa, pb, I, K, O, cols.data(), rp, r, t.data(), tj.data()); break;
+        default: block<4>(yp, ldy, xp, ldx, pa, pb, I, K, O, cols.data(), rp, r, t.data(), tj.data());
       }
     }
   });
 }
 
-// y [N, O] and x [N, I] with contiguous rows, a [S, R/16, I, 16, K], b [S, R, O]; cols: the K + 1
+// y [N, O] and x [N, I] with contiguous rows, a [P, I, 16, K], b [P, 16, O] (pages); cols: the K + 1
 // column bounds of the members; rows, slots (int64 [M]): each grouped row's batch row and slot (-1:
-// a base row, skipped), rows of a slot consecutive; slot_ranks (int64 [S]): each slot's rank.
+// a base row, skipped), rows of a slot consecutive; page_table (int64 [S, R/16]): the page of each
+// slot's rank block; slot_ranks (int64 [S]): each slot's rank.
 void sgmv_cpu(at::Tensor y, const at::Tensor& x, const at::Tensor& a, const at::Tensor& b,
               std::vector<int64_t> cols, const at::Tensor& rows, const at::Tensor& slots,
-              const at::Tensor& slot_ranks) {
-  TORCH_CHECK(y.dim() == 2 && x.dim() == 2 && a.dim() == 5 && b.dim() == 3 && a.size(3) == 16,
-              "sgmv_cpu: a [S, R/16, I, 16, K], b [S, R, O], x [N, I], y [N, O]");
+              const at::Tensor& page_table, const at::Tensor& slot_ranks) {
+  TORCH_CHECK(y.dim() == 2 && x.dim() == 2 && a.dim() == 4 && b.dim() == 3 && a.size(2) == 16 && b.size(1) == 16,
+              "sgmv_cpu: a [P, I, 16, K], b [P, 16, O], x [N, I], y [N, O]");
   TORCH_CHECK(y.stride(1) == 1 && x.stride(1) == 1, "sgmv_cpu: rows of x and y must be contiguous");
-  TORCH_CHECK(a.stride(4) == 1 && a.stride(3) == a.size(4) && a.stride(2) == 16 * a.size(4) &&
-                  a.stride(1) == a.size(2) * 16 * a.size(4) && b.stride(2) == 1 && b.stride(1) == b.size(2),
-              "sgmv_cpu: each slot of a and b must be contiguous");
+  TORCH_CHECK(a.stride(3) == 1 && a.stride(2) == a.size(3) && a.stride(1) == 16 * a.size(3) && b.stride(2) == 1 &&
+                  b.stride(1) == b.size(2), "sgmv_cpu: each page of a and b must be contiguous");
   TORCH_CHECK(x.scalar_type() == y.scalar_type() && a.scalar_type() == b.scalar_type(),
               "sgmv_cpu: one dtype for x and y, one for a and b");
   TORCH_CHECK(rows.scalar_type() == at::kLong && slots.scalar_type() == at::kLong && rows.is_contiguous() &&
                   slots.is_contiguous() && rows.numel() == slots.numel(), "sgmv_cpu: rows, slots: int64 [M]");
-  TORCH_CHECK((int64_t)cols.size() == a.size(4) + 1 && cols.front() == 0 && cols.back() == b.size(2),
+  TORCH_CHECK((int64_t)cols.size() == a.size(3) + 1 && cols.front() == 0 && cols.back() == b.size(2),
               "sgmv_cpu: column bounds");
   for (size_t j = 1; j < cols.size(); ++j) TORCH_CHECK(cols[j] >= cols[j - 1], "sgmv_cpu: column bounds");
-  TORCH_CHECK(a.size(0) == b.size(0) && a.size(1) * 16 == b.size(1) && x.size(1) == a.size(2) &&
-                  y.size(1) == b.size(2), "sgmv_cpu: shapes of x, y, a, b disagree");
-  TORCH_CHECK(slot_ranks.scalar_type() == at::kLong && slot_ranks.is_contiguous() &&
-                  slot_ranks.numel() == a.size(0), "sgmv_cpu: slot_ranks: int64 [S]");
+  TORCH_CHECK(a.size(0) == b.size(0) && x.size(1) == a.size(1) && y.size(1) == b.size(2),
+              "sgmv_cpu: shapes of x, y, a, b disagree");
+  TORCH_CHECK(page_table.scalar_type() == at::kLong && page_table.dim() == 2 && page_table.is_contiguous(),
+              "sgmv_cpu: page_table: int64 [S, R/16]");
+  const int64_t S = page_table.size(0), nb = page_table.size(1);
+  const int64_t* pt = page_table.data_ptr<int64_t>();
+  for (int64_t i = 0; i < S * nb; ++i) TORCH_CHECK(pt[i] >= 0 && pt[i] < a.size(0), "sgmv_cpu: page out of range");
+  TORCH_CHECK(slot_ranks.scalar_type() == at::kLong && slot_ranks.is_contiguous() && slot_ranks.numel() == S,
+              "sgmv_cpu: slot_ranks: int64 [S]");
   const int64_t* kp = slot_ranks.data_ptr<int64_t>();
-  for (int64_t i = 0; i < a.size(0); ++i)
-    TORCH_CHECK(kp[i] >= 0 && kp[i] <= b.size(1) && kp[i] % 16 == 0, "sgmv_cpu: slot ranks: multiples of 16 <= R");
+  for (int64_t i = 0; i < S; ++i)
+    TORCH_CHECK(kp[i] >= 0 && kp[i] <= nb * 16 && kp[i] % 16 == 0, "sgmv_cpu: slot ranks: multiples of 16 <= R");
   const int64_t n = rows.numel();
   if (n == 0) return;
   const int64_t* rp = rows.data_ptr<int64_t>();
   const int64_t* sp = slots.data_ptr<int64_t>();
   for (int64_t i = 0; i < n; ++i)
-    TORCH_CHECK(rp[i] >= 0 && rp[i] < y.size(0) && rp[i] < x.size(0) && sp[i] >= -1 && sp[i] < a.size(0),
+    TORCH_CHECK(rp[i] >= 0 && rp[i] < y.size(0) && rp[i] < x.size(0) && sp[i] >= -1 && sp[i] < S,
                 "sgmv_cpu: row or slot out of range");
   const auto xt = y.scalar_type(), wt = a.scalar_type();
   if (xt == at::kFloat && wt == at::kFloat) {
-    run<float, float>(y, x, a, b, cols, rp, sp, n, kp);
+    run<float, float>(y, x, a, b, cols, rp, sp, n, pt, nb, kp);
   } else if (xt == at::kFloat && wt == at::kBFloat16) {
-    run<float, c10::BFloat16>(y, x, a, b, cols, rp, sp, n, kp);
+    run<float, c10::BFloat16>(y, x, a, b, cols, rp, sp, n, pt, nb, kp);
   } else if (xt == at::kFloat && wt == at::kHalf) {
-    run<float, c10::Half>(y, x, a, b, cols, rp, sp, n, kp);
+    run<float, c10::Half>(y, x, a, b, cols, rp, sp, n, pt, nb, kp);
   } else {
     TORCH_CHECK(xt == at::kBFloat16 && wt == at::kBFloat16,
                 "sgmv_cpu: float32 x/y with float32, bfloat16 or float16 weights, or bfloat16 throughout");
-    run<c10::BFloat16, c10::BFloat16>(y, x, a, b, cols, rp, sp, n, kp);
+    run<c10::BFloat16, c10::BFloat16>(y, x, a, b, cols, rp, sp, n, pt, nb, kp);
   }
 }
 
 }  // namespace
 
 TORCH_LIBRARY(loraplex_cpu, m) {
-  m.def("sgmv(Tensor(a!) y, Tensor x, Tensor a, Tensor b, int[] cols, Tensor rows, Tensor slots, Tensor slot_ranks) -> ()");
+  m.def("sgmv(Tensor(a!) y, Tensor x, Tensor a, Tensor b, int[] cols, Tensor rows, Tensor slots, Tensor page_table, Tensor slot_ranks) -> ()");
 }
 
 TORCH_LIBRARY_IMPL(loraplex_cpu, CPU, m) { m.impl("sgmv", &sgmv_cpu); }

@@ -88,7 +88,7 @@ def _lora_case(plan, d_in, d_out, seq_slots, seq_lens, rank=16):
     slots, kw = max(seq_slots) + 1, {"device": plan.device, "dtype": plan.dtype}
     weights = SlotWeights(["m"], d_in, [d_out], slots, rank, plan.device, plan.dtype)
     with torch.no_grad():
-        weights.a.normal_(0, 0.02)  # [pages, in, 16, 1]: every rank live (slot s owns its own pages)
+        weights.a.normal_(0, 0.02)  # [pages, in, 1, 16]: every rank live (slot s owns its own pages)
         weights.b.normal_(0, 0.02)
         weights.a[weights.table.zero_page].zero_()
         weights.b[weights.table.zero_page].zero_()
@@ -107,7 +107,7 @@ def _lora_case(plan, d_in, d_out, seq_slots, seq_lens, rank=16):
         batch.set(seq_slots, seq_lens, static=static)
         want, got = y0.float().clone(), y0.clone()
         sgmv_torch(want, x.float(), reference, batch.slot_rows(x.device))
-        sgmv_triton(got, x, weights.a[..., 0], weights.b, weights.page_table, rank, batch)
+        sgmv_triton(got, x, weights.a[:, :, 0], weights.b, weights.page_table, rank, batch)
         plan.sync()
         result["static_rel_err" if static else "rel_err"] = _rel(got.float() - y0.float(), want - y0.float())
     return result

@@ -37,12 +37,12 @@ def _module_weights(out: int, r: int, g: torch.Generator, d_in: int = D_IN) -> L
     )
 
 
-def _weights(
-    members: int, dtype=torch.float32, ranks=RANKS, d_in=D_IN, paged=False
-) -> tuple[SlotWeights, list[list]]:
+def _weights(members: int, dtype=torch.float32, ranks=RANKS, d_in=D_IN, paged=False,
+             absent=frozenset()) -> tuple[SlotWeights, list[list]]:  # fmt: skip
     """SlotWeights of ``members`` members with slot i at rank ``ranks[i]``, and the PEFT-layout
-    matrices written (per slot, per member) for the naive reference. ``paged``: each slot on only the
-    pages its rank needs, handed out in a scattered order (one page spare)."""
+    matrices written (per slot, per member; None: ``(slot, member)`` in ``absent``, not targeted) for
+    the naive reference. ``paged``: each slot on only the pages its rank needs, handed out in a
+    scattered order (one page spare)."""
     g = torch.Generator().manual_seed(members)
     outs = OUTS[members]
     names = [f"m{j}" for j in range(members)]
@@ -56,7 +56,9 @@ def _weights(
         weights = SlotWeights(names, d_in, outs, len(ranks), 64, "cpu", dtype)
     written = []
     for slot, r in enumerate(ranks):
-        per_member = [_module_weights(out, r, g, d_in) for out in outs]
+        per_member = [
+            None if (slot, j) in absent else _module_weights(out, r, g, d_in) for j, out in enumerate(outs)
+        ]
         for j, module in enumerate(per_member):
             weights.write(slot, j, module, None)
         written.append(per_member)
@@ -67,15 +69,15 @@ def _naive(y, x, written, seq_slots, seq_lens):
     """Row by row, member by member: y[i, cols_j] += scale * (x[i] @ A^T) @ B^T."""
     out = y.double().clone()
     row = 0
+    bounds = [0]
+    for j in range(len(written[0])):  # each member's width, from any slot that targets it
+        bounds.append(bounds[-1] + next(per[j].b.shape[0] for per in written if per[j] is not None))
     for slot, n in zip(seq_slots, seq_lens, strict=True):
         for i in range(row, row + n):
-            col = 0
-            for module in written[slot] if slot >= 0 else []:
-                width = module.b.shape[0]
-                out[i, col : col + width] += (
-                    module.scale * (x[i].double() @ module.a.double().t()) @ module.b.double().t()
-                )
-                col += width
+            for j, module in enumerate(written[slot] if slot >= 0 else []):
+                if module is not None:
+                    delta = module.scale * (x[i].double() @ module.a.double().t()) @ module.b.double().t()
+                    out[i, bounds[j] : bounds[j + 1]] += delta
         row += n
     return out
 
@@ -105,6 +107,28 @@ def test_op_matches_naive(op, members, seq_slots, seq_lens, paged):
     torch.testing.assert_close(got.double(), want, rtol=1e-5, atol=1e-4)
     assert torch.equal(got[[i for i in range(n) if _slot_of_row(seq_slots, seq_lens, i) < 0]],
                        y[[i for i in range(n) if _slot_of_row(seq_slots, seq_lens, i) < 0]])  # fmt: skip
+
+
+@pytest.mark.parametrize("op", sorted(_ops()))
+@pytest.mark.parametrize("members", [2, 3])
+def test_op_skips_the_members_a_slot_does_not_target(op, members):
+    """A q/v adapter in a fused q/k/v group (PEFT's default targets): the op neither reads nor adds
+    the members a slot has no ranks for, and the others' deltas stay exact."""
+    absent = {(0, 1), (1, 0), (2, members - 1), (3, 0), (3, 1)}
+    weights, written = _weights(members, paged=True, absent=absent)
+    assert weights.slot_members.tolist()[0] == (0b101 if members == 3 else 0b01)
+    if op == "cpu":  # the native kernel does not even read them (the torch reference multiplies zeros)
+        for page in weights.table.pages_of(0):
+            weights.a[page, :, 1] = float("nan")
+            weights.b[page, :, weights.slices[1]] = float("nan")
+    seq_slots, seq_lens = CASES[2]
+    n = sum(seq_lens)
+    x, y = torch.randn(n, D_IN), torch.randn(n, sum(OUTS[members]))
+    batch = LoRABatch(len(RANKS))
+    batch.set(seq_slots, seq_lens)
+    got = y.clone()
+    _ops()[op](got, x, weights, batch.slot_rows(torch.device("cpu")))
+    torch.testing.assert_close(got.double(), _naive(y, x, written, seq_slots, seq_lens), rtol=1e-5, atol=1e-4)
 
 
 def _slot_of_row(seq_slots, seq_lens, i):

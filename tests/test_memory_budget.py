@@ -54,7 +54,7 @@ def test_adapter_slots_take_the_model_dtype(tiny_llama_dir, tmp_path):
     assert slot.a.dtype == slot.b.dtype == torch.bfloat16
     member = slot.names.index(name)
     [page] = slot.table.pages_of(slot_id)  # rank 4: one page
-    assert torch.equal(slot.a[page, :, :4, member], weights.a.t().to(torch.bfloat16))
+    assert torch.equal(slot.a[page, :, member, :4], weights.a.t().to(torch.bfloat16))
     assert rt.engine.core.runner.attention.kv_caches[0].dtype == torch.bfloat16
     rt.close()
 

@@ -126,7 +126,9 @@ class TritonLoRABackend(LoRABackend):
         if r == 0:
             return
         for j, cols in enumerate(weights.slices):
-            sgmv_triton(y[:, cols], x, weights.a[..., j], weights.b[:, :, cols], weights.page_table, r, batch)
+            sgmv_triton(
+                y[:, cols], x, weights.a[:, :, j], weights.b[:, :, cols], weights.page_table, r, batch
+            )
 
 
 BACKENDS: dict[str, type[LoRABackend]] = {

@@ -9,10 +9,11 @@ as many pages as its rank needs (S-LoRA's unified paging, by rank): the page tab
 rank block ``k`` to a page, so the same memory holds twice as many rank-32 adapters as rank-64 ones,
 and an adapter never waits for a slot because a large one sized every slot. Per page:
 
-* ``a [pages, in, 16, members]``: member j's A (pre-transposed, ``[in, r]``), ranks ``16k..16k+15``
-  of the slot's block k, rank-major, member-minor, so a rank block of the whole group is one
-  contiguous ``[in, 16 * members]`` matrix: the shrink runs once for the group, over only the slot's
-  own rank blocks, streaming contiguous memory.
+* ``a [pages, in, members, 16]``: member j's A (pre-transposed, ``[in, r]``), ranks ``16k..16k+15``
+  of the slot's block k. A rank block of the whole group is one contiguous ``[in, members * 16]``
+  matrix: the shrink runs once for the group, over only the slot's own rank blocks, streaming
+  contiguous memory; each member's 16 ranks of an input row are one 64-byte line (fp32), so a member
+  the adapter does not target (k of a q/v adapter: PEFT's default) is skipped, not read.
 * ``b [pages, 16, sum(out)]``: member j's B (pre-transposed, ``[r, out_j]``) rows of that block, in
   its column slice.
 
@@ -88,7 +89,7 @@ class PageTable:
 
 @dataclass(frozen=True)
 class SlotView:
-    """One slot of one target: its pages' blocks, ``a[k]`` [in, 16, members] and ``b[k]`` [16, sum(out)]
+    """One slot of one target: its pages' blocks, ``a[k]`` [in, members, 16] and ``b[k]`` [16, sum(out)]
     (ranks ``16k..16k+15``), and its vectors [sum(out)]."""
 
     a: Sequence[torch.Tensor]
@@ -115,7 +116,7 @@ def write_member(view: SlotView, cols: slice, member: int, max_rank: int, name: 
     ``cols`` of the group; ``cleared``: the view was just cleared, so only the weights are written."""
     if not cleared:
         for a, b in zip(view.a, view.b, strict=True):
-            a[..., member].zero_()
+            a[:, member].zero_()
             b[:, cols].zero_()
         for vector in (view.bias, view.dora_gain, view.dora_shift):
             vector[cols].zero_()
@@ -136,7 +137,7 @@ def write_member(view: SlotView, cols: slice, member: int, max_rank: int, name: 
     for block in range(-(-r // RANK_BLOCK)):
         ranks = slice(block * RANK_BLOCK, (block + 1) * RANK_BLOCK)
         width = a_t[:, ranks].shape[1]
-        view.a[block][:, :width, member].copy_(a_t[:, ranks])
+        view.a[block][:, member, :width].copy_(a_t[:, ranks])
         view.b[block][:width, cols].copy_(b_t[ranks])
     if stored.bias is not None:
         view.bias[cols].copy_(stored.bias)
@@ -198,7 +199,7 @@ class SlotWeights(nn.Module):
         kw = {"device": device, "dtype": dtype}
         members, width, pages = len(self.names), bounds[-1], self.table.num_pages + 1  # + the zero page
         self.register_buffer(
-            "a", torch.zeros(pages, in_features, RANK_BLOCK, members, **kw), persistent=False
+            "a", torch.zeros(pages, in_features, members, RANK_BLOCK, **kw), persistent=False
         )
         self.register_buffer("b", torch.zeros(pages, RANK_BLOCK, width, **kw), persistent=False)
         for name in VECTOR_BUFFERS:
@@ -206,9 +207,11 @@ class SlotWeights(nn.Module):
         self.rank = [[0] * num_slots for _ in self.names]  # [member][slot]
         self._bias = [[False] * num_slots for _ in self.names]
         self._dora = [[False] * num_slots for _ in self.names]
-        self.register_buffer(
-            "slot_rank", torch.zeros(num_slots, dtype=torch.long, device=device), persistent=False
-        )
+        self._kernel_facts = [(0, 0)] * num_slots  # host copies of slot_rank, slot_members
+        for name in ("slot_rank", "slot_members"):
+            self.register_buffer(
+                name, torch.zeros(num_slots, dtype=torch.long, device=device), persistent=False
+            )
         self.rank_mask = self.dora_mask = self.bias_mask = 0
         self._refresh_resident(range(num_slots))
 
@@ -229,18 +232,30 @@ class SlotWeights(nn.Module):
     def _refresh_resident(self, slots: Iterable[int]) -> None:
         """Facts over every slot, kept as plain attributes: a compiled (static) step reads them as
         constants or tensors it reads each step: ``slot_rank`` (each slot's rank over its members,
-        rounded up to ``RANK_BLOCK``: the native kernel's per-slot rank), the slot bit masks
+        rounded up to ``RANK_BLOCK``: the native kernel's per-slot rank) and ``slot_members`` (bit j:
+        member j has a rank in the slot; the kernel skips the others' weights), the slot bit masks
         ``rank_mask``, ``dora_mask`` and ``bias_mask`` (an eager step skips each pass no live slot
         needs), and ``resident_host_pass``, whether a slot needs the DoRA or lora_bias pass (then no
         static step runs). Rewritten for ``slots``, the ones that changed (a fill commits every target:
         recomputing all slots' bits took ~20 us a target, 0.6 ms a fill on the engine thread)."""
         masks = [self.rank_mask, self.dora_mask, self.bias_mask]
         for slot in slots:
-            self.slot_rank[slot] = self.live_rank([slot])
+            kernel_facts = (
+                self.live_rank([slot]),
+                sum(1 << j for j, ranks in enumerate(self.rank) if ranks[slot]),
+            )
+            if kernel_facts != self._kernel_facts[slot]:  # a tensor write costs ~5 us; most are unchanged
+                self._kernel_facts[slot] = kernel_facts
+                self.slot_rank[slot], self.slot_members[slot] = kernel_facts
             for i, per_member in enumerate((self.rank, self._dora, self._bias)):
                 masks[i] = _with_bit(masks[i], slot, any(member[slot] for member in per_member))
-        self.rank_mask, self.dora_mask, self.bias_mask = masks  # bit s: slot s has a rank > 0, DoRA, a bias
-        self.resident_host_pass = bool(self.dora_mask or self.bias_mask)
+        # Plain attributes, set past nn.Module.__setattr__ (its checks cost more than the rest here).
+        self.__dict__.update(  # bit s: slot s has a rank > 0, DoRA, a bias
+            rank_mask=masks[0],
+            dora_mask=masks[1],
+            bias_mask=masks[2],
+            resident_host_pass=bool(masks[1] or masks[2]),
+        )
 
     def written_blocks(self, slot: int) -> tuple[int, bool]:
         """What ``slot`` may hold beyond zeros: its live rank blocks, and whether it has bias or DoRA

@@ -40,5 +40,14 @@ def sgmv_cpu_rows(y, x, weights: SlotWeights, rows: torch.Tensor, slots: torch.T
     if x.stride(-1) != 1:
         x = x.contiguous()
     torch.ops.loraplex_cpu.sgmv(
-        y, x, weights.a, weights.b, bounds, rows, slots, weights.page_table, weights.slot_rank
+        y,
+        x,
+        weights.a,
+        weights.b,
+        bounds,
+        rows,
+        slots,
+        weights.page_table,
+        weights.slot_rank,
+        weights.slot_members,
     )

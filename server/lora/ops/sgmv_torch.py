@@ -6,8 +6,8 @@ Semantics, for every LoRA row ``i`` of the step (slot ``s``; base rows have none
     y[i, cols_j] += (x[i] @ A_j[s, :, :r]) @ b[s, :r, cols_j]
 
 Shapes: ``y`` [N, sum(out)], ``x`` [N, in]; ``SlotWeights`` holds pages of one rank block, ``a``
-[pages, in, 16, members] and ``b`` [pages, 16, sum(out)], and the page table ``pt`` [slots, R/16]:
-``A_j[s, :, q] = a[pt[s, q // 16], :, q % 16, j]``, ``B[s, q] = b[pt[s, q // 16], q % 16]``; ``r`` is
+[pages, in, members, 16] and ``b`` [pages, 16, sum(out)], and the page table ``pt`` [slots, R/16]:
+``A_j[s, :, q] = a[pt[s, q // 16], :, j, q % 16]``, ``B[s, q] = b[pt[s, q // 16], q % 16]``; ``r`` is
 the step's live rank (a multiple of 16).
 
 All slots go through one ``grouped_mm`` per stage whatever the rows per slot (the rows are grouped
@@ -49,14 +49,16 @@ def sgmv_torch(y: torch.Tensor, x: torch.Tensor, weights: SlotWeights, rows: Slo
     ends = None if _HAS_GROUPED_MM else rows.offsets.tolist()
     xs = rows.take(x)
     pages = weights.page_table[lo : hi + 1, : r // RANK_BLOCK]  # [G, blocks]
-    blocks = weights.a[pages].flatten(-2)  # [G, blocks, in, 16 * members]
+    blocks = weights.a[pages].flatten(-2)  # [G, blocks, in, members * 16]
     b = weights.b[pages].flatten(1, 2)  # [G, r, sum(out)]
     if blocks.dtype != x.dtype:  # half-width slots under a float32 model: computed in fp32
         blocks, b = blocks.to(x.dtype), b.to(x.dtype)
     parts = [grouped_mm(xs, blocks[:, k], rows.offsets, ends) for k in range(blocks.shape[1])]
     shrunk = parts[0] if len(parts) == 1 else torch.cat(parts, 1)
-    if members > 1:  # rank-major [M, r * members] -> member-major: each member's ranks contiguous
-        shrunk = shrunk.view(-1, r, members).transpose(1, 2).reshape(-1, members * r)
+    if members > 1:  # [M, blocks, members, 16] -> [M, members, blocks, 16]: each member's ranks together
+        shrunk = (
+            shrunk.view(-1, r // RANK_BLOCK, members, RANK_BLOCK).transpose(1, 2).reshape(-1, members * r)
+        )
     for j, cols in enumerate(weights.slices):
         delta = grouped_mm(shrunk[:, j * r : (j + 1) * r], b[:, :, cols], rows.offsets, ends)
         rows.add_into(y[:, cols], delta)

@@ -2,15 +2,17 @@
 //
 // Semantics (server/lora/ops/sgmv_torch.py is the reference): for grouped row i (batch row
 // rows[i]) with slot s = slots[i], and member j of K:
-//     t_j[q]            = x[row] @ a[page(s, q / 16), :, q % 16, j]     a: [P, I, 16, K]
+//     t_j[q]            = x[row] @ a[page(s, q / 16), :, j, q % 16]     a: [P, I, K, 16]
 //     y[row, cols_j]   += sum_q t_j[q] * b[page(s, q / 16), q % 16, cols_j]   b: [P, 16, O]
 // over q < r = slot_ranks[s], the slot's own rank (the largest of its members', a multiple of 16;
 // ranks past a member's own are zero), with page(s, k) = page_table[s, k]: adapters own pages of one
 // rank block each (server/lora/slot_weights.py), wherever the pages sit. A rank block a[p] is one
-// contiguous [I, 16 * K] matrix (rank-major, member-minor), so one shrink serves the whole group and
-// reads only the slot's r / 16 pages: per-slot ranks are honoured, nothing is padded to
-// max_lora_rank. Each page of a and b is contiguous; pages may sit at any stride
-// (server/lora/slot_rows.py lays every target's block of one page out as one row).
+// contiguous [I, K * 16] matrix, so one shrink serves the whole group and reads only the slot's
+// r / 16 pages: per-slot ranks are honoured, nothing is padded to max_lora_rank. Members the slot
+// does not target (slot_members: k of a q/v adapter) are skipped in both passes: their 16 ranks
+// of an A row are one vector the shrink does not load, their B columns are not read. Each page of a
+// and b is contiguous; pages may sit at any stride (server/lora/slot_rows.py lays every target's
+// block of one page out as one row).
 //
 // Rows run in blocks of up to 4 rows of one slot, so each A and B row is loaded once per block and
 // reused from registers; register tiles are 4 rows x 64 columns of fp32 (16 AVX-512 registers, or
@@ -39,17 +41,19 @@ using loraplex::v16;
 constexpr int kRows = 4;  // rows per block (all of one slot)
 constexpr int kVecs = 4;  // 16-wide vectors per column tile
 constexpr int kAheadRows = 16;  // shrink: software prefetch distance, in rows of A
+constexpr int kMaxMembers = 16;  // members of one fused group (q/k/v: 3)
 
 template <typename T>
 inline void add_store(T* p, v16 v) { loraplex::store16(p, load16(p) + v); }
 
-// t[m, q0 : q0 + 16 * NV] = x[rows[m]] @ a_slot[:, q0 : ...] for m < MB (one column tile of NV
-// vectors). NV is a template argument so a narrow tile (a single linear's 16 ranks: NV = 1) runs
-// only its own FMAs, and the input dimension is split over U interleaved accumulator sets so at
-// least 8 independent FMA chains are in flight (FMA latency x throughput) however few rows there are.
+// t[m, off[v] : off[v] + 16] = x[rows[m]] @ a_blk[:, off[v] : ...] for m < MB and v < NV (one tile of
+// NV vectors: one member's 16 ranks each, at column offset off[v] of the block). NV is a template
+// argument so a narrow tile (a single linear's 16 ranks: NV = 1) runs only its own FMAs, and the
+// input dimension is split over U interleaved accumulator sets so at least 8 independent FMA chains
+// are in flight (FMA latency x throughput) however few rows there are.
 template <int MB, int NV, typename T, typename W>
-void shrink_tile(const T* x, int64_t ldx, const int64_t* rows, const W* a_slot, int64_t I, int64_t lda,
-                 int64_t q0, float* t, int64_t ldt) {
+void shrink_tile(const T* x, int64_t ldx, const int64_t* rows, const W* a_blk, int64_t I, int64_t lda,
+                 const int64_t* off, float* t, int64_t ldt) {
   constexpr int U = MB * NV >= 8 ? 1 : (MB * NV >= 4 ? 2 : 4);
   v16 acc[U][MB][NV] = {};
   const T* xr[MB];
@@ -57,39 +61,41 @@ void shrink_tile(const T* x, int64_t ldx, const int64_t* rows, const W* a_slot, 
   int64_t c = 0;
   for (; c + U <= I; c += U)
     for (int u = 0; u < U; ++u) {
-      const W* arow = a_slot + (c + u) * lda + q0;
-      for (int v = 0; v < NV; ++v) __builtin_prefetch(arow + kAheadRows * lda + 16 * v);
+      const W* arow = a_blk + (c + u) * lda;
+      for (int v = 0; v < NV; ++v) __builtin_prefetch(arow + kAheadRows * lda + off[v]);
       v16 av[NV];
-      for (int v = 0; v < NV; ++v) av[v] = load16(arow + 16 * v);
+      for (int v = 0; v < NV; ++v) av[v] = load16(arow + off[v]);
       for (int m = 0; m < MB; ++m) {
         const float xv = to_float(xr[m][c + u]);
         for (int v = 0; v < NV; ++v) acc[u][m][v] += xv * av[v];
       }
     }
   for (; c < I; ++c) {
-    const W* arow = a_slot + c * lda + q0;
+    const W* arow = a_blk + c * lda;
     for (int m = 0; m < MB; ++m) {
       const float xv = to_float(xr[m][c]);
-      for (int v = 0; v < NV; ++v) acc[0][m][v] += xv * load16(arow + 16 * v);
+      for (int v = 0; v < NV; ++v) acc[0][m][v] += xv * load16(arow + off[v]);
     }
   }
   for (int m = 0; m < MB; ++m)
     for (int v = 0; v < NV; ++v) {
       v16 sum = acc[0][m][v];
       for (int u = 1; u < U; ++u) sum += acc[u][m][v];
-      loraplex::store16(t + m * ldt + q0 + 16 * v, sum);
+      loraplex::store16(t + m * ldt + off[v], sum);
     }
 }
 
+// The shrink of one rank block [I, K * 16] for the members whose column offsets are off[:n] (the
+// members a slot has: the others' ranks are zero and are never read).
 template <int MB, typename T, typename W>
-void shrink_block(const T* x, int64_t ldx, const int64_t* rows, const W* a_blk, int64_t I, int64_t bk, float* t,
-                  int64_t ldt) {
-  for (int64_t q0 = 0; q0 < bk; q0 += 16 * kVecs) {
-    switch ((int)std::min<int64_t>(kVecs, (bk - q0) / 16)) {
-      case 1: shrink_tile<MB, 1>(x, ldx, rows, a_blk, I, bk, q0, t, ldt); break;
-      case 2: shrink_tile<MB, 2>(x, ldx, rows, a_blk, I, bk, q0, t, ldt); break;
-      case 3: shrink_tile<MB, 3>(x, ldx, rows, a_blk, I, bk, q0, t, ldt); break;
-      default: shrink_tile<MB, 4>(x, ldx, rows, a_blk, I, bk, q0, t, ldt);
+void shrink_block(const T* x, int64_t ldx, const int64_t* rows, const W* a_blk, int64_t I, int64_t bk,
+                  const int64_t* off, int n, float* t, int64_t ldt) {
+  for (int v0 = 0; v0 < n; v0 += kVecs) {
+    switch (std::min(kVecs, n - v0)) {
+      case 1: shrink_tile<MB, 1>(x, ldx, rows, a_blk, I, bk, off + v0, t, ldt); break;
+      case 2: shrink_tile<MB, 2>(x, ldx, rows, a_blk, I, bk, off + v0, t, ldt); break;
+      case 3: shrink_tile<MB, 3>(x, ldx, rows, a_blk, I, bk, off + v0, t, ldt); break;
+      default: shrink_tile<MB, 4>(x, ldx, rows, a_blk, I, bk, off + v0, t, ldt);
     }
   }
 }
@@ -117,13 +123,18 @@ void expand_tile(T* y, int64_t ldy, const int64_t* rows, const W* const* b_pages
 
 template <int MB, typename T, typename W>
 void block(T* y, int64_t ldy, const T* x, int64_t ldx, const W* const* a_pages, const W* const* b_pages,
-           int64_t I, int64_t K, int64_t O, const int64_t* cols, const int64_t* rows, int64_t r, float* t,
-           float* tj) {
-  const int64_t rk = r * K, bk = 16 * K;  // t columns: rank-major, member-minor, like a rank block
-  for (int64_t blk = 0; blk < r / 16; ++blk) shrink_block<MB>(x, ldx, rows, a_pages[blk], I, bk, t + blk * bk, rk);
+           int64_t I, int64_t K, int64_t O, const int64_t* cols, const int64_t* rows, int64_t r,
+           int64_t members, float* t, float* tj) {
+  const int64_t rk = r * K, bk = 16 * K;  // t columns like a rank block's: blocks, then members, then 16 ranks
+  int64_t off[kMaxMembers];
+  int n = 0;
+  for (int64_t j = 0; j < K; ++j)
+    if (members >> j & 1) off[n++] = 16 * j;
+  for (int64_t blk = 0; blk < r / 16; ++blk) shrink_block<MB>(x, ldx, rows, a_pages[blk], I, bk, off, n, t + blk * bk, rk);
   for (int64_t j = 0; j < K; ++j) {
+    if (!(members >> j & 1)) continue;  // a member without ranks in this slot adds nothing
     for (int m = 0; m < MB; ++m)
-      for (int64_t q = 0; q < r; ++q) tj[m * r + q] = t[m * rk + q * K + j];
+      for (int64_t q = 0; q < r; ++q) tj[m * r + q] = t[m * rk + (q / 16) * bk + 16 * j + q % 16];
     const int64_t end = cols[j + 1], vec_end = cols[j] + (end - cols[j]) / 16 * 16;
     for (int64_t o0 = cols[j]; o0 < vec_end; o0 += 16 * kVecs)
       expand_tile<MB>(y, ldy, rows, b_pages, O, tj, r, o0, (int)std::min<int64_t>(kVecs, (vec_end - o0) / 16));
@@ -140,8 +151,8 @@ void block(T* y, int64_t ldy, const T* x, int64_t ldx, const W* const* a_pages, 
 template <typename T, typename W>
 void run(at::Tensor& y, const at::Tensor& x, const at::Tensor& a, const at::Tensor& b,
          const std::vector<int64_t>& cols, const int64_t* rows, const int64_t* slots, int64_t nrows,
-         const int64_t* page_table, int64_t nb, const int64_t* slot_ranks) {
-  const int64_t I = a.size(1), K = a.size(3), O = b.size(2);
+         const int64_t* page_table, int64_t nb, const int64_t* slot_ranks, const int64_t* slot_members) {
+  const int64_t I = a.size(1), K = a.size(2), O = b.size(2);
   std::vector<int64_t> starts;  // blocks: runs of at most kRows grouped rows sharing a slot
   for (int64_t i = 0; i < nrows; ++i)
     if (starts.empty() || slots[i] != slots[i - 1] || i - starts.back() == kRows) starts.push_back(i);
@@ -168,33 +179,36 @@ void run(at::Tensor& y, const at::Tensor& x, const at::Tensor& a, const at::Tens
       const W* const* pa = a_pages.data();
       const W* const* pb = b_pages.data();
       const int64_t* rp = rows + s;
+      const int64_t mem = slot_members[slot];
       switch (n) {
-        case 1: block<1>(yp, ldy, xp, ldx, pa, pb, I, K, O, cols.data(), rp, r, t.data(), tj.data()); break;
-        case 2: block<2>(yp, ldy, xp, ldx, pa, pb, I, K, O, cols.data(), rp, r, t.data(), tj.data()); break;
-        case 3: block<3>(yp, ldy, xp, ldx, pa, pb, I, K, O, cols.data(), rp, r, t.data(), tj.data()); break;
-        default: block<4>(yp, ldy, xp, ldx, pa, pb, I, K, O, cols.data(), rp, r, t.data(), tj.data());
+        case 1: block<1>(yp, ldy, xp, ldx, pa, pb, I, K, O, cols.data(), rp, r, mem, t.data(), tj.data()); break;
+        case 2: block<2>(yp, ldy, xp, ldx, pa, pb, I, K, O, cols.data(), rp, r, mem, t.data(), tj.data()); break;
+        case 3: block<3>(yp, ldy, xp, ldx, pa, pb, I, K, O, cols.data(), rp, r, mem, t.data(), tj.data()); break;
+        default: block<4>(yp, ldy, xp, ldx, pa, pb, I, K, O, cols.data(), rp, r, mem, t.data(), tj.data());
       }
     }
   });
 }
 
-// y [N, O] and x [N, I] with contiguous rows, a [P, I, 16, K], b [P, 16, O] (pages); cols: the K + 1
+// y [N, O] and x [N, I] with contiguous rows, a [P, I, K, 16], b [P, 16, O] (pages); cols: the K + 1
 // column bounds of the members; rows, slots (int64 [M]): each grouped row's batch row and slot (-1:
 // a base row, skipped), rows of a slot consecutive; page_table (int64 [S, R/16]): the page of each
-// slot's rank block; slot_ranks (int64 [S]): each slot's rank.
+// slot's rank block; slot_ranks (int64 [S]): each slot's rank; slot_members (int64 [S]): bit j set
+// where member j has ranks in the slot (the others are zero: skipped).
 void sgmv_cpu(at::Tensor y, const at::Tensor& x, const at::Tensor& a, const at::Tensor& b,
               std::vector<int64_t> cols, const at::Tensor& rows, const at::Tensor& slots,
-              const at::Tensor& page_table, const at::Tensor& slot_ranks) {
-  TORCH_CHECK(y.dim() == 2 && x.dim() == 2 && a.dim() == 4 && b.dim() == 3 && a.size(2) == 16 && b.size(1) == 16,
-              "sgmv_cpu: a [P, I, 16, K], b [P, 16, O], x [N, I], y [N, O]");
+              const at::Tensor& page_table, const at::Tensor& slot_ranks, const at::Tensor& slot_members) {
+  TORCH_CHECK(y.dim() == 2 && x.dim() == 2 && a.dim() == 4 && b.dim() == 3 && a.size(3) == 16 && b.size(1) == 16,
+              "sgmv_cpu: a [P, I, K, 16], b [P, 16, O], x [N, I], y [N, O]");
+  TORCH_CHECK(a.size(2) <= kMaxMembers, "sgmv_cpu: at most 16 members");
   TORCH_CHECK(y.stride(1) == 1 && x.stride(1) == 1, "sgmv_cpu: rows of x and y must be contiguous");
-  TORCH_CHECK(a.stride(3) == 1 && a.stride(2) == a.size(3) && a.stride(1) == 16 * a.size(3) && b.stride(2) == 1 &&
+  TORCH_CHECK(a.stride(3) == 1 && a.stride(2) == 16 && a.stride(1) == 16 * a.size(2) && b.stride(2) == 1 &&
                   b.stride(1) == b.size(2), "sgmv_cpu: each page of a and b must be contiguous");
   TORCH_CHECK(x.scalar_type() == y.scalar_type() && a.scalar_type() == b.scalar_type(),
               "sgmv_cpu: one dtype for x and y, one for a and b");
   TORCH_CHECK(rows.scalar_type() == at::kLong && slots.scalar_type() == at::kLong && rows.is_contiguous() &&
                   slots.is_contiguous() && rows.numel() == slots.numel(), "sgmv_cpu: rows, slots: int64 [M]");
-  TORCH_CHECK((int64_t)cols.size() == a.size(3) + 1 && cols.front() == 0 && cols.back() == b.size(2),
+  TORCH_CHECK((int64_t)cols.size() == a.size(2) + 1 && cols.front() == 0 && cols.back() == b.size(2),
               "sgmv_cpu: column bounds");
   for (size_t j = 1; j < cols.size(); ++j) TORCH_CHECK(cols[j] >= cols[j - 1], "sgmv_cpu: column bounds");
   TORCH_CHECK(a.size(0) == b.size(0) && x.size(1) == a.size(1) && y.size(1) == b.size(2),
@@ -204,8 +218,10 @@ void sgmv_cpu(at::Tensor y, const at::Tensor& x, const at::Tensor& a, const at::
   const int64_t S = page_table.size(0), nb = page_table.size(1);
   const int64_t* pt = page_table.data_ptr<int64_t>();
   for (int64_t i = 0; i < S * nb; ++i) TORCH_CHECK(pt[i] >= 0 && pt[i] < a.size(0), "sgmv_cpu: page out of range");
-  TORCH_CHECK(slot_ranks.scalar_type() == at::kLong && slot_ranks.is_contiguous() && slot_ranks.numel() == S,
-              "sgmv_cpu: slot_ranks: int64 [S]");
+  TORCH_CHECK(slot_ranks.scalar_type() == at::kLong && slot_ranks.is_contiguous() && slot_ranks.numel() == S &&
+                  slot_members.scalar_type() == at::kLong && slot_members.is_contiguous() &&
+                  slot_members.numel() == S, "sgmv_cpu: slot_ranks, slot_members: int64 [S]");
+  const int64_t* mp = slot_members.data_ptr<int64_t>();
   const int64_t* kp = slot_ranks.data_ptr<int64_t>();
   for (int64_t i = 0; i < S; ++i)
     TORCH_CHECK(kp[i] >= 0 && kp[i] <= nb * 16 && kp[i] % 16 == 0, "sgmv_cpu: slot ranks: multiples of 16 <= R");
@@ -218,22 +234,22 @@ void sgmv_cpu(at::Tensor y, const at::Tensor& x, const at::Tensor& a, const at::
                 "sgmv_cpu: row or slot out of range");
   const auto xt = y.scalar_type(), wt = a.scalar_type();
   if (xt == at::kFloat && wt == at::kFloat) {
-    run<float, float>(y, x, a, b, cols, rp, sp, n, pt, nb, kp);
+    run<float, float>(y, x, a, b, cols, rp, sp, n, pt, nb, kp, mp);
   } else if (xt == at::kFloat && wt == at::kBFloat16) {
-    run<float, c10::BFloat16>(y, x, a, b, cols, rp, sp, n, pt, nb, kp);
+    run<float, c10::BFloat16>(y, x, a, b, cols, rp, sp, n, pt, nb, kp, mp);
   } else if (xt == at::kFloat && wt == at::kHalf) {
-    run<float, c10::Half>(y, x, a, b, cols, rp, sp, n, pt, nb, kp);
+    run<float, c10::Half>(y, x, a, b, cols, rp, sp, n, pt, nb, kp, mp);
   } else {
     TORCH_CHECK(xt == at::kBFloat16 && wt == at::kBFloat16,
                 "sgmv_cpu: float32 x/y with float32, bfloat16 or float16 weights, or bfloat16 throughout");
-    run<c10::BFloat16, c10::BFloat16>(y, x, a, b, cols, rp, sp, n, pt, nb, kp);
+    run<c10::BFloat16, c10::BFloat16>(y, x, a, b, cols, rp, sp, n, pt, nb, kp, mp);
   }
 }
 
 }  // namespace
 
 TORCH_LIBRARY(loraplex_cpu, m) {
-  m.def("sgmv(Tensor(a!) y, Tensor x, Tensor a, Tensor b, int[] cols, Tensor rows, Tensor slots, Tensor page_table, Tensor slot_ranks) -> ()");
+  m.def("sgmv(Tensor(a!) y, Tensor x, Tensor a, Tensor b, int[] cols, Tensor rows, Tensor slots, Tensor page_table, Tensor slot_ranks, Tensor slot_members) -> ()");
 }
 
 TORCH_LIBRARY_IMPL(loraplex_cpu, CPU, m) { m.impl("sgmv", &sgmv_cpu); }

@@ -59,6 +59,10 @@ def test_an_adapters_pages_are_rows_holding_what_the_per_module_writes_hold(tiny
         for k, page in enumerate(pages):
             assert torch.equal(rows.pages[page], staging.pages[k]), (name, k)
         assert torch.equal(rows.vectors[1], staging.vector), name
+        other = [p for p in range(8) if p not in pages][: len(pages)]
+        rows.copy_in(3, other, staging)  # the CUDA fill's copy, here host to host
+        assert all(torch.equal(rows.pages[p], rows.pages[q]) for p, q in zip(pages, other, strict=True))
+        assert torch.equal(rows.vectors[3], rows.vectors[1])
         layers = stack.model.layers.items()
         ranks = {n: layer.slot_weights.rank[layer.member][1] for n, layer in layers}
         assert any(ranks.values())

@@ -167,13 +167,14 @@ class Scheduler:
         blocks = self.block_manager
         cached = (lambda s: len(cached_prefix(blocks, self.slots, s))) if blocks.cache is not None else None
         draining = None  # an adapter admitted nothing this step, so that its slot frees for a starving one
+        blocked: set[str] = set()  # adapters still loading or not fitting: the same for the rest of this pass
         prefixes = PrefixWait(self.running, self.waiting, blocks)
         for seq in self.admission.order(self.waiting, self.slots, active, now, cached):
             if budget <= 0 or len(self.running) >= self.max_num_seqs:
                 break
             key = seq.adapter_key
             if key and self.slots is not None:
-                if key == draining:
+                if key == draining or key in blocked:
                     continue
                 state = self.slots.readiness(seq.adapter)
                 if state == "error":
@@ -181,10 +182,12 @@ class Scheduler:
                     out.failed.append(seq)
                     continue
                 if state != "ready":
+                    blocked.add(key)
                     continue  # still loading off the critical path; others go ahead
                 if key not in active and not self.slots.fits(active | {key}):
                     if draining is None and self.admission.is_starving(seq, now):
                         draining = self.admission.drain_victim(self.running)
+                    blocked.add(key)  # the pins only grow in this pass: it fits no better later
                     continue  # slots are short: requests of resident adapters go ahead
             prefix = cached_prefix(blocks, self.slots, seq)
             if prefixes.defers(seq, len(prefix), self.admission.is_starving(seq, now)):

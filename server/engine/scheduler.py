@@ -181,14 +181,11 @@ class Scheduler:
                     self.waiting.remove(seq)
                     out.failed.append(seq)
                     continue
-                if state != "ready":
-                    blocked.add(key)
-                    continue  # still loading off the critical path; others go ahead
-                if key not in active and not self.slots.fits(active | {key}):
-                    if draining is None and self.admission.is_starving(seq, now):
+                if state != "ready" or (key not in active and not self.slots.fits(active | {key})):
+                    if state == "ready" and draining is None and self.admission.is_starving(seq, now):
                         draining = self.admission.drain_victim(self.running)
-                    blocked.add(key)  # the pins only grow in this pass: it fits no better later
-                    continue  # slots are short: requests of resident adapters go ahead
+                    blocked.add(key)  # loading, or slots are short (the pins only grow in this pass)
+                    continue  # others go ahead: loads run off the critical path, resident adapters first
             prefix = cached_prefix(blocks, self.slots, seq)
             if prefixes.defers(seq, len(prefix), self.admission.is_starving(seq, now)):
                 continue

@@ -117,6 +117,24 @@ def test_triton_static_step_reads_every_block_and_adds_nothing_past_a_slots_page
     torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-4)
 
 
+def test_triton_eager_step_skips_a_member_no_live_slot_targets(interpreted):
+    """q/v adapters in a fused q/k/v group: an eager step launches nothing for k (its pages are not
+    read: poisoned here), and q and v match the torch reference."""
+    weights = _weights(3, [8, 16, 40], 72, [48, 16, 16], seed=4, paged=True)
+    for slot in range(3):
+        weights.write(slot, 1, None, None)
+    seq_slots, seq_lens = [2, 0, -1, 1], [3, 1, 2, 5]
+    x, y = torch.randn(11, 72), torch.randn(11, 80)
+    want = _both(weights, x, y, seq_slots, seq_lens)[1]
+    weights.a[:, :, 1] = float("nan")
+    weights.b[:, :, weights.slices[1]] = float("nan")
+    backend = make_lora_backend("triton", "cpu", 3)
+    backend.plan(seq_slots, seq_lens)
+    got = y.clone()
+    backend.apply(got, x, weights)
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-4)
+
+
 def test_triton_sgmv_on_non_contiguous_input(interpreted):
     """Strides are honoured, not assumed."""
     weights = _weights(1, [8, 4], 32, [24])

@@ -120,12 +120,15 @@ class TritonLoRABackend(LoRABackend):
         from server.lora.ops.sgmv_triton import sgmv_triton
 
         batch = self.batch
-        # A static (graph) step launches at the buffers' full rank: its launches may not depend on
-        # which slots are live. Eager steps read only the live rank blocks.
+        # A static (graph) step launches at the buffers' full rank for every member: its launches may
+        # not depend on which slots are live. Eager steps read only the live rank blocks, and skip a
+        # member no live slot targets (k of q/v adapters).
         r = weights.table.blocks * RANK_BLOCK if batch.static else weights.live_rank(batch.live_slots)
         if r == 0:
             return
         for j, cols in enumerate(weights.slices):
+            if not batch.static and not any(weights.rank[j][s] for s in batch.live_slots):
+                continue
             sgmv_triton(
                 y[:, cols], x, weights.a[:, :, j], weights.b[:, :, cols], weights.page_table, r, batch
             )

@@ -96,17 +96,21 @@ def _ops():
 @pytest.mark.parametrize("seq_slots,seq_lens", CASES)
 @pytest.mark.parametrize("paged", [False, True], ids=["own-pages", "scattered-pages"])
 def test_op_matches_naive(op, members, seq_slots, seq_lens, paged):
-    weights, written = _weights(members, paged=paged)
+    y, got = _run_against_naive(op, *_weights(members, paged=paged), seq_slots, seq_lens)
+    base = [i for i in range(len(y)) if _slot_of_row(seq_slots, seq_lens, i) < 0]
+    assert torch.equal(got[base], y[base])
+
+
+def _run_against_naive(op, weights, written, seq_slots, seq_lens):
+    """Runs ``op`` over one step and checks it against the naive loop; returns (y before, y after)."""
     n = sum(seq_lens)
-    x, y = torch.randn(n, D_IN), torch.randn(n, sum(OUTS[members]))
+    x, y = torch.randn(n, D_IN), torch.randn(n, sum(OUTS[weights.num_members]))
     batch = LoRABatch(len(RANKS))
     batch.set(seq_slots, seq_lens)
     got = y.clone()
     _ops()[op](got, x, weights, batch.slot_rows(torch.device("cpu")))
-    want = _naive(y, x, written, seq_slots, seq_lens)
-    torch.testing.assert_close(got.double(), want, rtol=1e-5, atol=1e-4)
-    assert torch.equal(got[[i for i in range(n) if _slot_of_row(seq_slots, seq_lens, i) < 0]],
-                       y[[i for i in range(n) if _slot_of_row(seq_slots, seq_lens, i) < 0]])  # fmt: skip
+    torch.testing.assert_close(got.double(), _naive(y, x, written, seq_slots, seq_lens), rtol=1e-5, atol=1e-4)
+    return y, got
 
 
 @pytest.mark.parametrize("op", sorted(_ops()))
@@ -121,14 +125,7 @@ def test_op_skips_the_members_a_slot_does_not_target(op, members):
         for page in weights.table.pages_of(0):
             weights.a[page, :, 1] = float("nan")
             weights.b[page, :, weights.slices[1]] = float("nan")
-    seq_slots, seq_lens = CASES[2]
-    n = sum(seq_lens)
-    x, y = torch.randn(n, D_IN), torch.randn(n, sum(OUTS[members]))
-    batch = LoRABatch(len(RANKS))
-    batch.set(seq_slots, seq_lens)
-    got = y.clone()
-    _ops()[op](got, x, weights, batch.slot_rows(torch.device("cpu")))
-    torch.testing.assert_close(got.double(), _naive(y, x, written, seq_slots, seq_lens), rtol=1e-5, atol=1e-4)
+    _run_against_naive(op, weights, written, *CASES[2])
 
 
 def _slot_of_row(seq_slots, seq_lens, i):

@@ -120,13 +120,7 @@ class Settings(BaseSettings):
     # --- LoRA -------------------------------------------------------------------------------
     enable_lora: bool = Field(True, description="Wrap the base model's linears for LoRA serving.")
     adapter_store: Path = Field(DEFAULT_STORE_DIR, description="Directory of PEFT adapters.")
-    max_loras: int = Field(
-        8,
-        ge=1,
-        description="Device memory for adapter weights, in adapters of max_lora_rank. It is paged by rank "
-        "(16 ranks a page): an adapter takes the pages its rank needs, so up to max_loras * max_lora_rank / 16 "
-        "lower-rank adapters are resident and batched at once.",
-    )
+    max_loras: int = Field(8, ge=1, description="Slot memory, in adapters of max_lora_rank; paged by rank.")
     max_lora_rank: int = Field(64, ge=1, description="Largest adapter rank accepted.")
     max_cpu_loras: int = Field(64, ge=1, description="Adapters kept parsed in host memory.")
     lora_dtype: Literal["auto", "bfloat16", "float16"] = Field(

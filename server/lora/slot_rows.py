@@ -6,8 +6,8 @@ An adapter takes as many pages as its rank needs (``slot_weights.blocks_for``; t
 them out, the page table maps its slot to them) and its slot's vector row. Its rows are packed on
 the host, off the engine thread when it is prefetched (the rank blocking, transposes and scale
 folding all happen there): on the CPU straight into its pages (no second copy), clearing only what
-their previous owners wrote; on CUDA into pinned staging rows copied in one copy per page
-(``slot_fill.py``). The kernels see ``a``/``b`` pages with a larger page stride.
+their previous owners wrote; on CUDA into contiguous pinned staging rows, landed with one
+host-to-device copy and scattered to its pages on the device (``slot_fill.py``). The kernels see ``a``/``b`` pages with a larger page stride.
 """
 
 from __future__ import annotations
@@ -37,10 +37,12 @@ CACHE_LINE = 64  # bytes
 
 @dataclass(frozen=True)
 class Staging:
-    """Host rows an adapter is packed into before its copy to the device (pinned on CUDA)."""
+    """Host rows an adapter is packed into before its copy to the device (pinned on CUDA): its vector
+    row, then its page rows, so that what an adapter fills is one contiguous prefix of ``flat``."""
 
-    pages: torch.Tensor  # [max_rank / 16, page_row]
-    vector: torch.Tensor  # [vector_row]
+    flat: torch.Tensor  # [vector_row + max_rank / 16 * page_row]
+    vector: torch.Tensor  # [vector_row], a view of flat
+    pages: torch.Tensor  # [max_rank / 16, page_row], a view of flat
 
 
 class RowLayout:
@@ -121,10 +123,9 @@ class SlotRows:
 
     def new_staging(self, pin_memory: bool = False) -> Staging:
         """Host rows to pack an adapter of any rank into (pinned: asynchronous copies to CUDA)."""
-        pages = torch.empty(
-            self.table.blocks, self._page_layout.width, dtype=self.dtype, pin_memory=pin_memory
-        )
-        return Staging(pages, torch.empty(self._vector_layout.width, dtype=self.dtype, pin_memory=pin_memory))
+        vector, page = self._vector_layout.width, self._page_layout.width
+        flat = torch.empty(vector + self.table.blocks * page, dtype=self.dtype, pin_memory=pin_memory)
+        return Staging(flat, flat[:vector], flat[vector:].view(self.table.blocks, page))
 
     def fill_in_place(self, adapter: LoRAAdapter, slot: int, pages: Sequence[int]) -> list[TargetFacts]:
         """Packs ``adapter`` straight into ``pages`` and ``slot``'s vector row (the device is the host),
@@ -154,10 +155,13 @@ class SlotRows:
         return facts
 
     def copy_in(self, slot: int, pages: Sequence[int], staging: Staging) -> None:
-        """Copies packed ``staging`` into ``pages`` and ``slot``'s vector row (on the current stream)."""
-        for k, page in enumerate(pages):
-            self.pages[page].copy_(staging.pages[k], non_blocking=True)
-        self.vectors[slot].copy_(staging.vector, non_blocking=True)
+        """Copies packed ``staging`` into ``pages`` and ``slot``'s vector row (on the current stream):
+        one host-to-device copy of the adapter's contiguous rows, then on-device copies to its pages."""
+        vector, page = self._vector_layout.width, self._page_layout.width
+        landed = staging.flat[: vector + len(pages) * page].to(self.device, non_blocking=True)
+        self.vectors[slot].copy_(landed[:vector])
+        for k, p in enumerate(pages):
+            self.pages[p].copy_(landed[vector + k * page : vector + (k + 1) * page])
 
     @torch.no_grad()
     def _write(self, adapter: LoRAAdapter | None, pages: list[list[dict[str, torch.Tensor]]],

@@ -4,9 +4,9 @@ ahead of time on a worker thread for a request still waiting (``submit``).
 Each fill packs the adapter's page rows and vector row on the host (``SlotRows``: rank blocking,
 transposes, scale folding). On a CUDA device the rows are one contiguous reused pinned host buffer,
 copied with one host-to-device copy and scattered to the adapter's pages on the device, all
-asynchronously on a side stream, so they overlap the
-engine's compute on the default stream; the worker waits for its copies before the fill counts as
-done, so the engine reads a slot only after its bytes have landed. On the CPU the device memory is
+asynchronously on a side stream, so they overlap the engine's compute on the default stream; the
+worker waits for its copies before the fill counts as done, so the engine reads a slot only after
+its bytes have landed. On the CPU the device memory is
 host memory: the adapter is packed straight into its pages (no second copy).
 """
 

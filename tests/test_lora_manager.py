@@ -278,6 +278,39 @@ def test_reload_in_place_and_unload_after_in_flight_requests(tiny_llama_dir, sto
     stack.close()
 
 
+@torch.inference_mode()
+def test_a_reload_at_a_higher_rank_waits_for_pages_when_the_memory_is_pinned_full(
+    tiny_llama_dir, store, tmp_path, prompts
+):
+    """4 pages, all pinned by running requests; one of them reloaded at rank 40 (3 pages): its
+    requests keep the old weights (no failed step), no new request of it is admitted (fits counts
+    the new need), and it is refilled once pages free up."""
+    model, stack = _stack(tiny_llama_dir, store, max_loras=1)
+    manager = stack.manager
+    service = _service(stack, store, allowed_lora_roots=[tmp_path])
+    path = make_peft_adapter(tiny_llama_dir, tmp_path / "ext", r=4, seed=33)
+    asyncio.run(service.load("ext", str(path)))
+    others = ["attn-r4", "all-r8-rslora", "dora-r8"]  # one page each
+    for key in ["ext", *others]:
+        assert _ready(manager, key)
+        manager.pin(key)
+    rows = [("ext", prompts[1]), *[(k, prompts[1]) for k in others]]
+    before = _step(model, manager, rows)[0]
+    shutil.rmtree(path)
+    make_peft_adapter(tiny_llama_dir, path, r=40, seed=34)
+    asyncio.run(service.load("ext", str(path), inplace=True))
+    assert manager.readiness(AdapterRef(name="ext")) == "ready"
+    assert not manager.fits({"ext"})  # 3 pages now, beside 3 pinned ones
+    still = _step(model, manager, rows)[0]
+    assert max_rel_err(still, before) == 0.0  # the old weights, no error
+    for key in others:
+        manager.unpin(key)
+    [after] = _step(model, manager, [("ext", prompts[1])])
+    assert max_rel_err(after, peft_logits(tiny_llama_dir, path, prompts[1])) < TOL
+    manager.unpin("ext")
+    stack.close()
+
+
 def test_concurrent_prefetch_reload_while_the_engine_activates(tiny_llama_dir, store, prompts, expected):
     """Host-tier calls from other threads never corrupt what the engine thread serves."""
     model, stack = _stack(tiny_llama_dir, store, max_loras=2, max_cpu_loras=3)

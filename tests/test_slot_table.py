@@ -42,6 +42,19 @@ def test_fits_counts_resident_pages_and_the_needs_of_the_others():
     assert table.fits(set(), need=lambda k: 1) and not table.fits(set(), need=lambda k: 2)
 
 
+def test_fits_counts_a_reloaded_resident_key_at_its_new_need():
+    table = SlotTable(num_slots=8, num_pages=8)
+    table.assign("k", 1, keep=set())
+    for key in "abcdefg":
+        table.assign(key, 1, keep=set())
+        table.pin(key)
+    assert table.fits({"k"}, need=lambda k: 4)  # resident: its pages, whatever its need
+    assert not table.fits({"k"}, need=lambda k: 4, refill={"k"})  # reloaded at rank 64: 4 pages
+    with pytest.raises(RuntimeError):
+        table.place("k", 4, keep={"k"}, spare=set())
+    assert table.lookup("k").pages == (0,)  # nothing changed
+
+
 def test_resize_keeps_the_slot_and_its_first_pages():
     table = SlotTable(num_slots=4, num_pages=6)
     first, _ = table.assign("a", 2, keep=set())

@@ -184,7 +184,7 @@ class Scheduler:
                 if state != "ready" or (key not in active and not self.slots.fits(active | {key})):
                     if state == "ready" and draining is None and self.admission.is_starving(seq, now):
                         draining = self.admission.drain_victim(self.running)
-                    blocked.add(key)  # loading, or slots are short (the pins only grow in this pass)
+                    blocked.add(key)  # loading, or slots are short: asked again next step
                     continue  # others go ahead: loads run off the critical path, resident adapters first
             prefix = cached_prefix(blocks, self.slots, seq)
             if prefixes.defers(seq, len(prefix), self.admission.is_starving(seq, now)):

@@ -22,6 +22,9 @@ class HeldCopies:
         self._copies[key] = entry
         self._pages[key] = blocks_for(entry[0].rank)
 
+    def __contains__(self, key: object) -> bool:
+        return key in self._copies
+
     def pages(self, key: str) -> int:
         return self._pages.get(key, self.max_pages)
 

@@ -20,11 +20,12 @@ from server.lora.cache_identity import CacheIdentities
 from server.lora.held_copies import HeldCopies
 from server.lora.host_cache import HostCache
 from server.lora.layers import LoRAModel
+from server.lora.placement import Placement
 from server.lora.prefetch import SlotPrefetcher
 from server.lora.ref import AdapterRef
 from server.lora.slot_fill import SlotFiller
 from server.lora.slot_rows import SlotRows
-from server.lora.slot_table import Residency, SlotTable
+from server.lora.slot_table import SlotTable
 from server.lora.slot_weights import blocks_for
 
 
@@ -37,8 +38,9 @@ class AdapterManager:
         self.filler = SlotFiller(self.rows)
         self._slots = SlotTable(lora.max_loras, self.rows.num_pages)  # engine thread only
         self._slot_epoch: dict[str, object] = {}
+        self._placement = Placement(self._slots, self.filler, self.counters, self._slot_epoch)
         self._prefetcher = SlotPrefetcher(
-            self._slots, self.filler, cache, self._slot_epoch, self._slot_is_current, self._evicted
+            self._slots, self.filler, cache, self._slot_epoch, self._slot_is_current, self._placement.evicted
         )
         self._retiring: set[str] = set()  # guarded by cache.lock: unloaded keys awaiting unpin
         self._held = HeldCopies(cache, self.rows.table.blocks)  # host copies readiness() saw
@@ -99,39 +101,30 @@ class AdapterManager:
         return self._identities.stale()
 
     def fits(self, keys: set[str]) -> bool:
-        return self._slots.fits(keys, self._held.pages)
+        return self._slots.fits(keys, self._held.pages, refill=self._held)  # held and resident: reloaded
 
     def activate(self, keys: set[str]) -> dict[str, int]:
         """Makes every key resident (copying weights into free or LRU-evicted pages); key -> slot."""
         self._reap_retired()
         self._prefetcher.commit(wait_for=keys)
         copies = {k: self._held.get(k) for k in keys if not self._current(k)}  # a failed load evicts nothing
-        if not self._slots.fits(keys, lambda k: blocks_for(copies[k][0].rank)):
+        if not self._slots.fits(
+            keys, lambda k: blocks_for(copies[k][0].rank) if k in copies else self._held.pages(k)
+        ):
             raise RuntimeError(f"{len(keys)} adapters do not fit in the slot memory beside the pinned")
         slots: dict[str, int] = {}
-        for key in sorted(keys, key=lambda k: k in copies):  # resident ones first
+        # Resident ones first, reloaded resident ones last: a refill at a higher rank takes only spare pages.
+        for key in sorted(keys, key=lambda k: (k in copies, self._slots.holds(k))):
+            where = self._slots.lookup(key)  # marked most recently used
             if key not in copies:
-                slots[key] = self._slots.lookup(key).slot  # marked most recently used
-                continue
-            adapter, epoch = copies[key]  # spare the waiting requests' adapters if possible:
-            where, evicted = self._slots.place(key, blocks_for(adapter.rank), keys, self._prefetcher.wanted)
-            self._evicted(evicted)
-            self.rows.commit(where.slot, where.pages, self.filler.fill_now(where, adapter))
-            self._slot_epoch[key] = epoch
-            self.counters.add(activations=1)
-            slots[key] = where.slot
+                slots[key] = where.slot
+            else:
+                slots[key] = self._placement.refill(key, *copies[key], keys, self._prefetcher.wanted, where)
         self._held.clear()
         return slots
 
     def _current(self, key: str) -> bool:
         return self._slots.holds(key) and self._slot_is_current(key)
-
-    def _evicted(self, evicted: list[tuple[str, Residency]]) -> None:
-        """Unmaps the slots of keys the table evicted (their pages now belong to someone else)."""
-        for key, where in evicted:
-            self._slot_epoch.pop(key, None)
-            self.rows.release(where.slot)
-            self.counters.add(evictions=1)
 
     def _slot_is_current(self, key: str) -> bool:
         """A resident key keeps its slot while retiring (running requests finish on those weights) or

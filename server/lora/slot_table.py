@@ -8,7 +8,7 @@ never fragments: a rank-64 adapter can take the pages of four rank-16 ones.
 from __future__ import annotations
 
 from collections import OrderedDict
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Container, Iterable
 from dataclasses import dataclass
 
 
@@ -33,12 +33,15 @@ class SlotTable:
         self._free_pages = list(range(num_pages - 1, -1, -1))
         self._pins: dict[str, int] = {}
 
-    def fits(self, keys: Iterable[str], need: Callable[[str], int]) -> bool:
+    def fits(self, keys: Iterable[str], need: Callable[[str], int], refill: Container[str] = ()) -> bool:
         """Whether ``keys`` can all be resident at once next to the pinned ones; ``need(key)``: the pages
         a key that is not resident needs (a pinned key may be not yet resident: it is activated
-        after it is scheduled)."""
+        after it is scheduled), or a resident one in ``refill`` (reloaded, maybe at another rank)."""
         keys = set(keys) | self.pinned()
-        pages = sum(len(self._resident[k].pages) if k in self._resident else need(k) for k in keys)
+        pages = 0
+        for k in keys:
+            held = len(self._resident[k].pages) if k in self._resident else 0
+            pages += max(held, need(k)) if not held or k in refill else held
         return len(keys) <= self.num_slots and pages <= self.num_pages
 
     def holds(self, key: str) -> bool:
@@ -62,12 +65,13 @@ class SlotTable:
     ) -> tuple[Residency, list[tuple[str, Residency]]]:
         """``key`` resident on ``pages`` pages (``assign``, or ``resize`` if it holds another number),
         evicting no key of ``keep``, and none of ``spare`` unless it must."""
-        if not self.has_room(keep | spare, pages):
-            spare = set()
         where = self._resident.get(key)
+        extra = pages if where is None else pages - len(where.pages)
+        if extra > 0 and self._victims(keep | spare | {key}, extra, need_slot=where is None) is None:
+            spare = set()
         if where is None:
             return self.assign(key, pages, keep | spare)
-        if len(where.pages) != pages:
+        if extra:
             return self.resize(key, pages, keep | spare)
         return where, []
 

@@ -3,12 +3,13 @@ cache; implements the engine's ``AdapterSlots`` protocol.
 
 Only the engine thread touches the slots (``activate``/``pin``/``unpin``/``prefetch``/``prepare_batch``).
 A slot remembers the epoch of the weights it holds; after a reload the next ``activate`` rewrites it
-in place (vLLM's ``load_inplace``: running requests continue on the new weights). An unloaded adapter
-("retiring") keeps its slot, untouched, until no running request pins it. Slots of waiting requests'
-adapters are filled ahead of time off the engine thread (``prefetch.py``). An adapter takes a slot
-and the pages of slot memory its rank needs (``slot_table.py``); each page is one contiguous row of
-the whole model, written with one copy (``slot_rows.py``, ``slot_fill.py``). Disk reads happen on loader threads,
-started by ``prefetch`` only (for the most wanted few); ``readiness`` keeps a reference to the host
+in place (vLLM's ``load_inplace``: running requests continue on the new weights; at a higher rank
+only once spare pages exist). An unloaded adapter ("retiring") keeps its slot, untouched, until no
+running request pins it. Slots of waiting requests' adapters are filled ahead of time off the engine
+thread (``prefetch.py``). An adapter takes a slot and the pages of slot memory its rank needs
+(``slot_table.py``, ``placement.py``); each page is one contiguous row of the whole model
+(``slot_rows.py``, ``slot_fill.py``). Disk reads happen on loader threads, started by ``prefetch``
+only (for the most wanted few); ``readiness`` keeps a reference to the host
 copy it found, so ``activate`` has it even if the host LRU drops it in between.
 """
 
@@ -40,7 +41,7 @@ class AdapterManager:
         self._slot_epoch: dict[str, object] = {}
         self._placement = Placement(self._slots, self.filler, self.counters, self._slot_epoch)
         self._prefetcher = SlotPrefetcher(
-            self._slots, self.filler, cache, self._slot_epoch, self._slot_is_current, self._placement.evicted
+            self._slots, self.filler, cache, self._slot_is_current, self._placement
         )
         self._retiring: set[str] = set()  # guarded by cache.lock: unloaded keys awaiting unpin
         self._held = HeldCopies(cache, self.rows.table.blocks)  # host copies readiness() saw

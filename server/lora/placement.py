@@ -6,6 +6,7 @@ from __future__ import annotations
 from server.lora.adapter import LoRAAdapter
 from server.lora.counters import LoRACounters
 from server.lora.slot_fill import SlotFiller
+from server.lora.slot_rows import TargetFacts
 from server.lora.slot_table import Residency, SlotTable
 from server.lora.slot_weights import blocks_for
 
@@ -26,6 +27,19 @@ class Placement:
             self.rows.release(where.slot)
             self.counters.add(evictions=1)
 
+    def landed(self, key: str, where: Residency, facts: list[TargetFacts], epoch: object) -> None:
+        """``key``'s copy into ``where`` is done: its slot serves those weights from now."""
+        self.rows.commit(where.slot, where.pages, facts)
+        self.slot_epoch[key] = epoch
+        self.counters.add(activations=1)
+
+    def drop(self, key: str) -> None:
+        """``key``'s copy failed: it leaves its slot and pages (no stale page-table row)."""
+        where = self.slots.release(key)
+        self.slot_epoch.pop(key, None)
+        if where is not None:
+            self.rows.release(where.slot)
+
     def refill(self, key: str, adapter: LoRAAdapter, epoch: object, keep: set[str], spare: set[str],
                where: Residency | None) -> int:  # fmt: skip
         """Copies ``adapter`` into pages for ``key`` (``where``: its residency now, if any), evicting
@@ -42,9 +56,7 @@ class Placement:
         try:
             facts = self.filler.fill_now(where, adapter)
         except BaseException:
-            self.evicted([(key, self.slots.release(key))])
+            self.drop(key)
             raise
-        self.rows.commit(where.slot, where.pages, facts)
-        self.slot_epoch[key] = epoch
-        self.counters.add(activations=1)
+        self.landed(key, where, facts, epoch)
         return where.slot

@@ -1,14 +1,14 @@
 """Device slots filled ahead of time for waiting requests, off the engine thread.
 
 Each step the engine names the adapters its waiting requests use, most wanted first (starving
-requests' first, then those with the most waiting requests). The first few (twice the slots: what
-can be scheduled soon; never more than the host cache holds) are loaded into host memory if it does
+requests' first, then those with the most waiting requests). The first few (as many as the slot
+memory has pages: what can be scheduled soon; never more than the host cache holds) are loaded into host memory if it does
 not hold them - the only place loads for waiting requests start: loading every adapter of a long
 queue of distinct ones would churn the host LRU, each load evicting one wanted sooner. For each one
 whose weights are in host memory but in no slot, a slot and the pages its rank needs are reserved -
 free ones, or those of the least recently used adapters that no running or waiting request needs -
-and the worker packs and copies the adapter into them. The slot stays pinned while the copy runs (nothing evicts or reads it) and its request
-reads as loading; the next step commits the finished copy, and the request is scheduled on a
+and the worker packs and copies the adapter into them. The slot stays pinned while the copy runs
+(nothing evicts or reads it) and its request reads as loading; the next step commits the finished copy, and the request is scheduled on a
 resident adapter, with no copy on the critical path. Engine thread only, like the slot table.
 """
 
@@ -20,10 +20,11 @@ from concurrent.futures import FIRST_COMPLETED, Future, wait
 
 from server.lora.counters import LoRACounters
 from server.lora.host_cache import HostCache
+from server.lora.placement import Placement
 from server.lora.ref import AdapterRef
 from server.lora.slot_fill import SlotFiller
 from server.lora.slot_rows import TargetFacts
-from server.lora.slot_table import Residency, SlotTable
+from server.lora.slot_table import SlotTable
 from server.lora.slot_weights import blocks_for
 
 log = logging.getLogger(__name__)
@@ -35,17 +36,15 @@ class SlotPrefetcher:
         slots: SlotTable,
         filler: SlotFiller,
         cache: HostCache,
-        slot_epoch: dict[str, object],
         slot_is_current: Callable[[str], bool],
-        evicted: Callable[[list[tuple[str, Residency]]], None],
+        placement: Placement,
     ) -> None:
         self.slots = slots
         self.slot_is_current = slot_is_current  # the manager's: a resident key's weights are current
         self.filler = filler
         self.cache = cache
         self.counters: LoRACounters = cache.counters
-        self.slot_epoch = slot_epoch  # the manager's: key -> epoch of the weights its slot holds
-        self.evicted = evicted  # the manager's: unmaps the slots of evicted keys
+        self.placement = placement  # the manager's: evictions, and what a landed copy records
         self.wanted: set[str] = set()  # adapters of the waiting requests, as of the last call
         self._fills: dict[str, tuple[Future[list[TargetFacts]], object]] = {}  # key -> (copy, epoch)
 
@@ -85,7 +84,7 @@ class SlotPrefetcher:
                 # replica of the saturated uniform run, no faster): they churn the host cache early.
                 return
             where, evicted = self.slots.assign(key, pages, keep=self.wanted)
-            self.evicted(evicted)
+            self.placement.evicted(evicted)
             self.slots.pin(key)  # until the copy is committed
             self._fills[key] = (self.filler.submit(where, entry[0]), entry[1])
 
@@ -101,9 +100,7 @@ class SlotPrefetcher:
                 facts = future.result()
             except Exception:  # the engine thread will copy it itself, and report a failure there
                 log.exception("prefetching adapter '%s' into slot %d failed", key, where.slot)
-                self.slots.release(key)
-                self.filler.rows.release(where.slot)
+                self.placement.drop(key)
                 continue
-            self.filler.rows.commit(where.slot, where.pages, facts)
-            self.slot_epoch[key] = epoch
-            self.counters.add(activations=1, prefetch_fills=1)
+            self.placement.landed(key, where, facts, epoch)
+            self.counters.add(prefetch_fills=1)

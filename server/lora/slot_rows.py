@@ -7,7 +7,8 @@ them out, the page table maps its slot to them) and its slot's vector row. Its r
 the host, off the engine thread when it is prefetched (the rank blocking, transposes and scale
 folding all happen there): on the CPU straight into its pages (no second copy), clearing only what
 their previous owners wrote; on CUDA into contiguous pinned staging rows, landed with one
-host-to-device copy and scattered to its pages on the device (``slot_fill.py``). The kernels see ``a``/``b`` pages with a larger page stride.
+host-to-device copy and scattered to its pages on the device (``slot_fill.py``). The kernels see
+``a``/``b`` pages with a larger page stride.
 """
 
 from __future__ import annotations

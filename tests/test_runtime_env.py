@@ -58,17 +58,47 @@ def test_plan_falls_back_and_skips_what_is_missing(libs, tmp_path):
 
 def test_the_users_own_settings_win(libs):
     environ = {"LD_PRELOAD": "/opt/libjemalloc.so.2", "OMP_NUM_THREADS": "1", "OMP_PROC_BIND": "false"}
-    p = plan(environ, dirs=libs)
+    p = plan(environ, dirs=libs, thp="never")
     assert p.allocator is None  # an allocator is already preloaded: no second one
     assert p.env == {
         "LD_PRELOAD": f"{libs[1] / 'libiomp5.so'}:/opt/libjemalloc.so.2",
         "KMP_BLOCKTIME": "1",  # the preloaded runtime's spin-wait, which the user did not set
     }  # no threads, no binding
     assert "KMP_BLOCKTIME" not in plan({**environ, "KMP_BLOCKTIME": "200"}, dirs=libs).env
+    assert "THP_MEM_ALLOC_ENABLE" not in plan({"THP_MEM_ALLOC_ENABLE": "0"}, dirs=libs, thp="always").env
+
+
+@pytest.mark.parametrize("mode, planned", [("madvise", True), ("always", True), ("never", False)])
+def test_tensors_get_huge_pages_where_the_kernel_gives_them(libs, mode, planned):
+    assert ("THP_MEM_ALLOC_ENABLE" in plan({}, dirs=libs, thp=mode).env) is planned
+    assert "THP_MEM_ALLOC_ENABLE" not in plan({}, Pieces(huge_pages=False), dirs=libs, thp=mode).env
+
+
+def test_the_thp_mode_is_the_bracketed_word(tmp_path):
+    enabled = tmp_path / "enabled"
+    enabled.write_text("always [madvise] never\n")
+    assert runtime_env.thp_mode(enabled) == "madvise"
+    assert runtime_env.thp_mode(tmp_path / "absent") is None
+
+
+def test_huge_pages_back_large_tensors_in_a_tuned_process():
+    """A real process: torch's allocator madvises a 64 MB tensor into huge pages (where THP is on)."""
+    if runtime_env.thp_mode() not in ("always", "madvise"):
+        pytest.skip("transparent huge pages are off on this machine")
+    code = (
+        "import torch; x = torch.ones(16 * 2**20); "
+        "print([l.split()[1] for l in open('/proc/self/smaps_rollup') if l.startswith('AnonHugePages')][0])"
+    )
+    env = {**os.environ, **runtime_env.HUGE_PAGES}
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=60)
+    assert out.returncode == 0, out.stderr
+    assert int(out.stdout) >= 32 * 1024  # kB: at least half of the tensor
 
 
 def test_each_piece_can_be_left_out(libs):
-    p = plan({}, Pieces(allocator="jemalloc", openmp=None, threads=False, bind=False), dirs=libs)
+    p = plan(
+        {}, Pieces(allocator="jemalloc", openmp=None, threads=False, bind=False, huge_pages=False), dirs=libs
+    )
     assert p.env == {"LD_PRELOAD": str(libs[0] / "libjemalloc.so.2")}
     env = tuned_environ({"PATH": "/bin"}, Pieces(allocator=None, openmp="llvm", bind=False), libs)
     assert env["LD_PRELOAD"] == str(libs[0] / "libomp.so.5") and env["PATH"] == "/bin"
@@ -106,7 +136,8 @@ def test_loaded_libraries_and_the_start_up_line(tmp_path):
     line = describe(loaded, environ)
     assert line.startswith("CPU runtime tuned: allocator tcmalloc (") and "gnu OpenMP" in line
     assert "apt-get install libomp5-14" in line  # says how to get a faster OpenMP runtime
-    assert line.endswith("OMP threads 2, binding OMP_PROC_BIND=close OMP_PLACES=cores")
+    assert "OMP threads 2, binding OMP_PROC_BIND=close OMP_PLACES=cores; huge pages for tensors off" in line
+    assert describe(loaded, {**environ, "THP_MEM_ALLOC_ENABLE": "1"}).endswith("huge pages for tensors on")
     bare = describe({}, {})
     assert "glibc malloc (apt-get install libtcmalloc-minimal4" in bare and "tuning off" in bare
 

@@ -183,6 +183,18 @@ def test_live_rank_reads_only_the_live_slots():
     assert weights.live_rank([2]) == 64 and weights.live_rank([]) == 0
 
 
+def test_kernel_args_follow_the_buffers_they_name():
+    """The cached op arguments are rebuilt when a buffer or the page table is replaced (``bind``)."""
+    weights, _ = _weights(2)
+    a, b, bounds, table, ranks, members = weights.kernel_args()
+    assert a is weights.a and b is weights.b and table is weights.page_table and ranks is weights.slot_rank
+    assert members is weights.slot_members and bounds == [0, weights.slices[0].stop, weights.slices[1].stop]
+    assert weights.kernel_args() is weights.kernel_args()  # cached while nothing changes
+    moved = {name: getattr(weights, name).clone() for name in ("a", "b", "bias", "dora_gain", "dora_shift")}
+    weights.bind(moved, weights.table)
+    assert weights.kernel_args()[0] is moved["a"] and weights.kernel_args()[1] is moved["b"]
+
+
 def test_slot_rows_layouts():
     batch = LoRABatch(4)
     batch.set([-1, 0, 0, 1, 1, 3], [2, 1, 1, 4, 1, 1])  # the engine's sorted layout: in place

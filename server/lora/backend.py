@@ -15,6 +15,7 @@ from collections.abc import Sequence
 import torch
 
 from server.lora.batch import LoRABatch
+from server.lora.ops.sgmv_cpu import sgmv_cpu, sgmv_cpu_rows  # not per call: ~0.5 us of each
 from server.lora.slot_weights import RANK_BLOCK, SlotWeights
 from server.triton_support import triton_unavailable
 
@@ -100,14 +101,10 @@ class CpuLoRABackend(LoRABackend):
     capturable = True  # static steps: one kernel call per target over the persistent per-row slots
 
     def sgmv(self, y, x, weights) -> None:
-        from server.lora.ops.sgmv_cpu import sgmv_cpu
-
         if self.batch.segments:
             sgmv_cpu(y, x, weights, self.batch.slot_rows(x.device))
 
     def sgmv_static(self, y, x, weights) -> None:
-        from server.lora.ops.sgmv_cpu import sgmv_cpu_rows
-
         n, static = x.shape[0], self.batch.static_rows
         sgmv_cpu_rows(y, x, weights, static.rows[:n], static.slots[:n])
 

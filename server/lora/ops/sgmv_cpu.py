@@ -36,18 +36,7 @@ def sgmv_cpu(y: torch.Tensor, x: torch.Tensor, weights: SlotWeights, rows: SlotR
 def sgmv_cpu_rows(y, x, weights: SlotWeights, rows: torch.Tensor, slots: torch.Tensor) -> None:
     """The kernel call: batch rows ``rows`` with slots ``slots`` (int64 [M], -1: skipped), each slot
     at its own rank (``weights.slot_rank``)."""
-    bounds = [cols.start for cols in weights.slices] + [weights.slices[-1].stop]
+    a, b, bounds, page_table, slot_rank, slot_members = weights.kernel_args()
     if x.stride(-1) != 1:
         x = x.contiguous()
-    torch.ops.loraplex_cpu.sgmv(
-        y,
-        x,
-        weights.a,
-        weights.b,
-        bounds,
-        rows,
-        slots,
-        weights.page_table,
-        weights.slot_rank,
-        weights.slot_members,
-    )
+    torch.ops.loraplex_cpu.sgmv(y, x, a, b, bounds, rows, slots, page_table, slot_rank, slot_members)

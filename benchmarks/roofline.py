@@ -1,4 +1,5 @@
-"""The roofline line: a decode step's achieved FLOP/s as a fraction of this machine's dense GEMM peak.
+"""The roofline lines: a decode step's achieved FLOP/s as a fraction of this machine's dense GEMM peak,
+and what the adapters' weights cost a mixed step at the machine's DRAM read bandwidth.
 
 The peak is measured, not taken from a datasheet: the best of a few large square ``torch.matmul``s in
 the dtype under test, timed in the same run and with the same threads as the systems it judges, so a
@@ -6,6 +7,11 @@ busy or throttled machine lowers the roof and the step alike. A step's work is t
 of a Llama forward (2 FLOPs per weight per token: every projection and the LM head; the embedding is a
 lookup), plus the attention score and value products over each token's context, plus the LoRA
 shrink and expand of the rows that carry an adapter.
+
+The memory line: every adapter in a decode step has its A and B read from DRAM once per step (they
+are used by a few rows each and evicted by the ~150 MB of base weights streamed in between), so a
+mixed step costs at least ``adapter bytes / DRAM bandwidth`` more than a base step unless those reads
+overlap the base GEMMs. ``mixed_step_ceiling`` turns that into the best mixed / base step ratio.
 """
 
 from __future__ import annotations
@@ -71,6 +77,11 @@ class ModelShape:
         dims = self.projection_dims()
         return 2 * rank * self.layers * sum(dims[t][0] + dims[t][1] for t in targets)
 
+    def lora_weights(self, rank: int, targets=LLAMA_PROJECTIONS) -> int:
+        """Elements of one adapter's A and B: ``rank x (in + out)`` per targeted projection and layer."""
+        dims = self.projection_dims()
+        return rank * self.layers * sum(dims[t][0] + dims[t][1] for t in targets)
+
     def request_flops(self, prompt_len: int, new_tokens: int, lora_rank: int = 0) -> int:
         """FLOPs of one request end to end: the prompt and every generated token but the last go
         through the layers (attending to all positions so far), each generated token through the LM head."""
@@ -102,6 +113,25 @@ def gemm_peak(dtype: torch.dtype, n: int = 2048, repeats: int = 5, device: str =
             torch.cuda.synchronize(device)
         best = min(best, time.perf_counter() - start)
     return 2 * n**3 / best
+
+
+def dram_read_bandwidth(megabytes: int = 256, repeats: int = 5) -> float:
+    """Bytes/s of the best of ``repeats`` full reads (a sum) of an fp32 tensor far larger than the
+    caches, with this process's threads: the roof for weights that must come from DRAM."""
+    x = torch.ones(megabytes * 2**20 // 4)
+    x.sum()
+    best = float("inf")
+    for _ in range(repeats):
+        start = time.perf_counter()
+        x.sum()
+        best = min(best, time.perf_counter() - start)
+    return x.numel() * 4 / best
+
+
+def mixed_step_ceiling(base_step_s: float, adapter_bytes: int, bandwidth: float) -> float:
+    """The best mixed / base decode-step ratio when the adapters' weights are read from DRAM after the
+    base step's work, not during it: ``base / (base + bytes / bandwidth)``."""
+    return base_step_s / (base_step_s + adapter_bytes / bandwidth)
 
 
 def decode_step_rate(steps, shape: ModelShape, lora_rank: int = 0) -> tuple[float, int, int] | None:

@@ -14,7 +14,13 @@ from transformers import LlamaForCausalLM
 from benchmarks.peers.llamacpp import parse_batched_bench
 from benchmarks.peers.lora_proxy import rewrite
 from benchmarks.peers.report import Samples, agreement, parse_vllm_bench, serve_table, throughput_table
-from benchmarks.roofline import ModelShape, decode_step_rate, gemm_peak
+from benchmarks.roofline import (
+    ModelShape,
+    decode_step_rate,
+    dram_read_bandwidth,
+    gemm_peak,
+    mixed_step_ceiling,
+)
 from server.model.synthetic import char_tokenizer, model_config
 
 # What `vllm bench serve --save-result --percentile-metrics ttft,tpot,itl,e2el --metric-percentiles 50,99`
@@ -95,6 +101,9 @@ def test_flop_count_matches_the_bench_model():
     assert shape.matmul_params() == linear  # every projection and the LM head, not the embedding
     # LoRA rank 16 on all seven projections: 2 * r * (in + out) per projection and layer
     assert shape.lora_flops_per_token(16) == 2 * 16 * 8 * (1024 + 640 + 640 + 1024 + 3 * (512 + 1376))
+    # one adapter's A and B: r * (in + out) per projection; the peers' bench adapters are 4.6 MB in fp32
+    assert shape.lora_weights(16) == shape.lora_flops_per_token(16) // 2
+    assert shape.lora_weights(16) * 4 == 4_603_904
     step = shape.decode_step_flops(batch=32, context=96, lora_rows=32, lora_rank=16)
     assert step == 32 * (2 * linear + 4 * 8 * 512 * 96 + shape.lora_flops_per_token(16))
     # a request end to end: 127 positions through the layers, 64 tokens through the LM head
@@ -115,6 +124,12 @@ def test_decode_step_rate_takes_the_median_at_the_largest_batch():
     assert (batch, n) == (4, 3) and rate == pytest.approx(shape.decode_step_flops(4, 10) / 2.0)
     assert decode_step_rate([], shape) is None
     assert gemm_peak(torch.float32, n=64, repeats=1) > 0
+
+
+def test_the_mixed_step_ceiling_from_adapter_bytes():
+    # 12 ms base step, 36 MB of adapter weights at 40 GB/s = 0.9 ms: at best 12 / 12.9 of base speed
+    assert mixed_step_ceiling(0.012, 36_000_000, 40e9) == pytest.approx(12 / 12.9)
+    assert dram_read_bandwidth(megabytes=8, repeats=1) > 1e8
 
 
 def test_bench_tokenizer_keeps_ids_through_text_one_character_per_token():

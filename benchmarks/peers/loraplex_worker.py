@@ -17,7 +17,7 @@ import torch
 from benchmarks.engine_bench import DecodeStep, run_engine
 from benchmarks.lora_bench import preloaded_runtime
 from benchmarks.peers.protocol import serve
-from benchmarks.roofline import gemm_peak
+from benchmarks.roofline import dram_read_bandwidth, gemm_peak
 from benchmarks.workload import Target
 from server.engine.sequence import Sequence
 from server.engine.types import SamplingParams
@@ -47,7 +47,7 @@ def main(spec_path: str) -> None:
                 enumerate([("base", None), ("adapter", spec["adapters"][1])])}  # fmt: skip
 
     def peak(command: dict) -> dict:
-        return {"flops": gemm_peak(target.dtype)}
+        return {"flops": gemm_peak(target.dtype), "dram_bytes_per_s": dram_read_bandwidth()}
 
     serve({"run": run, "probe": probe, "peak": peak}, start_s)
 

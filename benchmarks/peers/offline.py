@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import os
+import statistics
 import sys
 from pathlib import Path
 
@@ -19,7 +20,7 @@ from benchmarks.peers.install import Peers
 from benchmarks.peers.llamacpp import LlamaCppOffline
 from benchmarks.peers.report import Samples, agreement, throughput_table
 from benchmarks.peers.workers import Worker
-from benchmarks.roofline import ModelShape, decode_step_rate, roofline_line
+from benchmarks.roofline import ModelShape, decode_step_rate, mixed_step_ceiling, roofline_line
 from benchmarks.workload import Workload
 from server.runtime_env import tuned_environ
 
@@ -87,7 +88,7 @@ class OfflineRun:
         return {"tokens_per_s": {" ".join(k): dict(v) for k, v in self.samples.values.items()}, **report}
 
     def alternate(self, systems: dict, dtype: str, rounds: int) -> dict:
-        info = {"start_s": {n: s.start_s for n, s in systems.items()}, "peak_flops": 0.0, "failures": [],
+        info = {"start_s": {n: s.start_s for n, s in systems.items()}, "peak_flops": 0.0, "dram": 0.0, "failures": [],
                 "probe": {}, "decode_steps": {mode: [] for mode in self.modes}}  # fmt: skip
         for name, system in systems.items():
             info["probe"][name] = attempt(info, f"{name} probe", lambda s=system: s.probe(PROBE_TOKENS))
@@ -95,6 +96,7 @@ class OfflineRun:
             if "loraplex" in systems:
                 peak = attempt(info, "GEMM peak", lambda: systems["loraplex"].call("peak")) or {"flops": 0.0}
                 info["peak_flops"] = max(info["peak_flops"], peak["flops"])
+                info["dram"] = max(info["dram"], peak.get("dram_bytes_per_s", 0.0))
             for mode, label in self.modes.items():
                 for name, system in systems.items():
                     result = attempt(
@@ -157,12 +159,33 @@ class OfflineRun:
                     )
                 )
             per_request = self.shape.request_flops(w.prompt_len, w.new_tokens, lora[mode])
+            if mode == "mixed":
+                self.print_adapter_bytes(dtype, info)
             for name in info["start_s"]:
                 tps = self.samples.median((dtype, label), name)
                 if tps:
                     print(
                         roofline_line(f"  {name} {label}, whole run", tps / w.new_tokens * per_request, peak)
                     )
+
+    def print_adapter_bytes(self, dtype: str, info: dict) -> None:
+        """The memory roofline of the mixed step: its adapters' weights at the DRAM read bandwidth."""
+        steps = {mode: _steps(info["decode_steps"][mode]) for mode in self.modes}
+        if not info["dram"] or not all(steps.values()):
+            return
+        batch = max(s.batch for s in steps["base"])
+        seconds = {
+            m: statistics.median(s.seconds for s in rows if s.batch == batch) for m, rows in steps.items()
+        }
+        count = len(self.assets.adapters)
+        nbytes = count * self.shape.lora_weights(RANK) * (2 if dtype == "bfloat16" else 4)
+        ceiling = mixed_step_ceiling(seconds["base"], nbytes, info["dram"])
+        print(f"  adapter weights a mixed step reads: {count} x {nbytes / count / 1e6:.1f} MB = {nbytes / 1e6:.1f} MB; "
+              f"at the DRAM read bandwidth ({info['dram'] / 1e9:.1f} GB/s, best of the rounds) "
+              f"{nbytes / info['dram'] * 1e3:.2f} ms = {100 * nbytes / info['dram'] / seconds['base']:.1f} % of the "
+              f"base step ({seconds['base'] * 1e3:.2f} ms)")  # fmt: skip
+        print(f"  mixed / base decode step @ batch {batch}: {seconds['base'] / seconds['mixed']:.3f} measured, "
+              f"{ceiling:.3f} ceiling unless the adapter reads overlap the base GEMMs")  # fmt: skip
 
 
 def attempt(info: dict, what: str, call):

@@ -62,7 +62,8 @@ class Settings(BaseSettings):
     runtime_tuning: bool = Field(
         True,
         description="On CPU, restart once under tcmalloc/jemalloc and Intel/LLVM OpenMP where installed, "
-        "OMP threads = usable cores, bound (server/runtime_env.py); logged at start-up.",
+        "OMP threads = usable cores, bound, tensors in transparent huge pages (server/runtime_env.py); "
+        "logged at start-up.",
     )
 
     # --- engine -----------------------------------------------------------------------------

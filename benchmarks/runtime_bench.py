@@ -119,7 +119,7 @@ def alternate(workers: dict[str, Worker], rounds: int) -> Samples:
     for r in range(rounds):
         for mode in ("base", "mixed"):
             for name, worker in workers.items():
-                tps = worker.run(mode)["tokens_per_s"]
+                tps = worker.run(mode, r + 1)["tokens_per_s"]
                 samples.add((mode,), name, tps)
                 print(f"  round {r + 1}: {mode:<5} {name:<42} {tps:8.1f} tok/s", flush=True)
     return samples

@@ -141,6 +141,17 @@ def test_bench_tokenizer_keeps_ids_through_text_one_character_per_token():
     assert len(set(tok.decode(list(range(3, 32000))))) == 31997
 
 
+def test_every_round_gets_prompts_no_prefix_cache_has_seen():
+    from benchmarks.peers.protocol import round_prompts
+
+    prompts = [[1, 2, 3, 4], [5, 6, 7, 8]]
+    rounds = [round_prompts(prompts, r) for r in (1, 2, 3)]
+    assert rounds[0] == [[2, 3, 4, 1], [6, 7, 8, 5]]
+    firsts = {tuple(p[0] for p in batch) for batch in [prompts, *rounds]}
+    assert len(firsts) == 4  # each round starts every prompt with another token: no shared prefix
+    assert all(sorted(map(sorted, batch)) == sorted(map(sorted, prompts)) for batch in rounds)
+
+
 def test_worker_protocol_lines_and_server_workloads():
     from benchmarks.peers.protocol import MARK, parse
     from benchmarks.peers.serving import workloads

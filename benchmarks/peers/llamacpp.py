@@ -20,6 +20,7 @@ import httpx
 
 from benchmarks.peers.assets import Assets
 from benchmarks.peers.install import Peers
+from benchmarks.peers.protocol import round_prompts
 from benchmarks.servers import ServerProcess, free_port, http_ok
 
 
@@ -96,18 +97,20 @@ class LlamaCppOffline:
         self.start_s = self.server.ready_s
         return self.start_s
 
-    def run(self, mode: str) -> dict:
+    def run(self, mode: str, round_: int = 1) -> dict:
         if mode == "base":
             return batched_bench(
                 self.peers, self.assets, self.dtype, len(self.prompts), len(self.prompts[0]), self.new_tokens
             )
         loras = [i % len(self.assets.adapters) for i in range(len(self.prompts))]
-        seconds, outs = asyncio.run(complete_all(self.server.url, self.prompts, self.new_tokens, loras))
+        prompts = round_prompts(self.prompts, round_)
+        seconds, outs = asyncio.run(complete_all(self.server.url, prompts, self.new_tokens, loras))
         return {"tokens_per_s": sum(map(len, outs)) / seconds}
 
-    def run_server_base(self) -> dict:
+    def run_server_base(self, round_: int = 1) -> dict:
+        prompts = round_prompts(self.prompts, round_)
         seconds, outs = asyncio.run(
-            complete_all(self.server.url, self.prompts, self.new_tokens, [None] * len(self.prompts))
+            complete_all(self.server.url, prompts, self.new_tokens, [None] * len(self.prompts))
         )
         return {"tokens_per_s": sum(map(len, outs)) / seconds}
 

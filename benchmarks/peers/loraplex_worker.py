@@ -16,7 +16,7 @@ import torch
 
 from benchmarks.engine_bench import DecodeStep, run_engine
 from benchmarks.lora_bench import preloaded_runtime
-from benchmarks.peers.protocol import serve
+from benchmarks.peers.protocol import round_prompts, serve
 from benchmarks.roofline import dram_read_bandwidth, gemm_peak
 from benchmarks.workload import Target
 from server.engine.sequence import Sequence
@@ -39,7 +39,8 @@ def main(spec_path: str) -> None:
     def run(command: dict) -> dict:
         steps: list[DecodeStep] = []
         adapters = spec["adapters"] if command["mode"] == "mixed" else None
-        tps = run_engine(rt, prompts, new_tokens, target, adapters=adapters, decode_steps=steps)
+        batch = round_prompts(prompts, command.get("round", 1))
+        tps = run_engine(rt, batch, new_tokens, target, adapters=adapters, decode_steps=steps)
         return {"tokens_per_s": tps, "decode_steps": [asdict(s) for s in steps]}
 
     def probe(command: dict) -> dict:

@@ -100,7 +100,9 @@ class OfflineRun:
             for mode, label in self.modes.items():
                 for name, system in systems.items():
                     result = attempt(
-                        info, f"round {r + 1} {dtype} {label} {name}", lambda s=system, m=mode: s.run(m)
+                        info,
+                        f"round {r + 1} {dtype} {label} {name}",
+                        lambda s=system, m=mode, r=r: s.run(m, r + 1),
                     )
                     if result is None:
                         continue
@@ -109,7 +111,9 @@ class OfflineRun:
                     print(f"  round {r + 1}: {dtype} {label:<8} {name:<9} {result['tokens_per_s']:8.1f} tok/s",
                           flush=True)  # fmt: skip
             if "llama.cpp" in systems:
-                result = attempt(info, "llama-server base", systems["llama.cpp"].run_server_base)
+                result = attempt(
+                    info, "llama-server base", lambda r=r: systems["llama.cpp"].run_server_base(r + 1)
+                )
                 if result:
                     self.samples.add((dtype, "base, llama-server"), "llama.cpp", result["tokens_per_s"])
         return info

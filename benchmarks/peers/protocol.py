@@ -3,7 +3,7 @@ vLLM worker imports it from inside vLLM's own virtualenv).
 
 The worker prints ``@@peer {json}`` lines on stdout (everything else there is its log) and reads one
 JSON command per line on stdin: first it announces ``{"op": "ready", "start_s": ...}``, then answers
-each ``{"op": "run", "mode": "base" | "mixed"}`` or ``{"op": "probe"}`` until ``{"op": "quit"}``.
+each ``{"op": "run", "mode": "base" | "mixed", "round": r}`` or ``{"op": "probe"}`` until ``{"op": "quit"}``.
 """
 
 from __future__ import annotations
@@ -13,6 +13,13 @@ import sys
 from collections.abc import Callable
 
 MARK = "@@peer "
+
+
+def round_prompts(prompts: list[list[int]], round_: int) -> list[list[int]]:
+    """The prompts of round ``round_`` (1, 2, ...): each rotated left by that many tokens. Every round is
+    new to every system's prefix cache (their first tokens differ), so each run pays its whole prefill as
+    the workload says, never a cached one from the round before; all systems get the same prompts."""
+    return [p[round_ % len(p) :] + p[: round_ % len(p)] for p in prompts]
 
 
 def send(message: dict) -> None:

@@ -21,7 +21,7 @@ def main(spec_path: str) -> None:
     from vllm import LLM, SamplingParams, TokensPrompt
     from vllm.lora.request import LoRARequest
 
-    from benchmarks.peers.protocol import serve
+    from benchmarks.peers.protocol import round_prompts, serve
 
     spec = json.loads(Path(spec_path).read_text())
     names = spec["adapters"]
@@ -34,6 +34,7 @@ def main(spec_path: str) -> None:
     start_s = time.perf_counter() - start
     loras = [LoRARequest(n, i + 1, str(Path(spec["store"]) / n)) for i, n in enumerate(names)]
     prompts = [TokensPrompt(prompt_token_ids=p) for p in spec["prompts"]]
+    token_ids = spec["prompts"]
 
     def generate(batch, tokens: int, lora) -> tuple[float, list[list[int]]]:
         params = SamplingParams(max_tokens=tokens, temperature=0.0, ignore_eos=True)
@@ -45,7 +46,8 @@ def main(spec_path: str) -> None:
 
     def run(command: dict) -> dict:
         lora = [loras[i % len(loras)] for i in range(len(prompts))] if command["mode"] == "mixed" else None
-        seconds, outs = generate(prompts, spec["new_tokens"], lora)
+        batch = [TokensPrompt(prompt_token_ids=p) for p in round_prompts(token_ids, command.get("round", 1))]
+        seconds, outs = generate(batch, spec["new_tokens"], lora)
         return {"tokens_per_s": sum(map(len, outs)) / seconds}
 
     def probe(command: dict) -> dict:

@@ -61,8 +61,8 @@ class Worker:
         self.proc.stdin.flush()
         return self._receive(op)
 
-    def run(self, mode: str) -> dict:
-        return self.call("run", mode=mode)
+    def run(self, mode: str, round_: int = 1) -> dict:
+        return self.call("run", mode=mode, round=round_)
 
     def probe(self, tokens: int) -> dict:
         return self.call("probe", tokens=tokens)

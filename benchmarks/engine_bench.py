@@ -125,7 +125,9 @@ def print_roofline(shape: ModelShape, steps: list[DecodeStep], target: Target) -
     """The engine's decode steps against the dense GEMM peak measured now (benchmarks/roofline.py)."""
     peak = gemm_peak(target.dtype, device=str(target.device))
     rate = decode_step_rate(steps, shape)
-    print(f"  dense GEMM peak ({target.dtype}, torch.matmul 2048^3): {peak / 1e9:.1f} GFLOP/s")
+    print(
+        f"  dense GEMM peak ({target.dtype}, 2048^3, best of torch.matmul and oneDNN): {peak / 1e9:.1f} GFLOP/s"
+    )
     if rate:
         print(
             "  "

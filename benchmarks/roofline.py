@@ -1,9 +1,9 @@
 """The roofline lines: a decode step's achieved FLOP/s as a fraction of this machine's dense GEMM peak,
 and what the adapters' weights cost a mixed step at the machine's DRAM read bandwidth.
 
-The peak is measured, not taken from a datasheet: the best of a few large square ``torch.matmul``s in
-the dtype under test, timed in the same run and with the same threads as the systems it judges, so a
-busy or throttled machine lowers the roof and the step alike. A step's work is the dense matmul work
+The peak is measured, not taken from a datasheet: the best of a few large square GEMMs (``torch.matmul``
+and, on CPU, oneDNN's packed linear) in the dtype under test, timed in the same run and with the same
+threads as the systems it judges, so a busy or throttled machine lowers the roof and the step alike. A step's work is the dense matmul work
 of a Llama forward (2 FLOPs per weight per token: every projection and the LM head; the embedding is a
 lookup), plus the attention score and value products over each token's context, plus the LoRA
 shrink and expand of the rows that carry an adapter.
@@ -99,19 +99,32 @@ class ModelShape:
 
 
 def gemm_peak(dtype: torch.dtype, n: int = 2048, repeats: int = 5, device: str = "cpu") -> float:
-    """FLOP/s of the best of ``repeats`` ``n x n @ n x n`` matmuls (after one warm-up)."""
+    """FLOP/s of the fastest ``n x n @ n x n`` this torch runs here: the best of ``repeats`` timed calls
+    (after one warm-up) of ``torch.matmul`` and, on CPU, of oneDNN's packed linear (what the engine's
+    linears run, ``server/model/cpu_linear.py``). Both, because on AMD CPUs ``torch.matmul`` in fp32 is
+    MKL's AVX2 code: measured on the development machine (AMD EPYC, 2 cores, AVX-512), 217 GFLOP/s for
+    ``torch.matmul`` against 496 for oneDNN, so a roof from ``matmul`` alone read the decode step at
+    twice its real fraction of the machine."""
     a = torch.randn(n, n, device=device).to(dtype)
     b = torch.randn(n, n, device=device).to(dtype)
-    torch.matmul(a, b)
+    calls = [lambda: torch.matmul(a, b)]
+    if device == "cpu":
+        from server.model.cpu_linear import onednn_packable
+
+        if onednn_packable(b):
+            packed = torch.ops.mkldnn._reorder_linear_weight(b, None)
+            calls.append(lambda: torch.ops.mkldnn._linear_pointwise(a, packed, None, "none", [None], ""))
     best = float("inf")
-    for _ in range(repeats):
-        if device != "cpu":
-            torch.cuda.synchronize(device)
-        start = time.perf_counter()
-        torch.matmul(a, b)
-        if device != "cpu":
-            torch.cuda.synchronize(device)
-        best = min(best, time.perf_counter() - start)
+    for call in calls:
+        call()
+        for _ in range(repeats):
+            if device != "cpu":
+                torch.cuda.synchronize(device)
+            start = time.perf_counter()
+            call()
+            if device != "cpu":
+                torch.cuda.synchronize(device)
+            best = min(best, time.perf_counter() - start)
     return 2 * n**3 / best
 
 

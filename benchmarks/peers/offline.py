@@ -152,7 +152,9 @@ class OfflineRun:
         if not peak:
             return
         w, lora = self.workload, {"base": 0, "mixed": RANK}
-        print(f"{dtype}: dense GEMM peak (torch.matmul 2048^3, best of the rounds): {peak / 1e9:.1f} GFLOP/s")
+        print(
+            f"{dtype}: dense GEMM peak (2048^3, best of torch.matmul and oneDNN, best of the rounds): {peak / 1e9:.1f} GFLOP/s"
+        )
         for mode, label in self.modes.items():
             steps = decode_step_rate(_steps(info["decode_steps"][mode]), self.shape, lora[mode])
             if steps:

@@ -94,6 +94,7 @@ def main(argv=None) -> int:
     wdtype, xdtype = getattr(torch, args.weights), getattr(torch, args.activations)
     elsewhere = torch.ones(64 * 2**20 // 4)  # read before a cold call: evicts every cache level
     table, totals = [], [0.0, 0.0, 0.0, 0]
+    measure(TARGETS[0], wdtype, xdtype, 3, elsewhere.sum)  # warm-up: the first calls of a process run slow
     for target in TARGETS:
         hot, cold, read, nbytes = measure(target, wdtype, xdtype, args.repeats, elsewhere.sum)
         table.append([target[0], f"{nbytes / 1e6:.2f}", f"{hot:.1f}", f"{cold:.1f}", f"{read:.1f}",

@@ -102,11 +102,11 @@ class ServeRun:
                               ready=completes(f"http://127.0.0.1:{port}"))  # fmt: skip
         return server, stack.enter_context(proxy)
 
-    def bench(self, url: str, work: ServeWorkload, num_prompts: int, out: Path) -> ServeResult:
+    def bench(self, url: str, work: ServeWorkload, num_prompts: int, out: Path, seed: int) -> ServeResult:
         argv = [self.peers.venv / "bin" / "vllm", "bench", "serve", "--backend", "openai", "--base-url", url,
                 "--endpoint", "/v1/completions", "--model", "bench", "--tokenizer", self.assets.model,
                 "--dataset-name", "random", "--random-input-len", 64, "--random-output-len", 64,
-                "--num-prompts", num_prompts, "--request-rate", work.rate, "--ignore-eos", "--seed", 0,
+                "--num-prompts", num_prompts, "--request-rate", work.rate, "--ignore-eos", "--seed", seed,
                 "--percentile-metrics", "ttft,tpot,itl,e2el", "--metric-percentiles", "50,99", "--disable-tqdm",
                 "--save-result", "--result-dir", out.parent, "--result-filename", out.name]  # fmt: skip
         if work.mixed:
@@ -133,12 +133,15 @@ class ServeRun:
         with ExitStack() as stack:
             targets = self.start(stack)
             for name, (_, lora_url) in targets.items():  # warm-up, not recorded: every adapter once
-                self.bench_safe(name, lora_url, loads[2], 8, "warmup")
+                self.bench_safe(name, lora_url, loads[2], 8, "warmup", seed=0)
             for r in range(rounds):
-                for work in loads:
+                for w, work in enumerate(loads):
+                    # A seed per round and workload: every run's prompts are new to every server's
+                    # prefix cache (with one seed, rounds 2+ and the Poisson runs found them cached).
+                    seed = 1 + r * len(loads) + w
                     for name, (base_url, lora_url) in targets.items():
                         result = self.bench_safe(
-                            name, lora_url if work.mixed else base_url, work, num_prompts, f"r{r}"
+                            name, lora_url if work.mixed else base_url, work, num_prompts, f"r{r}", seed
                         )
                         if result is not None:
                             for field in ServeResult.FIELDS:
@@ -169,12 +172,12 @@ class ServeRun:
         return targets
 
     def bench_safe(
-        self, name: str, url: str, work: ServeWorkload, num_prompts: int, tag: str
+        self, name: str, url: str, work: ServeWorkload, num_prompts: int, tag: str, seed: int
     ) -> ServeResult | None:
         slug = work.label.replace(" ", "").replace(",", "-").replace("/", "")
         out = self.logs / f"bench-{self.dtype}-{name.replace('.', '')}-{slug}-{tag}.json"
         try:
-            return self.bench(url, work, num_prompts, out)
+            return self.bench(url, work, num_prompts, out, seed)
         except (subprocess.SubprocessError, ValueError, OSError, KeyError) as exc:
             print(f"  {work.label} / {name}: no result ({exc}); see {out.with_suffix('.log')}", flush=True)
             return None

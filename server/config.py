@@ -11,7 +11,7 @@ import json
 from pathlib import Path
 from typing import Annotated, Literal, TypeVar
 
-from pydantic import BeforeValidator, Field, field_validator, model_validator
+from pydantic import BeforeValidator, Field, model_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
@@ -52,7 +52,7 @@ class Settings(BaseSettings):
     # --- base model -------------------------------------------------------------------------
     model: Path = Field(DEFAULT_MODEL_DIR, description="Local Hugging Face model directory.")
     served_model_name: str | None = Field(None, description="Name clients use for the base model.")
-    device: str = Field("auto", description="'auto', 'cpu', 'cuda' or 'cuda:N'.")
+    device: str = Field("auto", pattern=r"^(auto|cpu|cuda(:\d+)?)$", description="auto, cpu, cuda, cuda:N")
     dtype: Literal["auto", "float32", "float16", "bfloat16"] = Field(
         "auto",
         description="'auto': bf16 on CUDA; on CPU bf16 for bf16/fp16 checkpoints where the CPU has native "
@@ -68,6 +68,12 @@ class Settings(BaseSettings):
     # --- engine -----------------------------------------------------------------------------
     max_num_seqs: int = Field(64, ge=1, description="Cap on sequences in the running batch.")
     max_num_batched_tokens: int = Field(2048, ge=16, description="Token budget of one step.")
+    max_prefill_tokens_while_decoding: int | None = Field(
+        None,
+        ge=1,
+        description="Prompt tokens a step that also decodes may take (bounds running streams' "
+        "inter-token latency while prompts arrive); None: 512 on CPU, the whole step budget on CUDA.",
+    )
     max_model_len: int | None = Field(None, ge=16, description="Context cap; default: the model's.")
     block_size: int = Field(16, ge=1, description="Tokens per KV-cache block.")
     num_kv_blocks: int | None = Field(
@@ -159,13 +165,6 @@ class Settings(BaseSettings):
         description="Put /metrics behind the API keys (off: the inference gateway scrapes it; its labels "
         "name adapters).",
     )
-
-    @field_validator("device")
-    @classmethod
-    def _check_device(cls, value: str) -> str:
-        if value not in ("auto", "cpu") and not value.startswith("cuda"):
-            raise ValueError("device must be 'auto', 'cpu' or 'cuda[:N]'")
-        return value
 
     @model_validator(mode="after")
     def _check_budget(self) -> Settings:

@@ -30,6 +30,45 @@ def test_staggered_batch_matches_generate(kind, tiny_llama_dir, tiny_qwen2_dir):
     assert ae.core.block_manager.num_free_blocks == ae.core.block_manager.num_blocks
 
 
+def test_a_step_that_decodes_takes_at_most_its_prompt_cap(tiny_llama_dir):
+    """Prompts arriving while others decode are chunked to ``max_prefill_tokens_while_decoding`` per
+    step (the running streams' wait for a token stays bounded); outputs still match generate()."""
+    prompts = random_prompts([40, 5, 33, 2, 48], seed=5)
+    refs = reference_greedy(tiny_llama_dir, prompts, NEW_TOKENS)
+    ae = build_engine(tiny_llama_dir, enable_lora=False, block_size=4, max_num_batched_tokens=64,
+                      max_prefill_tokens_while_decoding=8)  # fmt: skip
+    scheduler = ae.core.scheduler
+    schedule, seen = scheduler.schedule, []
+
+    def recording():
+        decoding = [len(s) - s.num_computed_tokens == 1 for s in scheduler.running]
+        out = schedule()
+        prompt_tokens = sum(s.num_new_tokens for s in out.scheduled if s.num_new_tokens > 1)
+        seen.append((any(decoding), prompt_tokens))
+        return out
+
+    scheduler.schedule = recording
+    seqs = [Sequence(f"r{i}", p, greedy(NEW_TOKENS)) for i, p in enumerate(prompts)]
+    outs = run_staggered(ae.core, seqs, join_every=1)
+    assert [outs[s.request_id] for s in seqs] == refs
+    assert all(tokens <= 8 for decoding, tokens in seen if decoding)
+    assert any(tokens > 8 for decoding, tokens in seen if not decoding)  # alone, a prompt takes the budget
+
+
+def test_step_budget_caps_prompt_tokens_only_while_something_decodes():
+    from server.engine.scheduler import StepBudget
+
+    decoding, prefilling = Sequence("d", [1, 2, 3], greedy(4)), Sequence("p", [1, 2, 3], greedy(4))
+    decoding.num_computed_tokens = 2  # one token left: a decode
+    budget = StepBudget.for_step(2048, 512, [prefilling, decoding])
+    assert (budget.tokens, budget.prompt) == (2048, 512)
+    assert budget.allows(64) == 64 and budget.allows(1000) == 512
+    budget.spend(512)
+    assert budget.allows(10) == 0 and budget.allows(1) == 1  # decodes still fit the step
+    assert StepBudget.for_step(2048, 512, [prefilling]).prompt == 2048  # nothing decodes: no cap
+    assert StepBudget.for_step(2048, None, [decoding]).prompt == 2048
+
+
 def test_preemption_under_tiny_kv_budget_keeps_outputs(tiny_llama_dir):
     prompts = random_prompts([30, 22, 41, 12, 35, 27], seed=3)
     refs = reference_greedy(tiny_llama_dir, prompts, NEW_TOKENS)

@@ -6,7 +6,9 @@ slots allow, in the order ``admission.py`` gives (arrival order, adapter-aware w
 short). A new sequence starts on the longest cached prefix of its blocks (prefix caching) and only
 the rest is computed; one whose next block a running sequence is computing waits for it, and a step
 that completes a prefix others wait on takes no more new prefill work (``PrefixWait``). Prompts are
-chunked to fit the budget, so prefill and decode share steps.
+chunked to fit the budget, so prefill and decode share steps; a step that decodes running sequences
+takes at most ``prefill_while_decoding`` prompt tokens (``StepBudget``), so a burst of new prompts
+costs each running stream a few bounded waits rather than one whole-budget prefill step.
 When KV blocks run out, the most recently arrived running sequence is preempted and later
 recomputed: memory pressure slows requests down instead of failing them. Each step first hands the
 waiting requests' adapters to the slots for prefetching (host memory, and free device slots filled
@@ -25,6 +27,33 @@ from server.engine.admission import LPM_MAX_WAITING, AdmissionOrder
 from server.engine.block_manager import BlockManager
 from server.engine.sequence import Sequence, SequenceStatus
 from server.engine.types import FinishReason
+
+
+@dataclass
+class StepBudget:
+    """Tokens one step may still schedule, and how many of them may be prompt (prefill) work. A step
+    that decodes running sequences caps its prompt tokens: on CPU a 2,048-token prefill step takes
+    ~0.2 s, and every running stream would wait that long for its next token (inter-token latency p99
+    of a burst); with the cap the prompts are chunked over a few shorter steps instead."""
+
+    tokens: int
+    prompt: int
+
+    @classmethod
+    def for_step(cls, tokens: int, prefill_while_decoding: int | None, running: list[Sequence]) -> StepBudget:
+        decoding = any(len(s) - s.num_computed_tokens == 1 for s in running)
+        return cls(
+            tokens, min(tokens, prefill_while_decoding) if decoding and prefill_while_decoding else tokens
+        )
+
+    def allows(self, remaining: int) -> int:
+        """How many of a sequence's ``remaining`` tokens fit (more than one: prompt work)."""
+        return min(remaining, self.tokens) if remaining <= 1 else min(remaining, self.tokens, self.prompt)
+
+    def spend(self, num_new: int) -> None:
+        self.tokens -= num_new
+        if num_new > 1:
+            self.prompt -= num_new
 
 
 @dataclass
@@ -100,10 +129,12 @@ class Scheduler:
         slots: AdapterSlots | None,
         admission: AdmissionOrder,
         clock: Callable[[], float] = time.monotonic,
+        prefill_while_decoding: int | None = None,  # None: prompts may take the whole step budget
     ) -> None:
         self.block_manager = block_manager
         self.max_num_seqs = max_num_seqs
         self.max_num_batched_tokens = max_num_batched_tokens
+        self.prefill_while_decoding = prefill_while_decoding
         self.slots = slots
         self.admission = admission
         self.clock = clock
@@ -125,24 +156,24 @@ class Scheduler:
     # --- one step ---------------------------------------------------------------------------
     def schedule(self) -> SchedulerOutput:
         out = SchedulerOutput()
-        budget = self.max_num_batched_tokens
+        budget = StepBudget.for_step(self.max_num_batched_tokens, self.prefill_while_decoding, self.running)
         if self.slots is not None:
             for identity in self.slots.stale_cache_identities():
                 self.block_manager.drop(identity)
             self.slots.prefetch(self.admission.prefetch_order(self.waiting, self.clock()))
         for seq in self.running:
             seq.num_new_tokens = 0
-        budget = self._schedule_running(out, budget)
+        self._schedule_running(out, budget)
         if out.num_preempted == 0:
             self._admit_waiting(out, budget)
         return out
 
-    def _schedule_running(self, out: SchedulerOutput, budget: int) -> int:
+    def _schedule_running(self, out: SchedulerOutput, budget: StepBudget) -> None:
         queue = list(self.running)
         self.running = []
         while queue:
             seq = queue.pop(0)
-            num_new = min(len(seq) - seq.num_computed_tokens, budget)
+            num_new = budget.allows(len(seq) - seq.num_computed_tokens)
             if num_new <= 0:
                 self.running.append(seq)
                 continue
@@ -156,12 +187,11 @@ class Scheduler:
                 continue
             self.block_manager.allocate(seq, target)
             seq.num_new_tokens = num_new
-            budget -= num_new
+            budget.spend(num_new)
             out.scheduled.append(seq)
             self.running.append(seq)
-        return budget
 
-    def _admit_waiting(self, out: SchedulerOutput, budget: int) -> None:
+    def _admit_waiting(self, out: SchedulerOutput, budget: StepBudget) -> None:
         active = {s.adapter_key for s in self.running if s.adapter_key}
         now = self.clock()
         blocks = self.block_manager
@@ -170,7 +200,7 @@ class Scheduler:
         blocked: set[str] = set()  # adapters still loading or not fitting: the same for the rest of this pass
         prefixes = PrefixWait(self.running, self.waiting, blocks)
         for seq in self.admission.order(self.waiting, self.slots, active, now, cached):
-            if budget <= 0 or len(self.running) >= self.max_num_seqs:
+            if budget.tokens <= 0 or budget.prompt <= 0 or len(self.running) >= self.max_num_seqs:
                 break
             key = seq.adapter_key
             if key and self.slots is not None:
@@ -189,7 +219,7 @@ class Scheduler:
             prefix = cached_prefix(blocks, self.slots, seq)
             if prefixes.defers(seq, len(prefix), self.admission.is_starving(seq, now)):
                 continue
-            num_new = min(len(seq) - len(prefix) * blocks.block_size, budget)
+            num_new = budget.allows(len(seq) - len(prefix) * blocks.block_size)
             total = len(prefix) * blocks.block_size + num_new
             if not blocks.can_admit(seq, prefix, total):
                 break
@@ -197,7 +227,7 @@ class Scheduler:
             self.waiting.remove(seq)
             seq.status = SequenceStatus.RUNNING
             seq.num_new_tokens = num_new
-            budget -= num_new
+            budget.spend(num_new)
             if key and self.slots is not None:
                 self.slots.pin(key)
                 active.add(key)

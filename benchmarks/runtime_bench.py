@@ -27,25 +27,20 @@ from benchmarks.workload import Workload
 from clients.loadgen.report import format_grid
 from server.runtime_env import BIND_VARS, Pieces, library_dirs, plan, tuned_environ
 
-NONE = Pieces(allocator=None, openmp=None, threads=False, bind=False, huge_pages=False)
-_ONE = {"threads": False, "bind": False, "huge_pages": False}  # a single piece on top of NONE
+NONE = Pieces(allocator=None, openmp=None, threads=False, bind=False)
 CONFIGS = {
     "untuned (--no-runtime-tuning)": NONE,
-    "tcmalloc": Pieces(allocator="tcmalloc", openmp=None, **_ONE),
-    "jemalloc": Pieces(allocator="jemalloc", openmp=None, **_ONE),
-    "huge pages": Pieces(allocator=None, openmp=None, threads=False, bind=False),
-    "threads = cores, bound (GNU OpenMP)": Pieces(allocator=None, openmp=None, huge_pages=False),
-    "tcmalloc + bound (GNU OpenMP)": Pieces(allocator="tcmalloc", openmp=None, huge_pages=False),
-    "tcmalloc + LLVM OpenMP, unbound": Pieces(
-        allocator="tcmalloc", openmp="llvm", bind=False, huge_pages=False
-    ),
-    "tcmalloc + LLVM OpenMP + bound": Pieces(allocator="tcmalloc", openmp="llvm", huge_pages=False),
-    "tcmalloc + Intel OpenMP, unbound": Pieces(
-        allocator="tcmalloc", openmp="intel", bind=False, huge_pages=False
-    ),
-    "tcmalloc + Intel OpenMP + bound": Pieces(allocator="tcmalloc", openmp="intel", huge_pages=False),
-    "default without huge pages": Pieces(huge_pages=False),
+    "tcmalloc": Pieces(allocator="tcmalloc", openmp=None, threads=False, bind=False),
+    "jemalloc": Pieces(allocator="jemalloc", openmp=None, threads=False, bind=False),
+    "huge pages": Pieces(allocator=None, openmp=None, threads=False, bind=False, huge_pages=True),
+    "threads = cores, bound (GNU OpenMP)": Pieces(allocator=None, openmp=None),
+    "tcmalloc + bound (GNU OpenMP)": Pieces(allocator="tcmalloc", openmp=None),
+    "tcmalloc + LLVM OpenMP, unbound": Pieces(allocator="tcmalloc", openmp="llvm", bind=False),
+    "tcmalloc + LLVM OpenMP + bound": Pieces(allocator="tcmalloc", openmp="llvm"),
+    "tcmalloc + Intel OpenMP, unbound": Pieces(allocator="tcmalloc", openmp="intel", bind=False),
+    "tcmalloc + Intel OpenMP + bound": Pieces(allocator="tcmalloc", openmp="intel"),
     "default (auto: what loraplex serve picks)": Pieces(),
+    "default + huge pages (THP_MEM_ALLOC_ENABLE=1)": Pieces(huge_pages=True),
 }
 
 

@@ -61,8 +61,8 @@ class Settings(BaseSettings):
     seed: int = 0
     runtime_tuning: bool = Field(
         True,
-        description="On CPU, restart once under tcmalloc and Intel/LLVM OpenMP where installed, bound OMP "
-        "threads = cores, huge pages for tensors (server/runtime_env.py); logged at start-up.",
+        description="On CPU, restart once under tcmalloc/jemalloc and Intel/LLVM OpenMP where installed, "
+        "OMP threads = usable cores, bound (server/runtime_env.py); logged at start-up.",
     )
 
     # --- engine -----------------------------------------------------------------------------

@@ -16,12 +16,15 @@ gives loraplex's users the same by default (``benchmarks/runtime_bench.py`` meas
   process's first thread, and Intel's and LLVM's runtimes then put every thread of such a team on
   the first core; ``KMP_AFFINITY`` binds it across the cores.) Their threads spin-wait at most 1 ms
   after a parallel region (``KMP_BLOCKTIME=1``), not 200 ms, so the front end gets the cores between ops;
-- **huge pages**: torch's CPU allocator backs every buffer of 2 MB or more with transparent huge pages
-  (``THP_MEM_ALLOC_ENABLE=1``: 2 MB-aligned, ``madvise(MADV_HUGEPAGE)``) where the kernel's THP mode is
-  ``madvise`` or ``always``. A decode step streams all weights (~150 MB for the 55M bench model, and
-  the adapters' pages) from DRAM: with 4 KB pages every 4 KB is a TLB miss and a stop for the hardware
-  prefetcher. Measured: decode step at batch 32 ~5 % faster, base and mixed-8 alike; an adapter
-  target's cold call ~25 % faster.
+- **huge pages** (a piece the runtime benchmark measures, not applied by default): torch's CPU
+  allocator backs every buffer of 2 MB or more with transparent huge pages (``THP_MEM_ALLOC_ENABLE=1``:
+  2 MB-aligned, ``madvise(MADV_HUGEPAGE)``) where the kernel's THP mode is ``madvise`` or ``always``. A
+  decode step streams all weights from DRAM, and with 4 KB pages every 4 KB is a TLB miss and a stop
+  for the hardware prefetcher. Measured on the development machine: decode steps 1-5 % faster, base
+  and mixed-8 alike, an adapter target's cold kernel call ~25 % faster; but start-up ~1 s slower (4.0
+  -> 5.1-5.6 s to the first completion: the 1 GB KV cache and every large buffer are faulted in as huge
+  pages, with compaction), past the 5 s start-up the server keeps. Set ``THP_MEM_ALLOC_ENABLE=1``
+  yourself to take the trade; the start-up log says whether it is on.
 
 ``LD_PRELOAD`` is read by the dynamic loader only when a process starts, so :func:`reexec_if_needed`
 re-executes the command once with the planned environment (``execv`` keeps the PID: in a container
@@ -74,7 +77,7 @@ class Pieces:
     openmp: str | None = "auto"
     threads: bool = True
     bind: bool = True
-    huge_pages: bool = True
+    huge_pages: bool = False  # opt-in: see the module docstring
 
 
 @dataclass(frozen=True)

@@ -58,20 +58,21 @@ def test_plan_falls_back_and_skips_what_is_missing(libs, tmp_path):
 
 def test_the_users_own_settings_win(libs):
     environ = {"LD_PRELOAD": "/opt/libjemalloc.so.2", "OMP_NUM_THREADS": "1", "OMP_PROC_BIND": "false"}
-    p = plan(environ, dirs=libs, thp="never")
+    p = plan(environ, dirs=libs)
     assert p.allocator is None  # an allocator is already preloaded: no second one
     assert p.env == {
         "LD_PRELOAD": f"{libs[1] / 'libiomp5.so'}:/opt/libjemalloc.so.2",
         "KMP_BLOCKTIME": "1",  # the preloaded runtime's spin-wait, which the user did not set
     }  # no threads, no binding
     assert "KMP_BLOCKTIME" not in plan({**environ, "KMP_BLOCKTIME": "200"}, dirs=libs).env
-    assert "THP_MEM_ALLOC_ENABLE" not in plan({"THP_MEM_ALLOC_ENABLE": "0"}, dirs=libs, thp="always").env
+    assert "THP_MEM_ALLOC_ENABLE" not in plan({"THP_MEM_ALLOC_ENABLE": "0"}, Pieces(huge_pages=True), dirs=libs,
+                                              thp="always").env  # fmt: skip
 
 
 @pytest.mark.parametrize("mode, planned", [("madvise", True), ("always", True), ("never", False)])
-def test_tensors_get_huge_pages_where_the_kernel_gives_them(libs, mode, planned):
-    assert ("THP_MEM_ALLOC_ENABLE" in plan({}, dirs=libs, thp=mode).env) is planned
-    assert "THP_MEM_ALLOC_ENABLE" not in plan({}, Pieces(huge_pages=False), dirs=libs, thp=mode).env
+def test_huge_pages_are_a_piece_to_ask_for_where_the_kernel_gives_them(libs, mode, planned):
+    assert ("THP_MEM_ALLOC_ENABLE" in plan({}, Pieces(huge_pages=True), dirs=libs, thp=mode).env) is planned
+    assert "THP_MEM_ALLOC_ENABLE" not in plan({}, dirs=libs, thp=mode).env  # not by default: ~1 s of start-up
 
 
 def test_the_thp_mode_is_the_bracketed_word(tmp_path):
@@ -96,9 +97,7 @@ def test_huge_pages_back_large_tensors_in_a_tuned_process():
 
 
 def test_each_piece_can_be_left_out(libs):
-    p = plan(
-        {}, Pieces(allocator="jemalloc", openmp=None, threads=False, bind=False, huge_pages=False), dirs=libs
-    )
+    p = plan({}, Pieces(allocator="jemalloc", openmp=None, threads=False, bind=False), dirs=libs)
     assert p.env == {"LD_PRELOAD": str(libs[0] / "libjemalloc.so.2")}
     env = tuned_environ({"PATH": "/bin"}, Pieces(allocator=None, openmp="llvm", bind=False), libs)
     assert env["LD_PRELOAD"] == str(libs[0] / "libomp.so.5") and env["PATH"] == "/bin"

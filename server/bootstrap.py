@@ -169,7 +169,7 @@ def build_runtime(settings: Settings, model: torch.nn.Module | None = None, toke
 
 # Prompt tokens a CPU step that also decodes may take: a 512-token chunk of the bench model costs ~40 ms
 # on 2 cores beside a 32-row decode of ~30 ms, a 2,048-token one ~0.2 s (ITL p99 of a burst).
-CPU_PREFILL_WHILE_DECODING = 512
+CPU_PREFILL_WHILE_DECODING = 256
 
 
 def prefill_while_decoding(settings: Settings, device: torch.device) -> int | None:

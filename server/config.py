@@ -72,7 +72,7 @@ class Settings(BaseSettings):
         None,
         ge=1,
         description="Prompt tokens a step that also decodes may take (bounds running streams' "
-        "inter-token latency while prompts arrive); None: 512 on CPU, the whole step budget on CUDA.",
+        "inter-token latency while prompts arrive); None: 256 on CPU, the whole step budget on CUDA.",
     )
     max_model_len: int | None = Field(None, ge=16, description="Context cap; default: the model's.")
     block_size: int = Field(16, ge=1, description="Tokens per KV-cache block.")

@@ -168,7 +168,4 @@ class AdapterManager:
             done = {k for k in self._retiring if k not in pinned}
             self._retiring -= done
         for key in done:
-            where = self._slots.release(key)
-            self._slot_epoch.pop(key, None)
-            if where is not None:
-                self.rows.release(where.slot)
+            self._placement.drop(key)

@@ -34,7 +34,8 @@ class Placement:
         self.counters.add(activations=1)
 
     def drop(self, key: str) -> None:
-        """``key``'s copy failed: it leaves its slot and pages (no stale page-table row)."""
+        """``key`` leaves its slot and pages (a failed copy, an unloaded adapter no request uses any
+        more): no stale page-table row names them."""
         where = self.slots.release(key)
         self.slot_epoch.pop(key, None)
         if where is not None:

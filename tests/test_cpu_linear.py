@@ -1,4 +1,5 @@
-"""PackedLinear: nn.Linear's results for every input size and dtype, installed by the loader on CPU."""
+"""PackedLinear: nn.Linear's results for every input size and dtype, installed by the loader on CPU;
+the fp32 panel kernel (csrc/linear_cpu.cpp) at the shapes its blocking has edges at."""
 
 from __future__ import annotations
 
@@ -8,7 +9,13 @@ import pytest
 import torch
 from torch import nn
 
-from server.model.cpu_linear import PackedLinear, onednn_packable, use_packed_linears
+from server.model.cpu_linear import (
+    LinearKernel,
+    PackedLinear,
+    onednn_packable,
+    panel_kernel_usable,
+    use_packed_linears,
+)
 from server.model.loader import load_model
 
 pytestmark = pytest.mark.skipif(
@@ -29,6 +36,55 @@ def test_matches_nn_linear(shape, bias):
         want, got = ref(x), packed(x)
     assert got.shape == want.shape and got.is_contiguous()
     torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+
+
+needs_panels = pytest.mark.skipif(
+    not panel_kernel_usable(torch.zeros(1)), reason="the panel kernel could not be built here"
+)
+
+
+@needs_panels
+@pytest.mark.parametrize("rows", [1, 5, 11, 12, 13, 24, 32, 37, 130])
+@pytest.mark.parametrize("out_features", [1, 31, 32, 33, 200])
+def test_panel_kernel_matches_f_linear(rows, out_features):
+    """Row counts around the 12-row register block, output widths around the 32-column panel (the
+    last panel's columns past ``out`` are padding and must not be written), an odd input size."""
+    torch.manual_seed(rows * 1000 + out_features)
+    weight, bias, x = torch.randn(out_features, 45), torch.randn(out_features), torch.randn(rows, 45)
+    for b in (None, bias):
+        kernel = LinearKernel(weight, b)
+        assert kernel.panels is not None and kernel.packed is None
+        y = kernel(x)
+        assert y.shape == (rows, out_features) and y.is_contiguous()
+        torch.testing.assert_close(y, torch.nn.functional.linear(x, weight, b), rtol=1e-5, atol=1e-5)
+
+
+@needs_panels
+def test_panel_kernel_reads_rows_at_any_stride_and_leading_shape():
+    torch.manual_seed(0)
+    weight = torch.randn(64, 40)
+    kernel = LinearKernel(weight, None)
+    wide = torch.randn(6, 100)
+    strided = wide[:, 10:50]  # rows 100 floats apart
+    torch.testing.assert_close(kernel(strided), strided @ weight.T, rtol=1e-5, atol=1e-5)
+    columns = torch.randn(40, 6).T  # no contiguous rows at all
+    torch.testing.assert_close(kernel(columns), columns @ weight.T, rtol=1e-5, atol=1e-5)
+    batched = torch.randn(2, 3, 40)
+    assert kernel(batched).shape == (2, 3, 64)
+    torch.testing.assert_close(kernel(batched), batched @ weight.T, rtol=1e-5, atol=1e-5)
+
+
+@needs_panels
+def test_panel_kernel_in_a_compiled_graph():
+    torch.manual_seed(0)
+    layer = nn.Linear(40, 70)
+    reference = nn.Linear(40, 70)
+    reference.load_state_dict(layer.state_dict())
+    use_packed_linears(layer)
+    x = torch.randn(5, 40)
+    compiled = torch.compile(lambda t: torch.relu(layer(t)), fullgraph=True, dynamic=True)
+    with torch.inference_mode():
+        torch.testing.assert_close(compiled(x), torch.relu(reference(x)), rtol=1e-5, atol=1e-5)
 
 
 def test_bf16_where_the_cpu_has_it():

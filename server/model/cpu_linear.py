@@ -76,7 +76,9 @@ class LinearKernel:
         if panel_kernel_usable(weight):
             self.panels = torch.ops.loraplex_linear_cpu.pack(weight)
             if self.bias is not None:
-                self.panel_bias = F.pad(self.bias.detach(), (0, self.panels.shape[0] * PANEL - weight.shape[0]))
+                self.panel_bias = F.pad(
+                    self.bias.detach(), (0, self.panels.shape[0] * PANEL - weight.shape[0])
+                )
         elif onednn_packable(weight):
             self.packed = torch.ops.mkldnn._reorder_linear_weight(weight, None)
 

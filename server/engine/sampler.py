@@ -1,7 +1,7 @@
 """Vectorised sampling with per-row parameters.
 
-Sampling uses the exponential-race trick, ``argmax(probs / E)`` with ``E ~ Exponential(1)``, which
-draws from ``probs`` without a CDF search. A request with a ``seed`` draws its noise from its own
+Greedy rows take the largest logit (``argmax_rows``: a native kernel on CPU); sampled rows draw by
+inverse CDF, one uniform per row (see ``_sample``). A request with a ``seed`` draws its noise from its own
 generator, so its output does not depend on which other requests share the batch. Before that,
 ``process_logits`` applies each row's grammar, ``min_tokens``, ``logit_bias`` and penalties to the
 whole batch; logprobs (and the top alternatives) come from the same logits pass, before processing.
@@ -13,6 +13,7 @@ from dataclasses import dataclass
 
 import torch
 
+from server.engine.greedy import argmax_rows, native_argmax_available
 from server.engine.logits_processors import process_logits
 from server.engine.sequence import Sequence
 from server.engine.types import TopLogprobs
@@ -30,6 +31,8 @@ class Sampler:
         self.device = torch.device(device)
         self.generator = torch.Generator(device=self.device).manual_seed(seed)
         self.eos_token_ids = eos_token_ids
+        if self.device.type == "cpu":
+            native_argmax_available()  # built (first start on a machine) or loaded now, not on a request
 
     @torch.inference_mode()  # the runner's logits are inference tensors, processed here in place
     def __call__(self, logits: torch.Tensor, seqs: list[Sequence]) -> SamplerOutput:
@@ -37,7 +40,7 @@ class Sampler:
         raw = torch.log_softmax(logits, dim=-1) if any(s.params.logprobs for s in seqs) else None
         process_logits(logits, seqs, self.eos_token_ids)
         greedy = torch.tensor([s.params.greedy for s in seqs], device=logits.device)
-        tokens = logits.argmax(dim=-1)
+        tokens = argmax_rows(logits)
         if not bool(greedy.all()):
             sampled = self._sample(logits, seqs)
             tokens = torch.where(greedy, tokens, sampled)

@@ -16,6 +16,7 @@ from server.config import cpu_has_native_bf16
 from server.model.attention.hf_bridge import BACKEND_NAME, register_attention_interface
 from server.model.cpu_linear import use_packed_linears
 from server.model.fused_linear import fuse_projections
+from server.model.native_norm import use_native_rms_norms
 
 log = logging.getLogger(__name__)
 
@@ -75,6 +76,7 @@ def load_model(model_dir: Path, device: str, dtype: torch.dtype) -> torch.nn.Mod
     model.requires_grad_(False)
     fuse_projections(model)
     use_packed_linears(model)  # CPU only; a no-op on CUDA
+    use_native_rms_norms(model)  # CPU only, likewise
     return model
 
 

@@ -23,6 +23,7 @@ from server.engine.decode_graphs import DecodeGraphs
 from server.engine.sequence import Sequence
 from server.engine.step_inputs import PreparedStep, StepInputs, StepLimits
 from server.model.attention import AttentionBackend
+from server.model.lean_forward import lean_forward_for
 
 log = logging.getLogger(__name__)
 
@@ -52,6 +53,7 @@ class ModelRunner:
         if lora is not None:
             lora.bind_step_buffers(*self.inputs.lora_segment_views())
         self.graphs = graphs
+        self.lean = lean_forward_for(model)  # Llama-shaped decoders on CPU; else the HF forward
         compile_forward = getattr(graphs.strategy, "compile_forward", None) if graphs is not None else None
         self._decode_forward = (
             compile_forward(self._forward) if compile_forward is not None else self._forward
@@ -144,6 +146,8 @@ class ModelRunner:
 
     def _forward(self, input_ids, position_ids, keep) -> torch.Tensor:
         """The model over one packed batch (callers run under inference mode)."""
+        if self.lean is not None:
+            return self.lean(input_ids, position_ids, self.attention, keep)
         out = self.model(
             input_ids=input_ids,
             position_ids=position_ids,

@@ -51,3 +51,26 @@ def test_first_token_keeps_its_space_after_a_tail_of_special_tokens():
         text = detok.flush(finished=True)
         prompt_text = tok.decode(prompt, skip_special_tokens=True)
         assert prompt_text + text == tok.decode(prompt + [9, 11], skip_special_tokens=True), prompt
+
+
+def test_the_backend_shortcut_decodes_as_the_tokenizer(tiny_llama_dir):
+    tok = AutoTokenizer.from_pretrained(tiny_llama_dir)
+    detok = IncrementalDetokenizer(tok, [1, 2, 3], [])
+    assert detok._backend is not None
+    ids = list(range(0, min(tok.vocab_size, 300), 7)) + [tok.eos_token_id or 0] + [260, 261, 262]
+    for n in range(1, len(ids)):
+        assert detok._decode(ids[:n]) == tok.decode(
+            ids[:n], skip_special_tokens=True, clean_up_tokenization_spaces=False
+        )
+
+
+def test_a_tokenizer_with_its_own_decode_keeps_it(tiny_llama_dir):
+    tok = AutoTokenizer.from_pretrained(tiny_llama_dir)
+
+    class Custom(type(tok)):
+        def _decode(self, token_ids, **kwargs):
+            return "custom"
+
+    tok.__class__ = Custom
+    detok = IncrementalDetokenizer(tok, [1, 2, 3], [])
+    assert detok._backend is None and detok._decode([5]) == "custom"

@@ -11,7 +11,8 @@ from transformers import MistralConfig
 from transformers.models.llama.modeling_llama import apply_rotary_pos_emb
 
 from server.engine.sequence import Sequence
-from server.model.lean_forward import lean_forward_for, native_rope_available
+from server.model.decoder_ops import decoder_ops_available, silu_mul
+from server.model.lean_forward import lean_forward_for
 from server.model.synthetic import byte_bpe_tokenizer, make_random_model
 from tests.engine_utils import build_engine, greedy, random_prompts, reference_greedy, run_queued
 from tests.model_factory import make_tiny_model
@@ -74,7 +75,7 @@ def test_bf16_matches_the_hf_forward(tiny_llama_dir):
         torch.testing.assert_close(a, b, rtol=0, atol=0)  # the same bf16 roundings, op for op
 
 
-@pytest.mark.skipif(not native_rope_available(), reason="the kernel could not be built here")
+@pytest.mark.skipif(not decoder_ops_available(), reason="the kernel could not be built here")
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_native_rope_is_hf_apply_rotary_pos_emb_exactly(dtype):
     torch.manual_seed(0)
@@ -87,8 +88,18 @@ def test_native_rope_is_hf_apply_rotary_pos_emb_exactly(dtype):
         q.transpose(0, 1)[None], k.transpose(0, 1)[None], cos[None], sin[None]
     )
     got_q, got_k = q.clone(), k.clone()
-    torch.ops.loraplex_rope_cpu.rope(got_q, got_k, cos, sin)
+    torch.ops.loraplex_decoder_cpu.rope(got_q, got_k, cos, sin)
     assert torch.equal(got_q, want_q[0].transpose(0, 1)) and torch.equal(got_k, want_k[0].transpose(0, 1))
+
+
+@pytest.mark.skipif(not decoder_ops_available(), reason="the kernel could not be built here")
+@pytest.mark.parametrize("width", [5, 16, 37, 1376])
+def test_silu_mul_is_torch_silu_times_up(width):
+    torch.manual_seed(width)
+    fused = torch.randn(9, 2 * width) * 6
+    fused[0, :3] = torch.tensor([-120.0, 95.0, 0.0])[: min(3, width)]  # past exp's range both ways
+    gate, up = fused[:, :width], fused[:, width:]  # column views, rows 2 * width apart
+    torch.testing.assert_close(silu_mul(gate, up), torch.nn.functional.silu(gate) * up, rtol=2e-6, atol=1e-6)
 
 
 def test_other_model_types_keep_the_hf_forward(tmp_path):

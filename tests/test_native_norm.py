@@ -8,10 +8,11 @@ import torch
 from torch import nn
 from transformers.models.llama.modeling_llama import LlamaRMSNorm
 
+from server.model.decoder_ops import decoder_ops_available
 from server.model.loader import load_model
-from server.model.native_norm import native_norm_available, use_native_rms_norms
+from server.model.native_norm import use_native_rms_norms
 
-pytestmark = pytest.mark.skipif(not native_norm_available(), reason="the kernel could not be built here")
+pytestmark = pytest.mark.skipif(not decoder_ops_available(), reason="the kernel could not be built here")
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])

@@ -5,8 +5,9 @@ Why: with the GEMMs, attention, norms and argmax in native kernels, what was lef
 decode step (bench model, 8 layers, ~10 ms) was mostly the HF modules' own Python: decorators,
 keyword plumbing, per-layer mask and cache arguments, RoPE as a dozen tensor ops. This forward calls
 the same submodules (so fused q/k/v and gate/up GEMMs, LoRA deltas and native norms all still
-apply) straight from one loop, and rotates q and k with one native op that computes exactly HF's
-``x * cos + rotate_half(x) * sin``. Measured in one process, alternating: decode steps ~7 % faster
+apply) straight from one loop, rotates q and k with one native op that computes exactly HF's
+``x * cos + rotate_half(x) * sin``, and in fp32 runs SiLU(gate) * up as one op
+(``server.model.decoder_ops``). Measured in one process, alternating: decode steps ~7 % faster
 with HF's RoPE, more with the native one (see docs/benchmarks.md).
 
 Which models: ``model_type`` llama, mistral or qwen2 (one decoder structure: Qwen2's q/k/v biases
@@ -19,25 +20,25 @@ with the HF forward (``tests/test_lean_forward.py``).
 from __future__ import annotations
 
 import logging
-from pathlib import Path
 
 import torch
 from torch import nn
 from transformers.modeling_utils import slice_logits_to_keep
 
-from server.native import load_kernel
+from server.model.decoder_ops import decoder_ops_available, rope_, silu_mul
+
+try:
+    from transformers.activations import SiLUActivation  # what ACT2FN["silu"] builds in transformers 5
+except ImportError:  # pragma: no cover
+    SiLUActivation = nn.SiLU
+SILU_TYPES = (nn.SiLU, SiLUActivation)
 
 log = logging.getLogger(__name__)
 
-ROPE_SOURCE = Path(__file__).parent / "csrc" / "rope_cpu.cpp"
 SUPPORTED_MODEL_TYPES = ("llama", "mistral", "qwen2")
 _LAYER_PARTS = ("input_layernorm", "self_attn", "post_attention_layernorm", "mlp")
 _ATTENTION_PARTS = ("q_proj", "k_proj", "v_proj", "o_proj", "head_dim", "scaling", "layer_idx")
 _MLP_PARTS = ("gate_proj", "up_proj", "down_proj", "act_fn")
-
-
-def native_rope_available() -> bool:
-    return load_kernel("loraplex_rope_cpu", ROPE_SOURCE, fakes=("loraplex_rope_cpu::rope",))
 
 
 def _sliding_window(attention: nn.Module, config) -> int | None:
@@ -63,11 +64,12 @@ class LeanForward:
              _sliding_window(layer.self_attn, config))
             for layer in decoder.layers[: config.num_hidden_layers]
         ]  # fmt: skip
-        self.native_rope = (
-            next(model.parameters()).device.type == "cpu"
-            and next(model.parameters()).dtype in (torch.float32, torch.bfloat16)
-            and native_rope_available()
-        )
+        weight = next(model.parameters())
+        self.native = weight.device.type == "cpu" and weight.dtype in (torch.float32, torch.bfloat16)
+        self.native = self.native and decoder_ops_available()
+        # SiLU(gate) * up in one op: fp32 only (the op's exp agrees with torch's to float rounding,
+        # and a bf16 result rounded from a value one fp32 ulp off could differ from HF's)
+        self.native_silu = self.native and weight.dtype == torch.float32
 
     def __call__(self, input_ids, position_ids, attention, keep) -> torch.Tensor:
         h = self.embed(input_ids)  # [1, T, hidden]
@@ -81,17 +83,24 @@ class LeanForward:
             o = attention.forward(attn.layer_idx, q, k, v, attn.scaling, window, None)
             h = h + attn.o_proj(o.reshape(1, tokens, -1))
             x = norm_post(h)
-            h = h + mlp.down_proj(mlp.act_fn(mlp.gate_proj(x)) * mlp.up_proj(x))
+            h = h + mlp.down_proj(self._activation(mlp, x))
         h = self.norm(h)
         return self.model.lm_head(slice_logits_to_keep(h, keep))[0]
+
+    def _activation(self, mlp: nn.Module, x: torch.Tensor) -> torch.Tensor:
+        gate, up = mlp.gate_proj(x), mlp.up_proj(x)
+        if self.native_silu and type(mlp.act_fn) in SILU_TYPES and gate.dtype == torch.float32:
+            shape = gate.shape
+            return silu_mul(gate.reshape(-1, shape[-1]), up.reshape(-1, shape[-1])).view(shape)
+        return mlp.act_fn(gate) * up
 
     def _rope(self, q, k, cos, sin, tokens: int, head_dim: int):
         q = q.view(1, tokens, -1, head_dim)
         k = k.view(1, tokens, -1, head_dim)
-        if self.native_rope and q.dtype == cos.dtype and q.stride(-1) == 1 and k.stride(-1) == 1:
+        if self.native and q.dtype == cos.dtype and q.stride(-1) == 1 and k.stride(-1) == 1:
             # the projections' outputs are fresh tensors (column views of the fused GEMM's output):
             # rotating them in place changes nothing another caller could still read
-            torch.ops.loraplex_rope_cpu.rope(q[0], k[0], cos[0], sin[0])
+            rope_(q[0], k[0], cos[0], sin[0])
             return q.transpose(1, 2), k.transpose(1, 2)
         q, k = q.transpose(1, 2), k.transpose(1, 2)
         c, s = cos.unsqueeze(1), sin.unsqueeze(1)

@@ -1,4 +1,4 @@
-"""RMSNorm modules through one native op per call on CPU (``csrc/rms_norm_cpu.cpp``).
+"""RMSNorm modules through one native op per call on CPU (``decoder_ops.rms_norm``).
 
 Why: a Llama-family RMSNorm forward is seven eager tensor ops, and a decode step runs two per layer
 plus the final one: ~0.45 ms of a ~11 ms batch-32 step on the development machine, against a few
@@ -15,21 +15,15 @@ run the original forward.
 from __future__ import annotations
 
 import logging
-from pathlib import Path
 
 import torch
 from torch import nn
 
-from server.native import load_kernel
+from server.model.decoder_ops import decoder_ops_available, rms_norm
 
 log = logging.getLogger(__name__)
 
-SOURCE = Path(__file__).parent / "csrc" / "rms_norm_cpu.cpp"
 _subclasses: dict[type, type] = {}
-
-
-def native_norm_available() -> bool:
-    return load_kernel("loraplex_norm_cpu", SOURCE, fakes=("loraplex_norm_cpu::rms_norm",))
 
 
 def _epsilon(module: nn.Module) -> float | None:
@@ -38,15 +32,6 @@ def _epsilon(module: nn.Module) -> float | None:
         if isinstance(value, float):
             return value
     return None
-
-
-def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
-    rows = x.reshape(-1, x.shape[-1])
-    if rows.stride(-1) != 1:
-        rows = rows.contiguous()
-    out = torch.empty_like(rows, memory_format=torch.contiguous_format)
-    torch.ops.loraplex_norm_cpu.rms_norm(out, rows, weight, eps)
-    return out.view(x.shape)
 
 
 def _forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
@@ -86,7 +71,7 @@ def use_native_rms_norms(model: nn.Module) -> int:
             or weight.device.type != "cpu"
             or weight.dtype not in (torch.float32, torch.bfloat16)
             or eps is None
-            or not native_norm_available()
+            or not decoder_ops_available()
             or not _reproduces(module, eps)
         ):
             continue

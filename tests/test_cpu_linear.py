@@ -59,6 +59,30 @@ def test_panel_kernel_matches_f_linear(rows, out_features):
         torch.testing.assert_close(y, torch.nn.functional.linear(x, weight, b), rtol=1e-5, atol=1e-5)
 
 
+needs_bf16_panels = pytest.mark.skipif(
+    not panel_kernel_usable(torch.zeros(1, dtype=torch.bfloat16)), reason="no avx512_bf16 panel kernel here"
+)
+
+
+@needs_bf16_panels
+@pytest.mark.parametrize("rows", [1, 12, 13, 37])
+@pytest.mark.parametrize("in_features", [1, 44, 45])  # odd: the last k has no pair
+def test_bf16_panel_kernel_is_the_fp32_product_rounded_once(rows, in_features):
+    """vdpbf16ps accumulates bf16 products in fp32; the result (plus bias) is rounded to bf16 once:
+    within half a bf16 ulp of the exact fp32 product of the same bf16 inputs, up to accumulation order."""
+    torch.manual_seed(rows + in_features)
+    weight = torch.randn(70, in_features).to(torch.bfloat16)
+    bias = torch.randn(70).to(torch.bfloat16)
+    x = torch.randn(rows, in_features).to(torch.bfloat16)
+    for b in (None, bias):
+        kernel = LinearKernel(weight, b)
+        assert kernel.panels is not None
+        y = kernel(x)
+        assert y.dtype == torch.bfloat16 and y.shape == (rows, 70)
+        exact = torch.nn.functional.linear(x.double(), weight.double(), None if b is None else b.double())
+        assert ((y.double() - exact).abs() <= exact.abs() * 2**-8 + 1e-5).all()
+
+
 @needs_panels
 def test_panel_kernel_reads_rows_at_any_stride_and_leading_shape():
     torch.manual_seed(0)

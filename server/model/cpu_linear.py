@@ -1,4 +1,5 @@
-"""CPU linears with each weight packed once at load: fp32 through our panel kernel, bf16 through oneDNN.
+"""CPU linears with each weight packed once at load: our panel kernel (fp32; bf16 where the CPU has
+avx512_bf16), else oneDNN's packed linear.
 
 Why not ``F.linear``: on CPU it hands fp32 to MKL's sgemm, and MKL runs its AVX2 code on AMD CPUs (it
 dispatches AVX-512 only on Intel's). oneDNN, which torch ships as ``mkldnn``, uses AVX-512 and
@@ -7,11 +8,12 @@ reorder every call would otherwise pay. Measured on the development machine (AMD
 CPU time, 32 rows): a 512x2752 projection takes 944 us through ``F.linear`` and 389 us packed (fp32),
 253 us vs 201 us in bf16; the 512x32000 lm_head 14.3 ms vs 5.4 ms (fp32).
 
-Why our own kernel in fp32 (``csrc/linear_cpu.cpp``): a decode step streams every weight from DRAM,
-and oneDNN leaves that stream to the hardware prefetcher; the kernel prefetches its next panel while
-it computes the current one. Measured (2 threads, the bench model's 33 GEMMs of a step back to back):
-5.0-5.4 ms against oneDNN's 6.9-7.4 at 32 rows, faster at every row count from 1 to 1024 too, so
-prefill takes it as well. Where the kernel cannot be built (no compiler), fp32 falls back to oneDNN.
+Why our own kernel (``csrc/linear_cpu.cpp``): a decode step streams every weight from DRAM, and
+oneDNN leaves that stream to the hardware prefetcher; the kernel prefetches its next panel while it
+computes the current one. Measured (2 threads, the bench model's 33 GEMMs of a step back to back, 32
+rows): fp32 5.0-5.6 ms against oneDNN's 6.8-7.4, and faster at every row count from 1 to 1024, so
+prefill takes it as well; bf16 2.9-3.1 ms against 3.6. Where the kernel cannot be built (no compiler)
+or has no bf16 (no avx512_bf16), those weights take oneDNN.
 
 Only the order of the same products changes, so results agree with ``F.linear`` to float rounding.
 The plain weight stays the module's parameter (state dicts, merging and ``BaseModelSpec.weight`` read
@@ -36,10 +38,13 @@ PANEL = 32  # output columns per packed panel (the kernel's)
 
 
 def panel_kernel_usable(weight: torch.Tensor) -> bool:
-    """Whether ``weight`` runs through the panel kernel: fp32 on CPU, the kernel built here."""
-    if weight.device.type != "cpu" or weight.dtype != torch.float32:
+    """Whether ``weight`` runs through the panel kernel: on CPU, the kernel built here, fp32, or bf16
+    where the CPU has avx512_bf16 (the kernel's vdpbf16ps)."""
+    if weight.device.type != "cpu" or weight.dtype not in (torch.float32, torch.bfloat16):
         return False
-    return load_kernel("loraplex_linear_cpu", PANEL_SOURCE, fakes=("loraplex_linear_cpu::linear",))
+    if not load_kernel("loraplex_linear_cpu", PANEL_SOURCE, fakes=("loraplex_linear_cpu::linear",)):
+        return False
+    return weight.dtype == torch.float32 or torch.ops.loraplex_linear_cpu.has_bf16()
 
 
 def onednn_packable(weight: torch.Tensor) -> bool:
@@ -65,7 +70,9 @@ class LinearKernel:
     def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None) -> None:
         self.weight = weight
         self.bias = bias
-        self.panels: torch.Tensor | None = None  # [ceil(out / 32), in, 32], fp32
+        self.panels: torch.Tensor | None = (
+            None  # [ceil(out / 32), in, 32, 1] fp32 / [.., ceil(in / 2), 32, 2] bf16
+        )
         self.panel_bias: torch.Tensor | None = None  # bias padded to whole panels
         self.packed: torch.Tensor | None = None  # oneDNN's layout
         self.repack()

@@ -1,4 +1,4 @@
-// fp32 linear y = x @ W^T (+ bias) on CPU, with W packed once into column panels.
+// Linear y = x @ W^T (+ bias) on CPU, fp32 or bf16, with W packed once into column panels.
 //
 // Why our own: a decode step's GEMMs have few rows (the batch) and weights far larger than the
 // caches, so each weight streams from DRAM once per step. oneDNN's packed linear (the fallback,
@@ -15,6 +15,11 @@
 // once and re-read from L2 by the other row blocks. Accumulation is fp32 in k order; results agree
 // with F.linear to float rounding.
 //
+// bf16 (where the CPU has avx512_bf16): panels of [ceil(K / 2), 32, 2], k pairs adjacent, so one
+// vdpbf16ps multiplies a broadcast pair of x by a pair of each of 16 columns and adds both products
+// into fp32 accumulators; the bias is added in fp32 and the result rounded to bf16 once, as oneDNN's
+// bf16 linear does. A panel step (one k in fp32, one k pair in bf16) is 128 bytes either way.
+//
 // Tried and dropped: also prefetching the live adapters' LoRA pages (what the LoRA op reads right
 // after each GEMM) from inside the GEMM. The LoRA op's time fell (1.5 -> 0.85 ms a mixed-8 step) but
 // the GEMMs slowed by as much or more (mixed / base step 1.16 without, 1.21 with, 3 alternating
@@ -27,33 +32,54 @@
 
 #include <algorithm>
 #include <cstdint>
+#include <cstring>
+#include <type_traits>
+#if defined(__AVX512F__)
+#include <immintrin.h>
+#endif
 
 namespace {
 
 using loraplex::load16;
 using loraplex::splat;
 using loraplex::v16;
+using BF16 = c10::BFloat16;
 
 constexpr int kPanel = 32;  // output columns per panel: two 16-lane vectors
 constexpr int kRows = 12;   // rows per register block: 12 x 2 accumulators + 2 weight vectors
+constexpr int kStepBytes = 128;  // one panel step: 32 fp32 columns of one k, or 32 bf16 column pairs
 
-// y[m, 0:cols] = x[m] @ panel (+ bias) for m < MR; prefetches one cache line of ``next`` per k,
-// lines [pf_from, pf_end), so the next panel arrives in L2 spread over this panel's compute.
-template <int MR>
-void block(const float* x, int64_t ldx, const float* panel, int64_t K, const float* bias, float* y,
-           int64_t ldy, int cols, const char* next, int64_t pf_from, int64_t pf_end) {
-  v16 acc[MR][2] = {};
-  for (int64_t k = 0; k < K; ++k) {
-    if (pf_from + k < pf_end) __builtin_prefetch(next + (pf_from + k) * 64, 0, 2);
-    const v16 w0 = load16(panel + k * kPanel), w1 = load16(panel + k * kPanel + 16);
-    for (int m = 0; m < MR; ++m) {
-      const v16 xv = splat(x[m * ldx + k]);
-      acc[m][0] += xv * w0;
-      acc[m][1] += xv * w1;
-    }
+// x[0] in every lane: one vbroadcastss from memory (``splat``'s ``v16{} + x`` adds a zero first).
+inline v16 broadcast(const float* x) {
+#if defined(__AVX512F__)
+  const __m512 v = _mm512_set1_ps(*x);
+  v16 r;
+  std::memcpy(&r, &v, sizeof r);
+  return r;
+#else
+  return splat(*x);
+#endif
+}
+
+// Where a row block prefetches the thread's next panel: lines [from, end) of ``next``, PS of them
+// per step (PS: a template argument, so the step loop carries no loop of its own).
+struct Prefetch {
+  const char* next;
+  int64_t from, end;
+};
+
+template <int PS>
+inline void prefetch_step(const char* next, int64_t from, int64_t end, int64_t s) {
+  for (int i = 0; i < PS; ++i) {
+    const int64_t line = from + s * PS + i;
+    if (line < end) __builtin_prefetch(next + line * 64, 0, 2);
   }
+}
+
+template <int MR, typename T>  // inlined, so the accumulators stay registers (an escaping array would not)
+__attribute__((always_inline)) inline void store_rows(v16 (&acc)[MR][2], const T* bias, T* y, int64_t ldy, int cols) {
   for (int m = 0; m < MR; ++m) {
-    float* out = y + m * ldy;
+    T* out = y + m * ldy;
     if (bias != nullptr) {
       acc[m][0] += load16(bias);
       acc[m][1] += load16(bias + 16);
@@ -62,75 +88,167 @@ void block(const float* x, int64_t ldx, const float* panel, int64_t K, const flo
       loraplex::store16(out, acc[m][0]);
       loraplex::store16(out + 16, acc[m][1]);
     } else {  // the last panel of an N that is not a multiple of 32
-      for (int j = 0; j < cols; ++j) out[j] = j < 16 ? acc[m][0][j] : acc[m][1][j - 16];
+      for (int j = 0; j < cols; ++j) out[j] = static_cast<T>(j < 16 ? acc[m][0][j] : acc[m][1][j - 16]);
     }
   }
 }
 
-template <int MR>
-void block_upto(int rows, const float* x, int64_t ldx, const float* panel, int64_t K, const float* bias,
-                float* y, int64_t ldy, int cols, const char* next, int64_t pf_from, int64_t pf_end) {
+// y[m, 0:cols] = x[m] @ panel (+ bias) for m < MR, fp32; prefetching the next panel as ``pf`` says,
+// so it arrives in L2 spread over this panel's compute.
+template <int MR, int PS>
+void block(const float* x, int64_t ldx, const float* panel, int64_t K, const float* bias, float* y,
+           int64_t ldy, int cols, Prefetch pf) {
+  const char* next = pf.next;  // scalars, not a struct in memory, inside the loop
+  const int64_t from = pf.from, end = pf.end;
+  v16 acc[MR][2] = {};
+  for (int64_t k = 0; k < K; ++k) {
+    prefetch_step<PS>(next, from, end, k);
+    const v16 w0 = load16(panel + k * kPanel), w1 = load16(panel + k * kPanel + 16);
+    for (int m = 0; m < MR; ++m) {
+      const v16 xv = broadcast(x + m * ldx + k);
+      acc[m][0] += xv * w0;
+      acc[m][1] += xv * w1;
+    }
+  }
+  store_rows<MR>(acc, bias, y, ldy, cols);
+}
+
+#if defined(__AVX512BF16__)
+constexpr bool kHasBf16 = true;
+
+inline v16 as_v16(__m512 v) { v16 r; std::memcpy(&r, &v, sizeof r); return r; }
+
+// The bf16 block: ``panel`` [ceil(K / 2), 32, 2]; fp32 accumulators, one rounding at the store.
+template <int MR, int PS>
+void block(const BF16* x, int64_t ldx, const BF16* panel, int64_t K, const BF16* bias, BF16* y,
+           int64_t ldy, int cols, Prefetch pf) {
+  __m512 acc[MR][2];
+  for (int m = 0; m < MR; ++m) acc[m][0] = acc[m][1] = _mm512_setzero_ps();
+  const char* next = pf.next;
+  const int64_t from = pf.from, end = pf.end, pairs = K / 2;
+  for (int64_t s = 0; s < pairs; ++s) {
+    prefetch_step<PS>(next, from, end, s);
+    const __m512bh w0 = (__m512bh)_mm512_loadu_si512(panel + s * 2 * kPanel);
+    const __m512bh w1 = (__m512bh)_mm512_loadu_si512(panel + s * 2 * kPanel + kPanel);
+    for (int m = 0; m < MR; ++m) {
+      int32_t pair;  // x[2s], x[2s + 1]
+      std::memcpy(&pair, x + m * ldx + 2 * s, sizeof pair);
+      const __m512bh xv = (__m512bh)_mm512_set1_epi32(pair);
+      acc[m][0] = _mm512_dpbf16_ps(acc[m][0], xv, w0);
+      acc[m][1] = _mm512_dpbf16_ps(acc[m][1], xv, w1);
+    }
+  }
+  if (K % 2) {  // the last k alone: its pair's second half is zero in the panel, and 0 here
+    const __m512bh w0 = (__m512bh)_mm512_loadu_si512(panel + pairs * 2 * kPanel);
+    const __m512bh w1 = (__m512bh)_mm512_loadu_si512(panel + pairs * 2 * kPanel + kPanel);
+    for (int m = 0; m < MR; ++m) {
+      uint16_t last;
+      std::memcpy(&last, x + m * ldx + K - 1, sizeof last);
+      const __m512bh xv = (__m512bh)_mm512_set1_epi32(static_cast<int32_t>(last));
+      acc[m][0] = _mm512_dpbf16_ps(acc[m][0], xv, w0);
+      acc[m][1] = _mm512_dpbf16_ps(acc[m][1], xv, w1);
+    }
+  }
+  v16 out[MR][2];
+  for (int m = 0; m < MR; ++m) {
+    out[m][0] = as_v16(acc[m][0]);
+    out[m][1] = as_v16(acc[m][1]);
+  }
+  store_rows<MR>(out, bias, y, ldy, cols);
+}
+#else
+constexpr bool kHasBf16 = false;
+#endif
+
+template <int MR, int PS, typename T>
+void block_upto(int rows, const T* x, int64_t ldx, const T* panel, int64_t K, const T* bias, T* y, int64_t ldy,
+                int cols, const Prefetch& pf) {
   if constexpr (MR == 1) {
-    block<1>(x, ldx, panel, K, bias, y, ldy, cols, next, pf_from, pf_end);
+    block<1, PS>(x, ldx, panel, K, bias, y, ldy, cols, pf);
   } else if (rows == MR) {
-    block<MR>(x, ldx, panel, K, bias, y, ldy, cols, next, pf_from, pf_end);
+    block<MR, PS>(x, ldx, panel, K, bias, y, ldy, cols, pf);
   } else {
-    block_upto<MR - 1>(rows, x, ldx, panel, K, bias, y, ldy, cols, next, pf_from, pf_end);
+    block_upto<MR - 1, PS>(rows, x, ldx, panel, K, bias, y, ldy, cols, pf);
   }
 }
 
-// x [M, K] (rows contiguous, any row stride), packed [P, K, 32], bias [P * 32] or none, y [M, N].
-void linear_cpu(at::Tensor y, const at::Tensor& x, const at::Tensor& packed, const c10::optional<at::Tensor>& bias) {
-  TORCH_CHECK(x.dim() == 2 && y.dim() == 2 && packed.dim() == 3 && packed.size(2) == kPanel,
-              "linear_cpu: x [M, K], y [M, N], packed [P, K, 32]");
-  TORCH_CHECK(x.scalar_type() == at::kFloat && y.scalar_type() == at::kFloat && packed.scalar_type() == at::kFloat,
-              "linear_cpu: float32 only");
-  TORCH_CHECK(x.stride(1) == 1 && y.stride(1) == 1 && packed.is_contiguous(), "linear_cpu: contiguous rows");
+template <typename T>
+void run(at::Tensor& y, const at::Tensor& x, const at::Tensor& packed, const T* bias) {
   const int64_t M = x.size(0), K = x.size(1), N = y.size(1), P = packed.size(0);
-  TORCH_CHECK(packed.size(1) == K && y.size(0) == M && (N + kPanel - 1) / kPanel == P, "linear_cpu: shapes disagree");
-  const float* bp = nullptr;
-  if (bias.has_value() && bias->defined()) {  // padded to whole panels at pack time: every load in bounds
-    TORCH_CHECK(bias->dim() == 1 && bias->size(0) == P * kPanel && bias->scalar_type() == at::kFloat &&
-                    bias->is_contiguous(), "linear_cpu: bias [P * 32] (pack_bias)");
-    bp = bias->data_ptr<float>();
-  }
-  if (M == 0 || N == 0) return;
-  const float* xp = x.data_ptr<float>();
-  const float* wp = packed.data_ptr<float>();
-  float* yp = y.data_ptr<float>();
-  const int64_t ldx = x.stride(0), ldy = y.stride(0), panel_floats = K * kPanel;
-  const int64_t panel_lines = panel_floats * 4 / 64;
+  const T* xp = x.data_ptr<T>();
+  const T* wp = packed.data_ptr<T>();
+  T* yp = y.data_ptr<T>();
+  const int64_t ldx = x.stride(0), ldy = y.stride(0), panel_elems = packed.stride(0);
+  const int64_t steps = std::is_same_v<T, float> ? K : (K + 1) / 2;
+  const int64_t panel_lines = steps * kStepBytes / 64, blocks = (M + kRows - 1) / kRows;
+  // two lines a step (a whole step) when one row block must bring in all of the next panel, else one
+  const int per_step = blocks == 1 ? 2 : 1;
   at::parallel_for(0, P, 1, [&](int64_t lo, int64_t hi) {
     for (int64_t p = lo; p < hi; ++p) {
-      const float* panel = wp + p * panel_floats;
-      const char* next = reinterpret_cast<const char*>(panel + panel_floats);
-      const int64_t pf_end = p + 1 < hi ? panel_lines : 0;  // this thread's next panel only
+      const T* panel = wp + p * panel_elems;
+      Prefetch pf{reinterpret_cast<const char*>(panel + panel_elems), 0, p + 1 < hi ? panel_lines : 0};
       const int cols = static_cast<int>(std::min<int64_t>(kPanel, N - p * kPanel));
-      const float* pb = bp == nullptr ? nullptr : bp + p * kPanel;
-      int64_t pf_from = 0;
-      for (int64_t m0 = 0; m0 < M; m0 += kRows, pf_from += K) {
+      const T* pb = bias == nullptr ? nullptr : bias + p * kPanel;
+      for (int64_t m0 = 0; m0 < M; m0 += kRows, pf.from += steps * per_step) {
         const int rows = static_cast<int>(std::min<int64_t>(kRows, M - m0));
-        block_upto<kRows>(rows, xp + m0 * ldx, ldx, panel, K, pb, yp + m0 * ldy + p * kPanel, ldy, cols, next,
-                          pf_from, pf_end);
+        if (per_step == 2) {
+          block_upto<kRows, 2>(rows, xp + m0 * ldx, ldx, panel, K, pb, yp + m0 * ldy + p * kPanel, ldy, cols, pf);
+        } else {
+          block_upto<kRows, 1>(rows, xp + m0 * ldx, ldx, panel, K, pb, yp + m0 * ldy + p * kPanel, ldy, cols, pf);
+        }
       }
     }
   });
 }
 
-// W [N, K] -> [ceil(N / 32), K, 32], zero past N.
-at::Tensor pack_linear_cpu(const at::Tensor& w) {
-  TORCH_CHECK(w.dim() == 2 && w.scalar_type() == at::kFloat, "pack_linear_cpu: float32 W [N, K]");
-  const int64_t N = w.size(0), K = w.size(1), P = (N + kPanel - 1) / kPanel;
-  auto padded = at::zeros({P * kPanel, K}, w.options());
-  padded.narrow(0, 0, N).copy_(w);
-  return padded.view({P, kPanel, K}).transpose(1, 2).contiguous();
+// x [M, K] (rows contiguous, any row stride), packed (pack_linear_cpu), bias [P * 32] or none, y [M, N];
+// one dtype, float32 or (has_bf16()) bfloat16.
+void linear_cpu(at::Tensor y, const at::Tensor& x, const at::Tensor& packed, const c10::optional<at::Tensor>& bias) {
+  const auto dtype = x.scalar_type();
+  TORCH_CHECK(dtype == at::kFloat || (dtype == at::kBFloat16 && kHasBf16), "linear_cpu: float32, or bfloat16 with avx512_bf16");
+  TORCH_CHECK(y.scalar_type() == dtype && packed.scalar_type() == dtype, "linear_cpu: one dtype");
+  const int64_t steps = dtype == at::kFloat ? x.size(1) : (x.size(1) + 1) / 2, width = dtype == at::kFloat ? 1 : 2;
+  TORCH_CHECK(x.dim() == 2 && y.dim() == 2 && packed.dim() == 4 && packed.size(1) == steps &&
+                  packed.size(2) == kPanel && packed.size(3) == width && packed.is_contiguous(),
+              "linear_cpu: x [M, K], y [M, N], packed [P, K, 32, 1] (fp32) or [P, ceil(K / 2), 32, 2] (bf16)");
+  TORCH_CHECK(x.stride(1) == 1 && y.stride(1) == 1, "linear_cpu: contiguous rows");
+  const int64_t M = x.size(0), N = y.size(1), P = packed.size(0);
+  TORCH_CHECK(y.size(0) == M && (N + kPanel - 1) / kPanel == P, "linear_cpu: shapes disagree");
+  const void* bp = nullptr;
+  if (bias.has_value() && bias->defined()) {  // padded to whole panels at pack time: every load in bounds
+    TORCH_CHECK(bias->dim() == 1 && bias->size(0) == P * kPanel && bias->scalar_type() == dtype &&
+                    bias->is_contiguous(), "linear_cpu: bias [P * 32] (padded)");
+    bp = bias->data_ptr();
+  }
+  if (M == 0 || N == 0) return;
+  if (dtype == at::kFloat) {
+    run<float>(y, x, packed, static_cast<const float*>(bp));
+  } else {
+#if defined(__AVX512BF16__)
+    run<BF16>(y, x, packed, static_cast<const BF16*>(bp));
+#endif
+  }
 }
+
+// W [N, K] -> fp32 [ceil(N / 32), K, 32, 1], or bf16 [ceil(N / 32), ceil(K / 2), 32, 2]; zero past N and K.
+at::Tensor pack_linear_cpu(const at::Tensor& w) {
+  TORCH_CHECK(w.dim() == 2 && (w.scalar_type() == at::kFloat || w.scalar_type() == at::kBFloat16),
+              "pack_linear_cpu: float32 or bfloat16 W [N, K]");
+  const int64_t N = w.size(0), K = w.size(1), P = (N + kPanel - 1) / kPanel;
+  const int64_t width = w.scalar_type() == at::kFloat ? 1 : 2, steps = (K + width - 1) / width;
+  auto padded = at::zeros({P * kPanel, steps * width}, w.options());
+  padded.narrow(0, 0, N).narrow(1, 0, K).copy_(w);
+  return padded.view({P, kPanel, steps, width}).permute({0, 2, 1, 3}).contiguous();
+}
+
+bool has_bf16() { return kHasBf16; }
 
 }  // namespace
 
 TORCH_LIBRARY(loraplex_linear_cpu, m) {
   m.def("linear(Tensor(a!) y, Tensor x, Tensor packed, Tensor? bias) -> ()");
   m.def("pack(Tensor w) -> Tensor");
+  m.def("has_bf16() -> bool", &has_bf16);
 }
 
 TORCH_LIBRARY_IMPL(loraplex_linear_cpu, CPU, m) {

@@ -39,7 +39,7 @@ def _layout(spans: list[SeqSpan], max_blocks: int = 0) -> StepLayout:
     return StepLayout.from_spans(spans, BLOCK, "cpu", max_blocks=max_blocks)
 
 
-@pytest.mark.parametrize("heads,kv_heads,head_dim", [(8, 2, 64), (4, 4, 32), (16, 1, 16)])
+@pytest.mark.parametrize("heads,kv_heads,head_dim", [(8, 2, 64), (4, 2, 128), (4, 4, 32), (16, 1, 16)])
 @pytest.mark.parametrize("options", [{}, {"softcap": 30.0}, {"sliding_window": 5}, {"scaling": 0.3}])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @torch.inference_mode()

@@ -181,6 +181,7 @@ void run(at::Tensor& y, const at::Tensor& x, const at::Tensor& packed, const T* 
   const int64_t ldx = x.stride(0), ldy = y.stride(0), panel_elems = packed.stride(0);
   const int64_t steps = std::is_same_v<T, float> ? K : (K + 1) / 2;
   const int64_t panel_lines = steps * kStepBytes / 64, blocks = (M + kRows - 1) / kRows;
+  const int64_t block_rows = (M + blocks - 1) / blocks;  // balanced: 32 rows as 11 + 11 + 10, not 12 + 12 + 8
   // two lines a step (a whole step) when one row block must bring in all of the next panel, else one
   const int per_step = blocks == 1 ? 2 : 1;
   at::parallel_for(0, P, 1, [&](int64_t lo, int64_t hi) {
@@ -189,8 +190,8 @@ void run(at::Tensor& y, const at::Tensor& x, const at::Tensor& packed, const T* 
       Prefetch pf{reinterpret_cast<const char*>(panel + panel_elems), 0, p + 1 < hi ? panel_lines : 0};
       const int cols = static_cast<int>(std::min<int64_t>(kPanel, N - p * kPanel));
       const T* pb = bias == nullptr ? nullptr : bias + p * kPanel;
-      for (int64_t m0 = 0; m0 < M; m0 += kRows, pf.from += steps * per_step) {
-        const int rows = static_cast<int>(std::min<int64_t>(kRows, M - m0));
+      for (int64_t m0 = 0; m0 < M; m0 += block_rows, pf.from += steps * per_step) {
+        const int rows = static_cast<int>(std::min<int64_t>(block_rows, M - m0));
         if (per_step == 2) {
           block_upto<kRows, 2>(rows, xp + m0 * ldx, ldx, panel, K, pb, yp + m0 * ldy + p * kPanel, ldy, cols, pf);
         } else {

@@ -109,3 +109,16 @@ def test_other_model_types_keep_the_hf_forward(tmp_path):
     model = AutoModelForCausalLM.from_pretrained(model_dir)
     model.config.model_type = "gemma"
     assert lean_forward_for(model) is None
+
+
+def test_each_packed_linear_knows_the_next_one(tiny_llama_dir):
+    """The prefetch hint chain follows the loop's order: q/k/v, o, gate/up, down, ..., lm_head."""
+    from server.model.lean_forward import _kernel_of
+
+    engine = build_engine(tiny_llama_dir, device="cpu", dtype="float32")
+    model = engine.core.runner.model
+    order = [p for layer in model.model.layers for p in (layer.self_attn.q_proj, layer.self_attn.o_proj,
+                                                          layer.mlp.gate_proj, layer.mlp.down_proj)]  # fmt: skip
+    kernels = [_kernel_of(m) for m in (*order, model.lm_head)]
+    assert all(k is not None for k in kernels)
+    assert [k.next for k in kernels[:-1]] == kernels[1:] and kernels[-1].next is None

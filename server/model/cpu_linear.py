@@ -75,6 +75,7 @@ class LinearKernel:
         )
         self.panel_bias: torch.Tensor | None = None  # bias padded to whole panels
         self.packed: torch.Tensor | None = None  # oneDNN's layout
+        self.next: LinearKernel | None = None  # the linear that runs after this one (a prefetch hint)
         self.repack()
 
     def repack(self) -> None:
@@ -95,7 +96,8 @@ class LinearKernel:
         if self.panels is not None:
             if torch.compiler.is_compiling():
                 return panel_linear(x, self.panels, self.panel_bias, self.weight.shape[0])
-            return run_panel_linear(x, self.panels, self.panel_bias, self.weight.shape[0])
+            following = self.next.panels if self.next is not None else None
+            return run_panel_linear(x, self.panels, self.panel_bias, self.weight.shape[0], following)
         if self.packed is None:
             return F.linear(x, self.weight, self.bias)
         if torch.compiler.is_compiling():  # inductor lowers mkldnn linears only for frozen weights
@@ -104,14 +106,15 @@ class LinearKernel:
 
 
 def run_panel_linear(
-    x: torch.Tensor, panels: torch.Tensor, bias: torch.Tensor | None, out_features: int
+    x: torch.Tensor, panels: torch.Tensor, bias: torch.Tensor | None, out_features: int, following=None
 ) -> torch.Tensor:
-    """The panel kernel on ``x`` [..., in]: a fresh contiguous [..., out]."""
+    """The panel kernel on ``x`` [..., in]: a fresh contiguous [..., out]. ``following``: the panels of
+    the linear that runs next, whose first panels each thread prefetches at its end."""
     rows = x.reshape(-1, x.shape[-1])
     if rows.stride(-1) != 1:
         rows = rows.contiguous()
     y = rows.new_empty(rows.shape[0], out_features)
-    torch.ops.loraplex_linear_cpu.linear(y, rows, panels, bias)
+    torch.ops.loraplex_linear_cpu.linear(y, rows, panels, bias, following)
     return y.view(*x.shape[:-1], out_features)
 
 

@@ -25,7 +25,9 @@ import torch
 from torch import nn
 from transformers.modeling_utils import slice_logits_to_keep
 
+from server.model.cpu_linear import LinearKernel, PackedLinear
 from server.model.decoder_ops import decoder_ops_available, rope_, silu_mul
+from server.model.fused_linear import fused_projection_of
 
 try:
     from transformers.activations import SiLUActivation  # what ACT2FN["silu"] builds in transformers 5
@@ -70,6 +72,21 @@ class LeanForward:
         # SiLU(gate) * up in one op: fp32 only (the op's exp agrees with torch's to float rounding,
         # and a bf16 result rounded from a value one fp32 ulp off could differ from HF's)
         self.native_silu = self.native and weight.dtype == torch.float32
+        self._chain_linears(model)
+
+    def _chain_linears(self, model: nn.Module) -> None:
+        """Tells each packed linear which one this loop runs next (q/k/v, o, gate/up, down, the next
+        layer's q/k/v, ..., lm_head), so its GEMM's last panels prefetch the next one's first while the
+        norm, RoPE or attention in between run. Measured: see docs/benchmarks.md."""
+        order = [
+            p
+            for _, attn, _, mlp, _ in self.layers
+            for p in (attn.q_proj, attn.o_proj, mlp.gate_proj, mlp.down_proj)
+        ]
+        kernels = [_kernel_of(m) for m in (*order, model.lm_head)]
+        for current, following in zip(kernels, kernels[1:], strict=False):
+            if current is not None and following is not None:
+                current.next = following
 
     def __call__(self, input_ids, position_ids, attention, keep) -> torch.Tensor:
         h = self.embed(input_ids)  # [1, T, hidden]
@@ -105,6 +122,16 @@ class LeanForward:
         q, k = q.transpose(1, 2), k.transpose(1, 2)
         c, s = cos.unsqueeze(1), sin.unsqueeze(1)
         return q * c + _rotate_half(q) * s, k * c + _rotate_half(k) * s
+
+
+def _kernel_of(module: nn.Module) -> LinearKernel | None:
+    """The packed kernel that runs ``module``'s GEMM (through a LoRA wrapper, for a fused group)."""
+    if getattr(module, "is_lora_wrapper", False):
+        module = module.base_layer
+    fused = fused_projection_of(module)
+    if fused is not None:
+        return fused.kernel
+    return module.kernel if isinstance(module, PackedLinear) else None
 
 
 def _rotate_half(x: torch.Tensor) -> torch.Tensor:

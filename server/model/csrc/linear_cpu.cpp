@@ -173,7 +173,7 @@ void block_upto(int rows, const T* x, int64_t ldx, const T* panel, int64_t K, co
 }
 
 template <typename T>
-void run(at::Tensor& y, const at::Tensor& x, const at::Tensor& packed, const T* bias) {
+void run(at::Tensor& y, const at::Tensor& x, const at::Tensor& packed, const T* bias, const at::Tensor* next) {
   const int64_t M = x.size(0), K = x.size(1), N = y.size(1), P = packed.size(0);
   const T* xp = x.data_ptr<T>();
   const T* wp = packed.data_ptr<T>();
@@ -188,6 +188,11 @@ void run(at::Tensor& y, const at::Tensor& x, const at::Tensor& packed, const T* 
     for (int64_t p = lo; p < hi; ++p) {
       const T* panel = wp + p * panel_elems;
       Prefetch pf{reinterpret_cast<const char*>(panel + panel_elems), 0, p + 1 < hi ? panel_lines : 0};
+      if (p + 1 == hi && next != nullptr) {  // the last panel: prefetch this thread's first of the next linear
+        const int64_t np = next->size(0), first = np * lo / P;
+        const int64_t bytes = next->stride(0) * next->element_size();
+        pf = {static_cast<const char*>(next->data_ptr()) + first * bytes, 0, first < np ? bytes / 64 : 0};
+      }
       const int cols = static_cast<int>(std::min<int64_t>(kPanel, N - p * kPanel));
       const T* pb = bias == nullptr ? nullptr : bias + p * kPanel;
       for (int64_t m0 = 0; m0 < M; m0 += block_rows, pf.from += steps * per_step) {
@@ -204,7 +209,10 @@ void run(at::Tensor& y, const at::Tensor& x, const at::Tensor& packed, const T* 
 
 // x [M, K] (rows contiguous, any row stride), packed (pack_linear_cpu), bias [P * 32] or none, y [M, N];
 // one dtype, float32 or (has_bf16()) bfloat16.
-void linear_cpu(at::Tensor y, const at::Tensor& x, const at::Tensor& packed, const c10::optional<at::Tensor>& bias) {
+// next: the packed weight of the linear that runs next (or none): each thread's last panel prefetches
+// the first panel it will take there, over the ops that run in between (a hint, never read here).
+void linear_cpu(at::Tensor y, const at::Tensor& x, const at::Tensor& packed, const c10::optional<at::Tensor>& bias,
+                const c10::optional<at::Tensor>& next) {
   const auto dtype = x.scalar_type();
   TORCH_CHECK(dtype == at::kFloat || (dtype == at::kBFloat16 && kHasBf16), "linear_cpu: float32, or bfloat16 with avx512_bf16");
   TORCH_CHECK(y.scalar_type() == dtype && packed.scalar_type() == dtype, "linear_cpu: one dtype");
@@ -222,11 +230,16 @@ void linear_cpu(at::Tensor y, const at::Tensor& x, const at::Tensor& packed, con
     bp = bias->data_ptr();
   }
   if (M == 0 || N == 0) return;
+  const at::Tensor* np = nullptr;
+  if (next.has_value() && next->defined()) {
+    TORCH_CHECK(next->dim() == 4 && next->is_contiguous() && next->size(0) > 0, "linear_cpu: next: packed panels");
+    np = &*next;
+  }
   if (dtype == at::kFloat) {
-    run<float>(y, x, packed, static_cast<const float*>(bp));
+    run<float>(y, x, packed, static_cast<const float*>(bp), np);
   } else {
 #if defined(__AVX512BF16__)
-    run<BF16>(y, x, packed, static_cast<const BF16*>(bp));
+    run<BF16>(y, x, packed, static_cast<const BF16*>(bp), np);
 #endif
   }
 }
@@ -247,7 +260,7 @@ bool has_bf16() { return kHasBf16; }
 }  // namespace
 
 TORCH_LIBRARY(loraplex_linear_cpu, m) {
-  m.def("linear(Tensor(a!) y, Tensor x, Tensor packed, Tensor? bias) -> ()");
+  m.def("linear(Tensor(a!) y, Tensor x, Tensor packed, Tensor? bias, Tensor? next=None) -> ()");
   m.def("pack(Tensor w) -> Tensor");
   m.def("has_bf16() -> bool", &has_bf16);
 }

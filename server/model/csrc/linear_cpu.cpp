@@ -34,7 +34,7 @@
 #include <cstdint>
 #include <cstring>
 #include <type_traits>
-#if defined(__AVX512F__)
+#if defined(__AVX512BF16__)
 #include <immintrin.h>
 #endif
 
@@ -48,18 +48,6 @@ using BF16 = c10::BFloat16;
 constexpr int kPanel = 32;  // output columns per panel: two 16-lane vectors
 constexpr int kRows = 12;   // rows per register block: 12 x 2 accumulators + 2 weight vectors
 constexpr int kStepBytes = 128;  // one panel step: 32 fp32 columns of one k, or 32 bf16 column pairs
-
-// x[0] in every lane: one vbroadcastss from memory (``splat``'s ``v16{} + x`` adds a zero first).
-inline v16 broadcast(const float* x) {
-#if defined(__AVX512F__)
-  const __m512 v = _mm512_set1_ps(*x);
-  v16 r;
-  std::memcpy(&r, &v, sizeof r);
-  return r;
-#else
-  return splat(*x);
-#endif
-}
 
 // Where a row block prefetches the thread's next panel: lines [from, end) of ``next``, PS of them
 // per step (PS: a template argument, so the step loop carries no loop of its own).
@@ -105,7 +93,7 @@ void block(const float* x, int64_t ldx, const float* panel, int64_t K, const flo
     prefetch_step<PS>(next, from, end, k);
     const v16 w0 = load16(panel + k * kPanel), w1 = load16(panel + k * kPanel + 16);
     for (int m = 0; m < MR; ++m) {
-      const v16 xv = broadcast(x + m * ldx + k);
+      const v16 xv = splat(x[m * ldx + k]);
       acc[m][0] += xv * w0;
       acc[m][1] += xv * w1;
     }

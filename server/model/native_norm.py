@@ -14,6 +14,7 @@ run the original forward.
 
 from __future__ import annotations
 
+import functools
 import logging
 
 import torch
@@ -22,8 +23,6 @@ from torch import nn
 from server.model.decoder_ops import decoder_ops_available, rms_norm
 
 log = logging.getLogger(__name__)
-
-_subclasses: dict[type, type] = {}
 
 
 def _epsilon(module: nn.Module) -> float | None:
@@ -46,6 +45,12 @@ def _forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
     return rms_norm(hidden_states, weight, self.native_eps)
 
 
+@functools.cache
+def _native_class(cls: type) -> type:
+    """The swapped-in subclass of an RMSNorm class (one per class, so ``type`` checks stay stable)."""
+    return type(f"Native{cls.__name__}", (cls,), {"forward": _forward, "is_native_norm": True})
+
+
 def _reproduces(module: nn.Module, eps: float) -> bool:
     """Whether the op gives the module's own forward on a probe input (to float rounding)."""
     weight = module.weight
@@ -65,7 +70,7 @@ def use_native_rms_norms(model: nn.Module) -> int:
         weight, eps = getattr(module, "weight", None), _epsilon(module)
         if (
             not type(module).__name__.endswith("RMSNorm")
-            or type(module) in _subclasses.values()
+            or getattr(module, "is_native_norm", False)  # swapped already
             or not isinstance(weight, torch.Tensor)
             or weight.dim() != 1
             or weight.device.type != "cpu"
@@ -75,10 +80,7 @@ def use_native_rms_norms(model: nn.Module) -> int:
             or not _reproduces(module, eps)
         ):
             continue
-        cls = type(module)
-        if cls not in _subclasses:
-            _subclasses[cls] = type(f"Native{cls.__name__}", (cls,), {"forward": _forward})
-        module.__class__ = _subclasses[cls]
+        module.__class__ = _native_class(type(module))
         module.native_eps = eps
         swapped += 1
     if swapped:

@@ -25,7 +25,6 @@ using loraplex::v16;
 // row is rounded to bf16 before the weight multiplies it, and the product rounded again (HF's
 // LlamaRMSNorm).
 
-
 template <typename T>
 inline v16 round_like(v16 v) {  // the value a store to T keeps
   if constexpr (std::is_same_v<T, float>) {
@@ -56,29 +55,27 @@ void norm_row(T* y, const T* x, const T* w, int64_t n, float eps) {
   }
 }
 
+template <typename T>
+void norm_rows(at::Tensor& out, const at::Tensor& x, const at::Tensor& weight, double eps, int64_t grain) {
+  T* op = out.data_ptr<T>();
+  const T* xp = x.data_ptr<T>();
+  const T* wp = weight.data_ptr<T>();
+  at::parallel_for(0, x.size(0), grain, [&](int64_t lo, int64_t hi) {
+    for (int64_t r = lo; r < hi; ++r)
+      norm_row(op + r * out.stride(0), xp + r * x.stride(0), wp, x.size(1), static_cast<float>(eps));
+  });
+}
+
 // out, x: [R, H] with contiguous rows (any row stride); weight [H]; all one dtype (fp32 or bf16).
 void rms_norm(at::Tensor out, const at::Tensor& x, const at::Tensor& weight, double eps) {
   TORCH_CHECK(x.dim() == 2 && out.dim() == 2 && weight.dim() == 1 && x.size(1) == weight.size(0) &&
                   out.sizes() == x.sizes() && x.stride(1) == 1 && out.stride(1) == 1 && weight.is_contiguous(),
               "rms_norm: x, out [R, H] with contiguous rows, weight [H]");
   TORCH_CHECK(x.scalar_type() == out.scalar_type() && x.scalar_type() == weight.scalar_type(), "rms_norm: one dtype");
-  const int64_t R = x.size(0), H = x.size(1), grain = std::max<int64_t>(1, 65536 / std::max<int64_t>(H, 1));
+  const int64_t H = x.size(1), grain = std::max<int64_t>(1, 65536 / std::max<int64_t>(H, 1));
   AT_DISPATCH_SWITCH(x.scalar_type(), "rms_norm",
-    AT_DISPATCH_CASE(at::kFloat, [&] {
-      at::parallel_for(0, R, grain, [&](int64_t lo, int64_t hi) {
-        for (int64_t r = lo; r < hi; ++r)
-          norm_row(out.data_ptr<float>() + r * out.stride(0), x.data_ptr<float>() + r * x.stride(0),
-                   weight.data_ptr<float>(), H, static_cast<float>(eps));
-      });
-    })
-    AT_DISPATCH_CASE(at::kBFloat16, [&] {
-      using B = c10::BFloat16;
-      at::parallel_for(0, R, grain, [&](int64_t lo, int64_t hi) {
-        for (int64_t r = lo; r < hi; ++r)
-          norm_row(out.data_ptr<B>() + r * out.stride(0), x.data_ptr<B>() + r * x.stride(0), weight.data_ptr<B>(),
-                   H, static_cast<float>(eps));
-      });
-    }));
+    AT_DISPATCH_CASE(at::kFloat, [&] { norm_rows<float>(out, x, weight, eps, grain); })
+    AT_DISPATCH_CASE(at::kBFloat16, [&] { norm_rows<c10::BFloat16>(out, x, weight, eps, grain); }));
 }
 
 // ---- RoPE in place: x * cos + rotate_half(x) * sin, rotate_half(x) = cat(-x[D/2:], x[:D/2]), every

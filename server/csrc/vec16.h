@@ -17,6 +17,7 @@ namespace loraplex {
 typedef float v16 __attribute__((vector_size(64)));
 typedef uint16_t v16h __attribute__((vector_size(32)));
 typedef uint32_t v16w __attribute__((vector_size(64)));
+typedef int32_t v16i __attribute__((vector_size(64)));  // also what a v16 comparison yields (0 / -1 lanes)
 
 inline v16 load16(const float* p) { v16 v; std::memcpy(&v, p, sizeof v); return v; }
 
@@ -105,7 +106,6 @@ inline v16 vexp(v16 x) {
   p = p * f + 1.6666665459e-1f;
   p = p * f + 5.0000001201e-1f;
   p = p * f * f + f + 1.f;
-  typedef int32_t v16i __attribute__((vector_size(64)));
   v16i bits;
   std::memcpy(&bits, &p, sizeof bits);
   bits += __builtin_convertvector(n, v16i) << 23;

@@ -18,8 +18,7 @@ namespace {
 
 using loraplex::load16;
 using loraplex::v16;
-
-typedef int32_t v16i __attribute__((vector_size(64)));
+using loraplex::v16i;
 
 // One pass: per lane, the largest value and the index where it first appeared (strictly greater
 // replaces, so a tie keeps the earlier index); then the smallest index among the lanes holding the

@@ -9,11 +9,12 @@ import pytest
 import torch
 from torch import nn
 
+from server import native
 from server.model.cpu_linear import (
     LinearKernel,
     PackedLinear,
     onednn_packable,
-    panel_kernel_usable,
+    panel_kernel_built,
     use_packed_linears,
 )
 from server.model.loader import load_model
@@ -38,9 +39,18 @@ def test_matches_nn_linear(shape, bias):
     torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
 
 
-needs_panels = pytest.mark.skipif(
-    not panel_kernel_usable(torch.zeros(1)), reason="the panel kernel could not be built here"
-)
+@pytest.fixture
+def panels_anywhere(monkeypatch):
+    """The panel kernel's results are tested wherever it builds, also on a CPU without AVX-512 where
+    the engine leaves it unused (``server.native.wide_vector_cpu``)."""
+    monkeypatch.setattr(native, "wide_vector_cpu", lambda: True)
+
+
+def needs_panels(test):
+    test = pytest.mark.usefixtures("panels_anywhere")(test)
+    return pytest.mark.skipif(
+        not panel_kernel_built(torch.float32), reason="the panel kernel could not be built here"
+    )(test)
 
 
 @needs_panels
@@ -60,7 +70,7 @@ def test_panel_kernel_matches_f_linear(rows, out_features):
 
 
 needs_bf16_panels = pytest.mark.skipif(
-    not panel_kernel_usable(torch.zeros(1, dtype=torch.bfloat16)), reason="no avx512_bf16 panel kernel here"
+    not panel_kernel_built(torch.bfloat16), reason="no avx512_bf16 panel kernel here"
 )
 
 
@@ -167,3 +177,13 @@ def test_cpu_weights_are_cast_on_the_loading_thread(tiny_llama_dir, monkeypatch)
     assert next(model.parameters()).dtype == torch.bfloat16
     assert pools == []
     assert "HF_DEACTIVATE_ASYNC_LOAD" not in os.environ
+
+
+def test_a_cpu_without_avx512_keeps_onednn(monkeypatch):
+    """The panel kernel's blocking assumes AVX-512's 32 registers; elsewhere oneDNN runs the linears."""
+    monkeypatch.setattr(native, "wide_vector_cpu", lambda: False)
+    torch.manual_seed(0)
+    weight, x = torch.randn(70, 40), torch.randn(5, 40)
+    kernel = LinearKernel(weight, None)
+    assert kernel.panels is None and kernel.packed is not None
+    torch.testing.assert_close(kernel(x), x @ weight.T, rtol=1e-5, atol=1e-5)

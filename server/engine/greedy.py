@@ -11,6 +11,7 @@ from pathlib import Path
 
 import torch
 
+from server import native
 from server.native import load_kernel
 
 SOURCE = Path(__file__).parent / "csrc" / "argmax_cpu.cpp"
@@ -29,6 +30,7 @@ def argmax_rows(logits: torch.Tensor) -> torch.Tensor:
         and logits.dim() == 2
         and logits.shape[1] > 0
         and logits.stride(1) == 1
+        and native.wide_vector_cpu()  # slower than torch's argmax without AVX-512
         and native_argmax_available()
     ):
         out = torch.empty(logits.shape[0], dtype=torch.long)

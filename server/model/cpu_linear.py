@@ -29,6 +29,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from server import native
 from server.native import load_kernel
 
 log = logging.getLogger(__name__)
@@ -37,14 +38,20 @@ PANEL_SOURCE = Path(__file__).parent / "csrc" / "linear_cpu.cpp"
 PANEL = 32  # output columns per packed panel (the kernel's)
 
 
-def panel_kernel_usable(weight: torch.Tensor) -> bool:
-    """Whether ``weight`` runs through the panel kernel: on CPU, the kernel built here, fp32, or bf16
-    where the CPU has avx512_bf16 (the kernel's vdpbf16ps)."""
-    if weight.device.type != "cpu" or weight.dtype not in (torch.float32, torch.bfloat16):
+def panel_kernel_built(dtype: torch.dtype) -> bool:
+    """Whether the panel kernel is built here for ``dtype``: fp32, or bf16 where the CPU has
+    avx512_bf16 (the kernel's vdpbf16ps)."""
+    if dtype not in (torch.float32, torch.bfloat16):
         return False
     if not load_kernel("loraplex_linear_cpu", PANEL_SOURCE, fakes=("loraplex_linear_cpu::linear",)):
         return False
-    return weight.dtype == torch.float32 or torch.ops.loraplex_linear_cpu.has_bf16()
+    return dtype == torch.float32 or torch.ops.loraplex_linear_cpu.has_bf16()
+
+
+def panel_kernel_usable(weight: torch.Tensor) -> bool:
+    """Whether ``weight`` runs through the panel kernel: on a CPU with AVX-512 (the kernel's register
+    blocking; elsewhere oneDNN is ~25x faster, ``server.native.wide_vector_cpu``), built for its dtype."""
+    return weight.device.type == "cpu" and native.wide_vector_cpu() and panel_kernel_built(weight.dtype)
 
 
 def onednn_packable(weight: torch.Tensor) -> bool:

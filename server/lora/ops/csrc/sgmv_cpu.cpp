@@ -39,7 +39,16 @@ using loraplex::to_float;
 using loraplex::v16;
 
 constexpr int kRows = 4;  // rows per block (all of one slot)
+#if defined(__AVX512F__)
 constexpr int kVecs = 4;  // 16-wide vectors per column tile
+constexpr int kChains = 8;  // independent FMA chains the shrink keeps in flight
+#else
+// Without AVX-512 each 16-wide vector is two or four registers of a 16-register file: one vector
+// per tile and half the chains, or the tiles spill (measured on an AVX2-only EPYC: see
+// server/native.py's wide_vector_cpu).
+constexpr int kVecs = 1;
+constexpr int kChains = 4;
+#endif
 constexpr int kAheadRows = 16;  // shrink: software prefetch distance, in rows of A
 constexpr int kMaxMembers = 16;  // members of one fused group (q/k/v: 3)
 
@@ -54,7 +63,7 @@ inline void add_store(T* p, v16 v) { loraplex::store16(p, load16(p) + v); }
 template <int MB, int NV, typename T, typename W>
 void shrink_tile(const T* x, int64_t ldx, const int64_t* rows, const W* a_blk, int64_t I, int64_t lda,
                  const int64_t* off, float* t, int64_t ldt) {
-  constexpr int U = MB * NV >= 8 ? 1 : (MB * NV >= 4 ? 2 : 4);
+  constexpr int U = MB * NV >= kChains ? 1 : (2 * MB * NV >= kChains ? 2 : 4);
   v16 acc[U][MB][NV] = {};
   const T* xr[MB];
   for (int m = 0; m < MB; ++m) xr[m] = x + rows[m] * ldx;

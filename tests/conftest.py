@@ -49,3 +49,12 @@ def _single_thread_torch():
 def _deterministic_torch():
     torch.manual_seed(0)
     yield
+
+
+@pytest.fixture
+def kernels_on_any_cpu(monkeypatch):
+    """A native kernel's results are tested wherever it builds, also on a CPU without AVX-512 where
+    the engine leaves it unused (``server.native.wide_vector_cpu``)."""
+    from server import native
+
+    monkeypatch.setattr(native, "wide_vector_cpu", lambda: True)

@@ -39,15 +39,8 @@ def test_matches_nn_linear(shape, bias):
     torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
 
 
-@pytest.fixture
-def panels_anywhere(monkeypatch):
-    """The panel kernel's results are tested wherever it builds, also on a CPU without AVX-512 where
-    the engine leaves it unused (``server.native.wide_vector_cpu``)."""
-    monkeypatch.setattr(native, "wide_vector_cpu", lambda: True)
-
-
 def needs_panels(test):
-    test = pytest.mark.usefixtures("panels_anywhere")(test)
+    test = pytest.mark.usefixtures("kernels_on_any_cpu")(test)
     return pytest.mark.skipif(
         not panel_kernel_built(torch.float32), reason="the panel kernel could not be built here"
     )(test)

@@ -5,17 +5,12 @@ from __future__ import annotations
 import pytest
 import torch
 
-from server import native
 from server.engine.greedy import argmax_rows, native_argmax_available
 
-pytestmark = pytest.mark.skipif(not native_argmax_available(), reason="the kernel could not be built here")
-
-
-@pytest.fixture(autouse=True)
-def kernel_anywhere(monkeypatch):
-    """The kernel's answers are tested wherever it builds, also where the engine leaves it unused (a
-    CPU without AVX-512: ``server.native.wide_vector_cpu``)."""
-    monkeypatch.setattr(native, "wide_vector_cpu", lambda: True)
+pytestmark = [
+    pytest.mark.skipif(not native_argmax_available(), reason="the kernel could not be built here"),
+    pytest.mark.usefixtures("kernels_on_any_cpu"),
+]
 
 
 @pytest.mark.parametrize("vocab", [1, 7, 16, 17, 32000, 32003])

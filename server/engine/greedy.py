@@ -22,6 +22,12 @@ def native_argmax_available() -> bool:
     return load_kernel("loraplex_sampling_cpu", SOURCE, fakes=("loraplex_sampling_cpu::argmax_rows",))
 
 
+def native_argmax_usable() -> bool:
+    """Whether ``argmax_rows`` takes the kernel here: built, on a CPU with AVX-512 (without it the
+    kernel is slower than torch's argmax: ``server.native.wide_vector_cpu``). Builds it only there."""
+    return native.wide_vector_cpu() and native_argmax_available()
+
+
 def argmax_rows(logits: torch.Tensor) -> torch.Tensor:
     """int64 [B]: ``logits.argmax(dim=-1)`` of a [B, V] tensor."""
     if (
@@ -30,8 +36,7 @@ def argmax_rows(logits: torch.Tensor) -> torch.Tensor:
         and logits.dim() == 2
         and logits.shape[1] > 0
         and logits.stride(1) == 1
-        and native.wide_vector_cpu()  # slower than torch's argmax without AVX-512
-        and native_argmax_available()
+        and native_argmax_usable()
     ):
         out = torch.empty(logits.shape[0], dtype=torch.long)
         torch.ops.loraplex_sampling_cpu.argmax_rows(out, logits)

@@ -13,7 +13,7 @@ from dataclasses import dataclass
 
 import torch
 
-from server.engine.greedy import argmax_rows, native_argmax_available
+from server.engine.greedy import argmax_rows, native_argmax_usable
 from server.engine.logits_processors import process_logits
 from server.engine.sequence import Sequence
 from server.engine.types import TopLogprobs
@@ -32,7 +32,7 @@ class Sampler:
         self.generator = torch.Generator(device=self.device).manual_seed(seed)
         self.eos_token_ids = eos_token_ids
         if self.device.type == "cpu":
-            native_argmax_available()  # built (first start on a machine) or loaded now, not on a request
+            native_argmax_usable()  # built (first start on a machine) or loaded now, not on a request
 
     @torch.inference_mode()  # the runner's logits are inference tensors, processed here in place
     def __call__(self, logits: torch.Tensor, seqs: list[Sequence]) -> SamplerOutput:

@@ -67,7 +67,8 @@ inline float hsum(v16 v) {
   return v[0];
 }
 
-inline v16 vmax(v16 a, v16 b) { return a > b ? a : b; }
+template <typename V>
+inline V vmax(V a, V b) { return a > b ? a : b; }
 
 inline float hmax(v16 v) {
   v = vmax(v, __builtin_shufflevector(v, v, 8, 9, 10, 11, 12, 13, 14, 15, 0, 1, 2, 3, 4, 5, 6, 7));
@@ -91,26 +92,27 @@ inline v16 splat(float x) {
 }
 
 // exp(x) for x <= 88 (fp32 accuracy ~2 ulp): 2^n * 2^f, n = round(x / ln 2), 2^f by a degree-6
-// polynomial on f in [-1/2, 1/2]; x below -87 gives 0.
-inline v16 vexp(v16 x) {
-  const v16 lo = splat(-87.f);
+// polynomial on f in [-1/2, 1/2]; x below -87 gives 0. For a vector of any width (v16, vec).
+template <typename V>
+inline V vexp(V x) {
+  typedef int32_t VI __attribute__((vector_size(sizeof(V))));
+  const V lo = V{} - 87.f;
   x = x < lo ? lo : x;
-  const v16 t = x * 1.44269504088896341f;
-  const v16 n = __builtin_convertvector(__builtin_convertvector(t + (t < 0 ? splat(-0.5f) : splat(0.5f)),
-                                                                __attribute__((vector_size(64))) int), v16);
-  const v16 f = (x - n * 0.693359375f) + n * 2.12194440e-4f;  // x - n ln2, in two parts
-  v16 p = splat(1.9875691500e-4f);
+  const V t = x * 1.44269504088896341f;
+  const V n = __builtin_convertvector(__builtin_convertvector(t + (t < 0 ? V{} - 0.5f : V{} + 0.5f), VI), V);
+  const V f = (x - n * 0.693359375f) + n * 2.12194440e-4f;  // x - n ln2, in two parts
+  V p = V{} + 1.9875691500e-4f;
   p = p * f + 1.3981999507e-3f;
   p = p * f + 8.3334519073e-3f;
   p = p * f + 4.1665795894e-2f;
   p = p * f + 1.6666665459e-1f;
   p = p * f + 5.0000001201e-1f;
   p = p * f * f + f + 1.f;
-  v16i bits;
+  VI bits;
   std::memcpy(&bits, &p, sizeof bits);
-  bits += __builtin_convertvector(n, v16i) << 23;
+  bits += __builtin_convertvector(n, VI) << 23;
   std::memcpy(&p, &bits, sizeof p);
-  return x <= lo ? v16{} : p;
+  return x <= lo ? V{} : p;
 }
 
 // Lane i of the result is the sum of the lanes of p[i] (16 horizontal sums at the cost of ~30
@@ -133,5 +135,82 @@ inline v16 reduce16(const v16* p) {
   return __builtin_shufflevector(c[0], c[1], 0, 16, 2, 18, 4, 20, 6, 22, 8, 24, 10, 26, 12, 28, 14, 30) +
          __builtin_shufflevector(c[0], c[1], 1, 17, 3, 19, 5, 21, 7, 23, 9, 25, 11, 27, 13, 29, 15, 31);
 }
+
+// The CPU's own vector width: 16 lanes with AVX-512, else 8 (AVX2: 16 registers of 8 lanes).
+// Kernels that keep many vectors live, or fold lanes across a vector (horizontal sums and maxima,
+// shuffles), are written in ``vec``: a 16-lane vector on AVX2 is a pair of registers, and GCC turns a
+// 16-lane shuffle it cannot map there into per-lane moves (measured on an AVX2-only EPYC: the paged
+// attention kernel in v16 ran 10x slower than in vec).
+#if defined(__AVX512F__)
+using vec = v16;
+constexpr int kVecLanes = 16;
+template <typename T>
+inline vec load_vec(const T* p) { return load16(p); }
+template <typename T>
+inline void store_vec(T* p, vec v) { store16(p, v); }
+inline vec broadcast(const float* p) { return splat(*p); }
+inline float hsum_vec(vec v) { return hsum(v); }
+inline float hmax_vec(vec v) { return hmax(v); }
+inline vec reduce_vec(const vec* p) { return reduce16(p); }
+#else
+typedef float v8 __attribute__((vector_size(32)));
+typedef uint16_t v8h __attribute__((vector_size(16)));
+typedef uint32_t v8w __attribute__((vector_size(32)));
+using vec = v8;
+constexpr int kVecLanes = 8;
+
+inline vec load_vec(const float* p) { vec v; std::memcpy(&v, p, sizeof v); return v; }
+
+inline vec load_vec(const c10::BFloat16* p) {
+  v8h h; std::memcpy(&h, p, sizeof h);
+  v8w w = __builtin_convertvector(h, v8w) << 16;
+  vec v; std::memcpy(&v, &w, sizeof v); return v;
+}
+
+inline void store_vec(float* p, vec v) { std::memcpy(p, &v, sizeof v); }
+
+inline void store_vec(c10::BFloat16* p, vec v) {
+  v8w bits; std::memcpy(&bits, &v, sizeof bits);
+  bits = (bits + 0x7FFFu + ((bits >> 16) & 1u)) >> 16;
+  v8h h = __builtin_convertvector(bits, v8h);
+  std::memcpy(p, &h, sizeof h);
+}
+
+// One vbroadcastss from memory. (``vec{} + x`` adds a zero first; an _mm256 intrinsic copied into a
+// vec made GCC keep the panel GEMM's accumulators in memory: 4x slower.)
+inline vec broadcast(const float* p) {
+  const float x = *p;
+  return vec{x, x, x, x, x, x, x, x};
+}
+
+inline float hsum_vec(vec v) {
+  v += __builtin_shufflevector(v, v, 4, 5, 6, 7, 0, 1, 2, 3);
+  v += __builtin_shufflevector(v, v, 2, 3, 0, 1, 6, 7, 4, 5);
+  v += __builtin_shufflevector(v, v, 1, 0, 3, 2, 5, 4, 7, 6);
+  return v[0];
+}
+
+inline float hmax_vec(vec v) {
+  v = vmax(v, __builtin_shufflevector(v, v, 4, 5, 6, 7, 0, 1, 2, 3));
+  v = vmax(v, __builtin_shufflevector(v, v, 2, 3, 0, 1, 6, 7, 4, 5));
+  v = vmax(v, __builtin_shufflevector(v, v, 1, 0, 3, 2, 5, 4, 7, 6));
+  return v[0];
+}
+
+// reduce16 for 8 lanes: lane i is the sum of the lanes of p[i] (inputs taken bit-reversed).
+inline vec reduce_vec(const vec* p) {
+  static constexpr int kRev[8] = {0, 4, 2, 6, 1, 5, 3, 7};
+  vec a[4], b[2];
+  for (int k = 0; k < 4; ++k) {
+    const vec x = p[kRev[2 * k]], y = p[kRev[2 * k + 1]];
+    a[k] = __builtin_shufflevector(x, y, 0, 1, 2, 3, 8, 9, 10, 11) + __builtin_shufflevector(x, y, 4, 5, 6, 7, 12, 13, 14, 15);
+  }
+  for (int k = 0; k < 2; ++k)
+    b[k] = __builtin_shufflevector(a[2 * k], a[2 * k + 1], 0, 1, 8, 9, 4, 5, 12, 13) +
+           __builtin_shufflevector(a[2 * k], a[2 * k + 1], 2, 3, 10, 11, 6, 7, 14, 15);
+  return __builtin_shufflevector(b[0], b[1], 0, 8, 2, 10, 4, 12, 6, 14) +
+         __builtin_shufflevector(b[0], b[1], 1, 9, 3, 11, 5, 13, 7, 15);
+}
+#endif
 
 }  // namespace loraplex

@@ -19,7 +19,10 @@
 namespace {
 
 using loraplex::load16;
+using loraplex::load_vec;
 using loraplex::v16;
+using loraplex::vec;
+constexpr int kLanes = loraplex::kVecLanes;
 
 // ---- RMSNorm: y = weight * (x / sqrt(mean(x^2) + eps)), fp32 statistics; for bf16 the normalised
 // row is rounded to bf16 before the weight multiplies it, and the product rounded again (HF's
@@ -145,11 +148,11 @@ void silu_mul(at::Tensor out, const at::Tensor& gate, const at::Tensor& up) {
   at::parallel_for(0, T, std::max<int64_t>(1, 16384 / std::max<int64_t>(I, 1)), [&](int64_t lo, int64_t hi) {
     for (int64_t t = lo; t < hi; ++t) {
       int64_t i = 0;
-      for (; i + 16 <= I; i += 16) {
-        const v16 x = load16(g + t * lg + i);
-        const v16 nx = -x;
-        const v16 e = loraplex::vexp(nx < 88.f ? nx : loraplex::splat(88.f));  // no overflow; exp(88) ~ 1.6e38
-        loraplex::store16(o + t * lo_ + i, x / (1.f + e) * load16(u + t * lu + i));
+      for (; i + kLanes <= I; i += kLanes) {  // the CPU's own vector width: see vec16.h
+        const vec x = load_vec(g + t * lg + i);
+        const vec nx = -x;
+        const vec e = loraplex::vexp(nx < 88.f ? nx : vec{} + 88.f);  // no overflow; exp(88) ~ 1.6e38
+        loraplex::store_vec(o + t * lo_ + i, x / (1.f + e) * load_vec(u + t * lu + i));
       }
       for (; i < I; ++i) {
         const float x = g[t * lg + i];

@@ -23,19 +23,22 @@
 
 namespace {
 
-using loraplex::load16;
-using loraplex::v16;
+using loraplex::load_vec;
+using loraplex::vec;
 
-constexpr int kMaxGroup = 16;  // query heads per KV head
-constexpr int kMaxVecs = 16;   // head_dim up to 256
+constexpr int kLanes = loraplex::kVecLanes;  // 16 with AVX-512, else 8
+constexpr int kChunk = kLanes;               // keys per chunk: one score per lane
+constexpr int kMaxGroup = 16;                // query heads per KV head
+constexpr int kMaxHeadDim = 256;
+constexpr int kMaxVecs = kMaxHeadDim / kLanes;
 
 // Softcapped scores: softcap * tanh(s / softcap), with tanh(y) = 1 - 2 / (exp(2y) + 1).
-inline v16 cap(v16 s, float softcap) {
-  const v16 e = loraplex::vexp(s * (2.f / softcap));
+inline vec cap(vec s, float softcap) {
+  const vec e = loraplex::vexp(s * (2.f / softcap));
   return softcap * (1.f - 2.f / (e + 1.f));
 }
 
-// The next chunk's keys and values (up to 16 token rows of one cache block, this KV head's part),
+// The next chunk's keys and values (up to kChunk token rows of one cache block, this KV head's part),
 // requested while this chunk computes: one KV head's part of a token row is a few lines a whole
 // token row apart, a stride the hardware prefetcher is slow to follow, and a step's cache has left
 // L3 since the last step (the base weights streamed through in between).
@@ -43,7 +46,7 @@ template <typename T>
 inline void prefetch_chunk(const T* k_cache, const T* v_cache, const int32_t* table, int64_t block_size,
                            int64_t kvh, int64_t hd, int64_t g, int64_t t0, int64_t ctx) {
   const int64_t blk = table[t0 / block_size], off = t0 % block_size;
-  const int64_t n = std::min<int64_t>({block_size - off, ctx - t0, 16}), bytes = hd * (int64_t)sizeof(T);
+  const int64_t n = std::min<int64_t>({block_size - off, ctx - t0, kChunk}), bytes = hd * (int64_t)sizeof(T);
   const char* k = reinterpret_cast<const char*>(k_cache + ((blk * block_size + off) * kvh + g) * hd);
   const char* v = reinterpret_cast<const char*>(v_cache + ((blk * block_size + off) * kvh + g) * hd);
   const int64_t stride = kvh * bytes;
@@ -55,28 +58,29 @@ inline void prefetch_chunk(const T* k_cache, const T* v_cache, const int32_t* ta
 }
 
 // One (decode row, KV head): the `group` query heads sharing KV head g, over keys [first, ctx), in
-// chunks of up to 16 keys of one cache block. Per chunk and head: 16 dot products as 16 partial
-// vectors folded into one vector of scores (reduce16), the online-softmax update on that vector,
-// then the weighted values. The chunk's keys and values are re-read per head from L1, which keeps
-// the live registers to one head's query, partial sums and accumulator.
+// chunks of up to kChunk keys of one cache block (the vector width: 16 with AVX-512, 8 with AVX2).
+// Per chunk and head: kChunk dot products as partial vectors folded into one vector of scores
+// (reduce_vec), the online-softmax update on that vector, then the weighted values. The chunk's keys
+// and values are re-read per head from L1, which keeps the live registers to one head's query,
+// partial sums and accumulator.
 //
-// NV: head_dim / 16 as a compile-time constant for the common head sizes (64, 128), so the loops
+// NV: head_dim / kLanes as a compile-time constant for the common head sizes (64, 128), so the loops
 // over a head's vectors unroll and its query, partial sums and accumulator stay in registers; 0:
 // any other size, counted at run time. Measured (head_dim 64, 4 query heads per KV head, 32 rows x
-// 96 keys, one layer): 85 -> 57 us with the cache in L2/L3, 166 -> 118 us cold; prefetching the next
-// chunk (and the next pair's first) took cold to 108 us.
+// 96 keys, one layer; AVX-512): 85 -> 57 us with the cache in L2/L3, 166 -> 118 us cold; prefetching
+// the next chunk (and the next pair's first) took cold to 108 us.
 template <typename T, int NV>
 void attend(T* out, const T* q, int64_t q_row_stride, int64_t q_head_stride, const T* k_cache, const T* v_cache,
             int64_t block_size, int64_t kvh, int64_t hd, const int32_t* table, int64_t ctx, int64_t row,
             int64_t g, int64_t group, float scale, float softcap, int64_t window, int64_t out_row_stride,
             int64_t out_head_stride) {
-  const int nv = NV > 0 ? NV : hd / 16;
-  v16 qv[kMaxGroup][kMaxVecs], acc[kMaxGroup][kMaxVecs];
-  alignas(64) float kf[16 * 16 * kMaxVecs], vf[16 * 16 * kMaxVecs];  // a bf16 chunk, widened
+  const int nv = NV > 0 ? NV : hd / kLanes;
+  vec qv[kMaxGroup][kMaxVecs], acc[kMaxGroup][kMaxVecs];
+  alignas(64) float kf[kChunk * kMaxHeadDim], vf[kChunk * kMaxHeadDim];  // a bf16 chunk, widened
   float m[kMaxGroup], l[kMaxGroup];
   for (int h = 0; h < group; ++h) {
     const T* qh = q + row * q_row_stride + (g * group + h) * q_head_stride;
-    for (int v = 0; v < nv; ++v) { qv[h][v] = load16(qh + 16 * v) * scale; acc[h][v] = v16{}; }
+    for (int v = 0; v < nv; ++v) { qv[h][v] = load_vec(qh + kLanes * v) * scale; acc[h][v] = vec{}; }
     m[h] = -std::numeric_limits<float>::infinity();
     l[h] = 0.f;
   }
@@ -84,7 +88,7 @@ void attend(T* out, const T* q, int64_t q_row_stride, int64_t q_head_stride, con
   const int64_t tok_stride = kvh * hd;
   for (int64_t t0 = first; t0 < ctx;) {
     const int64_t blk = table[t0 / block_size], off = t0 % block_size;
-    const int n = (int)std::min<int64_t>({block_size - off, ctx - t0, 16});
+    const int n = (int)std::min<int64_t>({block_size - off, ctx - t0, kChunk});
     const T* kt = k_cache + ((blk * block_size + off) * kvh + g) * hd;
     const T* vt = v_cache + ((blk * block_size + off) * kvh + g) * hd;
     if (t0 + n < ctx) prefetch_chunk(k_cache, v_cache, table, block_size, kvh, hd, g, t0 + n, ctx);
@@ -98,35 +102,45 @@ void attend(T* out, const T* q, int64_t q_row_stride, int64_t q_head_stride, con
     } else {
       for (int i = 0; i < n; ++i)
         for (int v = 0; v < nv; ++v) {
-          loraplex::store16(kf + i * hd + 16 * v, load16(kt + i * tok_stride + 16 * v));
-          loraplex::store16(vf + i * hd + 16 * v, load16(vt + i * tok_stride + 16 * v));
+          loraplex::store_vec(kf + i * hd + kLanes * v, load_vec(kt + i * tok_stride + kLanes * v));
+          loraplex::store_vec(vf + i * hd + kLanes * v, load_vec(vt + i * tok_stride + kLanes * v));
         }
       kb = kf;
       vb = vf;
       ld = hd;
     }
     for (int h = 0; h < group; ++h) {
-      v16 qh[kMaxVecs];  // this head's query in registers (qv is indexed by a run-time head)
+      vec qh[kMaxVecs];  // this head's query in registers (qv is indexed by a run-time head)
       for (int v = 0; v < nv; ++v) qh[v] = qv[h][v];
-      v16 part[16];
+      vec part[kChunk];
       for (int i = 0; i < n; ++i) {
-        v16 d{};
-        for (int v = 0; v < nv; ++v) d += qh[v] * load16(kb + i * ld + 16 * v);
+        vec d{};
+        for (int v = 0; v < nv; ++v) d += qh[v] * load_vec(kb + i * ld + kLanes * v);
         part[i] = d;
       }
-      for (int i = n; i < 16; ++i) part[i] = v16{};
-      v16 s = loraplex::reduce16(part);  // lane i: the score of key t0 + i
+      for (int i = n; i < kChunk; ++i) part[i] = vec{};
+      vec s = loraplex::reduce_vec(part);  // lane i: the score of key t0 + i
       if (softcap > 0.f) s = cap(s, softcap);
-      for (int i = n; i < 16; ++i) s[i] = -std::numeric_limits<float>::infinity();
-      const float mb = std::max(m[h], loraplex::hmax(s));
+      // lanes through memory, never indexed by a run-time lane in registers (GCC then moves them
+      // one by one on AVX2)
+      alignas(64) float lanes[kChunk];
+      if (n < kChunk) {
+        loraplex::store_vec(lanes, s);
+        for (int i = n; i < kChunk; ++i) lanes[i] = -std::numeric_limits<float>::infinity();
+        s = load_vec(lanes);
+      }
+      const float mb = std::max(m[h], loraplex::hmax_vec(s));
       const float corr = std::exp(m[h] - mb);
-      const v16 p = loraplex::vexp(s - mb);
-      l[h] = l[h] * corr + loraplex::hsum(p);
+      const vec p = loraplex::vexp(s - mb);
+      l[h] = l[h] * corr + loraplex::hsum_vec(p);
       m[h] = mb;
-      v16 a[kMaxVecs];
+      loraplex::store_vec(lanes, p);
+      vec a[kMaxVecs];
       for (int v = 0; v < nv; ++v) a[v] = acc[h][v] * corr;
-      for (int i = 0; i < n; ++i)
-        for (int v = 0; v < nv; ++v) a[v] += p[i] * load16(vb + i * ld + 16 * v);
+      for (int i = 0; i < n; ++i) {
+        const vec pi = loraplex::broadcast(lanes + i);
+        for (int v = 0; v < nv; ++v) a[v] += pi * load_vec(vb + i * ld + kLanes * v);
+      }
       for (int v = 0; v < nv; ++v) acc[h][v] = a[v];
     }
     t0 += n;
@@ -134,7 +148,7 @@ void attend(T* out, const T* q, int64_t q_row_stride, int64_t q_head_stride, con
   for (int h = 0; h < group; ++h) {
     T* oh = out + row * out_row_stride + (g * group + h) * out_head_stride;
     const float inv = l[h] > 0.f ? 1.f / l[h] : 0.f;
-    for (int v = 0; v < nv; ++v) loraplex::store16(oh + 16 * v, acc[h][v] * inv);
+    for (int v = 0; v < nv; ++v) loraplex::store_vec(oh + kLanes * v, acc[h][v] * inv);
   }
 }
 
@@ -154,7 +168,7 @@ void run(at::Tensor& out, const at::Tensor& q, const at::Tensor& k_cache, const 
         const int64_t first = window > 0 ? std::max<int64_t>(0, ctx[nb] - window) : 0;
         if (first < ctx[nb]) prefetch_chunk(kp, vp, tables + nb * ld_table, bs, kvh, hd, ng, first, (int64_t)ctx[nb]);
       }
-      const auto attend_nv = hd == 64 ? attend<T, 4> : hd == 128 ? attend<T, 8> : attend<T, 0>;
+      const auto attend_nv = hd == 64 ? attend<T, 64 / kLanes> : hd == 128 ? attend<T, 128 / kLanes> : attend<T, 0>;
       attend_nv(op, qp, q.stride(0), q.stride(1), kp, vp, bs, kvh, hd, tables + b * ld_table, ctx[b], rows[b], g,
                 group, (float)scale, (float)softcap, window, out.stride(0), out.stride(1));
     }
@@ -175,7 +189,7 @@ void paged_decode(at::Tensor out, const at::Tensor& q, const at::Tensor& kv_cach
   TORCH_CHECK(q.stride(2) == 1 && out.stride(2) == 1, "paged_decode: head_dim must be contiguous");
   const int64_t H = q.size(1), hd = q.size(2), kvh = k_cache.size(2), bs = k_cache.size(1), nb = k_cache.size(0);
   TORCH_CHECK(k_cache.size(3) == hd && out.size(1) == H && out.size(2) == hd && H % kvh == 0 && hd % 16 == 0 &&
-                  hd / 16 <= kMaxVecs && H / kvh <= kMaxGroup, "paged_decode: unsupported head shapes");
+                  hd <= kMaxHeadDim && H / kvh <= kMaxGroup, "paged_decode: unsupported head shapes");
   TORCH_CHECK(q.scalar_type() == out.scalar_type() && k_cache.scalar_type() == out.scalar_type() &&
                   v_cache.scalar_type() == out.scalar_type(), "paged_decode: one dtype");
   TORCH_CHECK(rows.scalar_type() == at::kInt && block_tables.scalar_type() == at::kInt &&

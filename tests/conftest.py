@@ -53,8 +53,10 @@ def _deterministic_torch():
 
 @pytest.fixture
 def kernels_on_any_cpu(monkeypatch):
-    """A native kernel's results are tested wherever it builds, also on a CPU without AVX-512 where
-    the engine leaves it unused (``server.native.wide_vector_cpu``)."""
+    """A native kernel's results are tested wherever it builds, also on a CPU where the engine leaves
+    it unused (``server.native.wide_vector_cpu``, ``cpu_linear.panel_kernel_tuned``)."""
     from server import native
+    from server.model import cpu_linear
 
     monkeypatch.setattr(native, "wide_vector_cpu", lambda: True)
+    monkeypatch.setattr(cpu_linear, "panel_kernel_tuned", lambda: True)

@@ -10,6 +10,7 @@ import torch
 from torch import nn
 
 from server import native
+from server.model import cpu_linear
 from server.model.cpu_linear import (
     LinearKernel,
     PackedLinear,
@@ -47,11 +48,12 @@ def needs_panels(test):
 
 
 @needs_panels
-@pytest.mark.parametrize("rows", [1, 5, 11, 12, 13, 24, 32, 37, 130])
-@pytest.mark.parametrize("out_features", [1, 31, 32, 33, 200])
+@pytest.mark.parametrize("rows", [1, 5, 6, 7, 11, 12, 13, 24, 32, 37, 130])
+@pytest.mark.parametrize("out_features", [1, 15, 16, 17, 31, 32, 33, 200])
 def test_panel_kernel_matches_f_linear(rows, out_features):
-    """Row counts around the 12-row register block, output widths around the 32-column panel (the
-    last panel's columns past ``out`` are padding and must not be written), an odd input size."""
+    """Row counts around the 12-row (AVX-512) and 6-row (AVX2) register blocks, output widths around
+    the 32-column panel and its 16-column AVX2 slices (the last panel's columns past ``out`` are
+    padding and must not be written), an odd input size."""
     torch.manual_seed(rows * 1000 + out_features)
     weight, bias, x = torch.randn(out_features, 45), torch.randn(out_features), torch.randn(rows, 45)
     for b in (None, bias):
@@ -172,11 +174,26 @@ def test_cpu_weights_are_cast_on_the_loading_thread(tiny_llama_dir, monkeypatch)
     assert "HF_DEACTIVATE_ASYNC_LOAD" not in os.environ
 
 
-def test_a_cpu_without_avx512_keeps_onednn(monkeypatch):
-    """The panel kernel's blocking assumes AVX-512's 32 registers; elsewhere oneDNN runs the linears."""
-    monkeypatch.setattr(native, "wide_vector_cpu", lambda: False)
+def test_a_cpu_the_panel_kernel_is_not_tuned_for_keeps_onednn(monkeypatch):
+    """The panel kernel has register blocking for AVX-512 and for AVX2 + FMA; elsewhere oneDNN runs
+    the linears."""
+    monkeypatch.setattr(cpu_linear, "panel_kernel_tuned", lambda: False)
     torch.manual_seed(0)
     weight, x = torch.randn(70, 40), torch.randn(5, 40)
     kernel = LinearKernel(weight, None)
     assert kernel.panels is None and kernel.packed is not None
     torch.testing.assert_close(kernel(x), x @ weight.T, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.skipif(not panel_kernel_built(torch.float32), reason="the panel kernel could not be built here")
+def test_the_build_has_the_register_blocking_of_its_target():
+    """An AVX-512 build keeps 12 x 32 blocks in zmm registers, an AVX2 + FMA build 6 x 16 in ymm ones
+    (``-mno-avx512f`` in LORAPLEX_NATIVE_CFLAGS builds the AVX2 one on an AVX-512 CPU)."""
+    flags = native._cpu_fingerprint().split()
+    if "avx512f" in flags and "-mno-avx512f" not in native.extra_cflags():
+        want = "avx512"
+    elif "avx2" in flags and "fma" in flags:
+        want = "avx2"
+    else:
+        want = "generic"
+    assert torch.ops.loraplex_linear_cpu.variant() == want

@@ -29,7 +29,6 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from server import native
 from server.native import load_kernel
 
 log = logging.getLogger(__name__)
@@ -48,10 +47,16 @@ def panel_kernel_built(dtype: torch.dtype) -> bool:
     return dtype == torch.float32 or torch.ops.loraplex_linear_cpu.has_bf16()
 
 
+def panel_kernel_tuned() -> bool:
+    """Whether the built panel kernel has register blocking for this CPU: AVX-512 (12 x 32 blocks) or
+    AVX2 + FMA (6 x 16). A build for any other CPU is the plain vector code, correct but untuned (on
+    the AVX2 EPYC, before it had its own blocking, the AVX-512 one ran ~25x slower than oneDNN)."""
+    return torch.ops.loraplex_linear_cpu.variant() in ("avx512", "avx2")
+
+
 def panel_kernel_usable(weight: torch.Tensor) -> bool:
-    """Whether ``weight`` runs through the panel kernel: on a CPU with AVX-512 (the kernel's register
-    blocking; elsewhere oneDNN is ~25x faster, ``server.native.wide_vector_cpu``), built for its dtype."""
-    return weight.device.type == "cpu" and native.wide_vector_cpu() and panel_kernel_built(weight.dtype)
+    """Whether ``weight`` runs through the panel kernel: on CPU, built for its dtype and tuned here."""
+    return weight.device.type == "cpu" and panel_kernel_built(weight.dtype) and panel_kernel_tuned()
 
 
 def onednn_packable(weight: torch.Tensor) -> bool:

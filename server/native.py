@@ -14,6 +14,7 @@ from __future__ import annotations
 import functools
 import hashlib
 import logging
+import os
 import platform
 import threading
 import time
@@ -24,8 +25,16 @@ import torch
 log = logging.getLogger(__name__)
 
 INCLUDE_DIR = Path(__file__).parent / "csrc"  # headers shared by the kernels (vec16.h)
+# Flags appended to every kernel build, after -march=native. For building a narrower variant than the
+# host's: the tests build the AVX2 kernels on an AVX-512 CPU with "-mno-avx512f" (test_native_avx2.py).
+EXTRA_CFLAGS_VAR = "LORAPLEX_NATIVE_CFLAGS"
 _lock = threading.Lock()
 _loaded: dict[str, bool] = {}
+
+
+def extra_cflags() -> list[str]:
+    """The flags of ``LORAPLEX_NATIVE_CFLAGS``, appended to each build (none by default)."""
+    return os.environ.get(EXTRA_CFLAGS_VAR, "").split()
 
 
 def _cpu_fingerprint() -> str:
@@ -41,15 +50,15 @@ def _cpu_fingerprint() -> str:
 
 @functools.cache
 def wide_vector_cpu() -> bool:
-    """Whether this CPU has AVX-512 (``avx512f``): 32 vector registers of 16 fp32 lanes.
+    """Whether the kernels are built for AVX-512 (``avx512f``): 32 vector registers of 16 fp32 lanes.
 
-    Why it matters: every kernel is written in 16-lane vectors (``csrc/vec16.h``), and two of them
-    block their work for that register file: the panel GEMM keeps 12 rows x 32 columns in 24
-    accumulators, the argmax 16-lane maxima across a row. Built for a CPU without AVX-512 they still
-    compute the same results, but each vector becomes two or four narrower ones and the blocks spill:
-    measured on an AMD EPYC with AVX2 only (Zen 3, 2 cores), a 32 x 512 x 1408 linear took 12.4 ms in the
-    panel kernel against 0.47 ms in oneDNN, the [32, 32000] argmax 2.3 ms against torch's 1.2. Those
-    callers take torch's ops there (``panel_kernel_usable``, ``argmax_rows``)."""
+    Why it matters: the argmax kernel keeps 16-lane maxima across a row (``csrc/vec16.h``'s ``v16``).
+    Built for a CPU without AVX-512 it still computes the same result, but each vector becomes two
+    narrower ones: measured on an AMD EPYC with AVX2 only (Zen 3, 2 cores), the [32, 32000] argmax took
+    2.3 ms against torch's 1.2, so ``argmax_rows`` takes torch's there. (The panel GEMM, the attention
+    and the decoder ops are written in the native width, ``vec``, and need no such gate.)"""
+    if "-mno-avx512f" in extra_cflags():
+        return False
     return "avx512f" in _cpu_fingerprint().split()  # also False on aarch64: not measured there
 
 
@@ -82,7 +91,9 @@ def _build_and_load(name: str, source: Path) -> bool:
     except OSError as exc:  # an install without the sources (package data): the torch path still works
         log.warning("native kernel %s: source not readable (%s); using torch ops", name, exc)
         return False
-    digest = hashlib.sha256(code + headers + _cpu_fingerprint().encode()).hexdigest()[:12]
+    flags = ["-O3", "-march=native", "-fopenmp", *extra_cflags()]
+    digest = hashlib.sha256(code + headers + " ".join(flags).encode() + _cpu_fingerprint().encode())
+    digest = digest.hexdigest()[:12]
     start = time.perf_counter()
     try:
         from torch.utils.cpp_extension import load
@@ -91,7 +102,7 @@ def _build_and_load(name: str, source: Path) -> bool:
             name=f"{name}_{digest}",
             sources=[str(source)],
             extra_include_paths=[str(INCLUDE_DIR)],
-            extra_cflags=["-O3", "-march=native", "-fopenmp"],
+            extra_cflags=flags,
             extra_ldflags=["-fopenmp"],  # resolves to the libgomp torch already loaded (same soname)
             is_python_module=False,
         )

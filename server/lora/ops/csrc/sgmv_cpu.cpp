@@ -44,8 +44,8 @@ constexpr int kVecs = 4;  // 16-wide vectors per column tile
 constexpr int kChains = 8;  // independent FMA chains the shrink keeps in flight
 #else
 // Without AVX-512 each 16-wide vector is two or four registers of a 16-register file: one vector
-// per tile and half the chains, or the tiles spill (measured on an AVX2-only EPYC: see
-// server/native.py's wide_vector_cpu).
+// per tile and half the chains, or the tiles spill (measured on an AVX2-only EPYC, a mixed-8 step of
+// the bench model: 53-59 ms with 4 vectors and 8 chains, 45.5-47.9 with these; docs/benchmarks.md).
 constexpr int kVecs = 1;
 constexpr int kChains = 4;
 #endif

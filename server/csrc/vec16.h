@@ -21,11 +21,24 @@ typedef int32_t v16i __attribute__((vector_size(64)));  // also what a v16 compa
 
 inline v16 load16(const float* p) { v16 v; std::memcpy(&v, p, sizeof v); return v; }
 
-inline v16 load16(const c10::BFloat16* p) {
-  v16h h; std::memcpy(&h, p, sizeof h);
-  v16w w = __builtin_convertvector(h, v16w) << 16;
-  v16 v; std::memcpy(&v, &w, sizeof v); return v;
+// bf16 <-> fp32 for a float vector F, with W and H its lanes as uint32 and uint16 (16 or 8 lanes):
+// widening is exact, narrowing rounds to nearest even.
+template <typename F, typename W, typename H>
+inline F widen_bf16(const c10::BFloat16* p) {
+  H h; std::memcpy(&h, p, sizeof h);
+  W w = __builtin_convertvector(h, W) << 16;
+  F v; std::memcpy(&v, &w, sizeof v); return v;
 }
+
+template <typename F, typename W, typename H>
+inline void narrow_bf16(c10::BFloat16* p, F v) {
+  W bits; std::memcpy(&bits, &v, sizeof bits);
+  bits = (bits + 0x7FFFu + ((bits >> 16) & 1u)) >> 16;
+  H h = __builtin_convertvector(bits, H);
+  std::memcpy(p, &h, sizeof h);
+}
+
+inline v16 load16(const c10::BFloat16* p) { return widen_bf16<v16, v16w, v16h>(p); }
 
 // fp16 (LoRA weights stored at half width under an fp32 model): the hardware conversion where the CPU
 // has one (F16C, AVX-512), else per lane.
@@ -47,12 +60,7 @@ inline v16 load16(const c10::Half* p) {
 
 inline void store16(float* p, v16 v) { std::memcpy(p, &v, sizeof v); }
 
-inline void store16(c10::BFloat16* p, v16 v) {
-  v16w bits; std::memcpy(&bits, &v, sizeof bits);
-  bits = (bits + 0x7FFFu + ((bits >> 16) & 1u)) >> 16;
-  v16h h = __builtin_convertvector(bits, v16h);
-  std::memcpy(p, &h, sizeof h);
-}
+inline void store16(c10::BFloat16* p, v16 v) { narrow_bf16<v16, v16w, v16h>(p, v); }
 
 inline float to_float(float v) { return v; }
 inline float to_float(c10::BFloat16 v) { return static_cast<float>(v); }
@@ -161,20 +169,9 @@ constexpr int kVecLanes = 8;
 
 inline vec load_vec(const float* p) { vec v; std::memcpy(&v, p, sizeof v); return v; }
 
-inline vec load_vec(const c10::BFloat16* p) {
-  v8h h; std::memcpy(&h, p, sizeof h);
-  v8w w = __builtin_convertvector(h, v8w) << 16;
-  vec v; std::memcpy(&v, &w, sizeof v); return v;
-}
-
+inline vec load_vec(const c10::BFloat16* p) { return widen_bf16<v8, v8w, v8h>(p); }
 inline void store_vec(float* p, vec v) { std::memcpy(p, &v, sizeof v); }
-
-inline void store_vec(c10::BFloat16* p, vec v) {
-  v8w bits; std::memcpy(&bits, &v, sizeof bits);
-  bits = (bits + 0x7FFFu + ((bits >> 16) & 1u)) >> 16;
-  v8h h = __builtin_convertvector(bits, v8h);
-  std::memcpy(p, &h, sizeof h);
-}
+inline void store_vec(c10::BFloat16* p, vec v) { narrow_bf16<v8, v8w, v8h>(p, v); }
 
 // One vbroadcastss from memory. (``vec{} + x`` adds a zero first; an _mm256 intrinsic copied into a
 // vec made GCC keep the panel GEMM's accumulators in memory: 4x slower.)

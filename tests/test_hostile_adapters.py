@@ -206,5 +206,12 @@ def test_health_and_requests_keep_their_latency_while_hostile_uploads_are_refuse
         f"{max(base_completion) * 1e3:.1f} -> {max(during_completion) * 1e3:.1f} ms"
     )
     print(report)
-    assert max(during_health) < max(base_health) + 0.2, report
-    assert max(during_completion) < max(base_completion) + 0.2, report
+    # Every hostile input is sent in each of the 3 rounds, so a stall it causes shows at least 3
+    # times: the third-slowest probe is compared, which a single hiccup of a shared 2-core machine
+    # (seen in CI: /health and a completion both ~0.3 s at the same instant) does not move.
+    assert third_slowest(during_health) < max(base_health) + 0.2, report
+    assert third_slowest(during_completion) < max(base_completion) + 0.2, report
+
+
+def third_slowest(samples: list[float]) -> float:
+    return sorted(samples)[-3]
